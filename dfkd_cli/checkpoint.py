@@ -1,0 +1,220 @@
+"""Reading state dicts from ``.pt`` / ``.pth`` / ``.bin`` and ``.safetensors`` files, safely.
+
+PyTorch files are read with ``torch.load(weights_only=True)``, which runs no pickled code; a file
+that needs pickled code (a whole saved ``nn.Module``) is refused unless ``trust_pickle`` is set.
+Nested checkpoints (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped and the
+``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) prefixes stripped.
+
+Example:
+    >>> state = read_state_dict(Path("teacher.pt"))
+    >>> sorted(state)[:2]
+    ['bn1.bias', 'bn1.num_batches_tracked']
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import pickletools
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy
+import safetensors.torch
+import torch
+from torch import nn
+
+from dfkd_cli.errors import DfkdError
+
+NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net")
+STRIPPED_PREFIXES = ("module.", "_orig_mod.")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of the file's bytes, read in chunks.
+
+    Example:
+        >>> sha256_file(Path("teacher.pt"))[:12]
+        '3f1c0e9ab2d4'
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of the checkpoint at ``path`` as a flat ``{name: tensor}`` dict on the CPU.
+
+    Example:
+        >>> read_state_dict(Path("model.safetensors"))["fc.weight"].shape
+        torch.Size([10, 64])
+    """
+    path = Path(path)
+    _check_file(path)
+    if _looks_like_safetensors(path):
+        raw: Any = _load_safetensors(path)
+    else:
+        raw = _load_torch(path, trust_pickle)
+    state = _find_tensors(_unwrap(raw))
+    if not state:
+        raise DfkdError(
+            f"checkpoint '{path}' contains no tensors{_describe_keys(raw)}; "
+            "save the weights with torch.save(model.state_dict(), PATH)"
+        )
+    return {_strip_prefixes(key): tensor for key, tensor in state.items()}
+
+
+def _check_file(path: Path) -> None:
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
+        found = f" (found there: {', '.join(inside[:5])})" if inside else ""
+        raise DfkdError(f"checkpoint '{path}' is a directory; pass the weights file inside it{found}")
+    if not path.exists():
+        raise DfkdError(f"checkpoint '{path}' not found; check the path")
+    if path.stat().st_size == 0:
+        raise DfkdError(f"checkpoint '{path}' is empty (0 bytes); re-save or re-download it")
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """safetensors files start with a little-endian u64 header length and a JSON object."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return path.suffix == ".safetensors" and not zipfile.is_zipfile(path)
+    return int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as exc:  # the Rust SafetensorError and I/O errors alike
+        raise DfkdError(_unreadable(path, exc)) from exc
+
+
+def _data_only_globals() -> list[Any]:
+    """Classes that training scripts store next to the weights and that build data, not code.
+
+    NumPy scalars and arrays (``best_acc1``) and ``argparse.Namespace`` (``args``) would otherwise
+    make ``weights_only`` refuse the whole checkpoint.
+    """
+    multiarray = numpy._core.multiarray if hasattr(numpy, "_core") else numpy.core.multiarray
+    allowed: list[Any] = [argparse.Namespace, numpy.ndarray, numpy.dtype]
+    for name in ("_reconstruct", "scalar"):
+        function = getattr(multiarray, name)
+        allowed += [function, (function, f"numpy.core.multiarray.{name}")]  # NumPy 1.x name
+    dtypes = getattr(numpy, "dtypes", None)  # NumPy >= 1.25
+    allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")] if dtypes else []
+    return allowed
+
+
+def _load_torch(path: Path, trust_pickle: bool) -> Any:
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_data_only_globals()):
+            warnings.simplefilter("ignore")  # torch warns about the very cases reported below
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as exc:  # torch.load raises many types on foreign or damaged files
+        text = str(exc)
+        if "TorchScript" in text:
+            raise DfkdError(
+                f"checkpoint '{path}' is a TorchScript archive; re-save the model as a state dict "
+                "(torch.save(model.state_dict(), ...)) or pass --trust-pickle to read it with torch.jit"
+            ) from exc
+        if not trust_pickle and "Weights only load failed" in text and _holds_valid_pickle(path):
+            raise DfkdError(
+                f"checkpoint '{path}' needs pickled code to load, which can run arbitrary code; "
+                "re-save it as a state dict (torch.save(model.state_dict(), ...)) "
+                "or pass --trust-pickle if you trust its source"
+            ) from exc
+        raise DfkdError(_unreadable(path, exc)) from exc
+
+
+def _unreadable(path: Path, exc: BaseException) -> str:
+    text = str(exc).strip()
+    reason = text.split(". ")[0].splitlines()[0][:100] if text else ""
+    if "Weights only load failed" in text or isinstance(exc, KeyError) or len(reason) < 12:
+        reason = "unrecognised content"
+    return (
+        f"checkpoint '{path}' is not a readable PyTorch or safetensors file ({reason}); "
+        "it may be truncated or corrupted: re-save or re-download it"
+    )
+
+
+def _holds_valid_pickle(path: Path) -> bool:
+    """Whether the file is a well-formed pickle (legacy torch) or a torch zip with one inside.
+
+    Tells a checkpoint that ``weights_only`` refuses apart from random or damaged bytes.
+    """
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                return member is not None and _is_pickle(archive.read(member))
+        except (zipfile.BadZipFile, OSError):
+            return False
+    with open(path, "rb") as handle:
+        return _is_pickle(handle.read(1 << 20))
+
+
+def _is_pickle(data: bytes) -> bool:
+    if not data.startswith(b"\x80"):  # PROTO opcode: every pickle torch writes starts with it
+        return False
+    try:
+        for _ in pickletools.genops(io.BytesIO(data)):
+            pass
+    except Exception:  # genops raises ValueError on bad opcodes and others on short data
+        return False
+    return True
+
+
+def _unwrap(obj: Any) -> Any:
+    """Follow ``state_dict`` / ``model`` / ... nesting down to the dict of tensors."""
+    for _ in range(4):
+        if isinstance(obj, nn.Module):
+            return obj.state_dict()
+        if not isinstance(obj, Mapping):
+            return obj
+        nested = next(
+            (obj[k] for k in NESTING_KEYS if isinstance(obj.get(k), (Mapping, nn.Module))), None
+        )
+        if nested is None:
+            return obj
+        obj = nested
+    return obj
+
+
+def _find_tensors(obj: Any) -> dict[str, torch.Tensor]:
+    """The tensor entries of ``obj``; failing that, of its only sub-dict made of tensors."""
+    if not isinstance(obj, Mapping):
+        return {}
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if tensors:
+        return tensors
+    candidates = [
+        v for v in obj.values()
+        if isinstance(v, Mapping) and v and all(isinstance(t, torch.Tensor) for t in v.values())
+    ]
+    return {str(k): v for k, v in candidates[0].items()} if len(candidates) == 1 else {}
+
+
+def _describe_keys(obj: Any) -> str:
+    if isinstance(obj, Mapping) and obj:
+        keys = [str(k) for k in list(obj)[:5]]
+        return f" (top-level keys: {', '.join(keys)}{', ...' if len(obj) > 5 else ''})"
+    return f" (it holds a {type(obj).__name__})"
+
+
+def _strip_prefixes(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in STRIPPED_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key

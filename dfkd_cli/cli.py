@@ -1,0 +1,245 @@
+"""The ``dfkd`` command line: parses options, calls the pipeline, renders results, maps errors.
+
+Results go to stdout, progress and logs to stderr. Exit codes: 0 success, 1 a quality gate
+failed, 2 bad input or usage, 3 runtime or export failure, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from dfkd_cli import __version__
+from dfkd_cli.errors import EXIT_INTERRUPTED, DfkdError
+
+app = typer.Typer(
+    name="dfkd",
+    help="Data-free knowledge distillation: compress a teacher network into a small student without its data.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+recipes_app = typer.Typer(help="List, show, copy and validate recipes.", invoke_without_command=True)
+app.add_typer(recipes_app, name="recipes")
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+
+
+class OutputFormat(str, Enum):
+    human = "human"
+    json = "json"
+    quiet = "quiet"
+
+
+FormatOption = Annotated[OutputFormat, typer.Option("--format", "-f", help="human, json (results on stdout) or quiet.")]
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn DfkdError into one line on stderr with its exit code, and Ctrl-C into exit 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except DfkdError as err:
+            _fail(err.message, err.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", EXIT_INTERRUPTED)
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"dfkd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False) -> None:
+    """dfkd: data-free knowledge distillation."""
+
+
+@app.command()
+@user_errors
+def compress(
+    teacher: Annotated[Optional[Path], typer.Argument(help="Teacher checkpoint (.pt/.pth state dict or .safetensors).")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="Teacher architecture (see `dfkd archs`).")] = None,
+    student: Annotated[Optional[str], typer.Option(help="Student architecture; default depends on --arch.")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="Recipe name (see `dfkd recipes`) or a .toml file.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a recipe key: -s train.lr=0.01 (repeatable).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder to create (default runs/<teacher>-<recipe>-<time>).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+    steps: Annotated[Optional[int], typer.Option(help="Student optimisation steps (overrides train.steps).", min=1)] = None,
+    time_budget: Annotated[Optional[str], typer.Option(help="Wall-clock budget for synthesis + training, e.g. 90s, 10m, 2h.")] = None,
+    input_shape: Annotated[Optional[str], typer.Option(help="Teacher input as CxHxW, e.g. 3x32x32.")] = None,
+    normalize: Annotated[Optional[str], typer.Option(help="Normalisation preset: imagenet, cifar10 or mnist.")] = None,
+    mean: Annotated[Optional[str], typer.Option(help="Per-channel mean, comma separated (overrides --normalize).")] = None,
+    std: Annotated[Optional[str], typer.Option(help="Per-channel std, comma separated.")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="Text file with one class name per line.")] = None,
+    eval_data: Annotated[Optional[Path], typer.Option(help="Labelled real data for the report: image folder or .npz.")] = None,
+    min_agreement: Annotated[Optional[float], typer.Option(help="Fail (exit 1) below this teacher-student agreement.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (CPU runs repeat exactly).")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="DANGEROUS: allow checkpoints that run pickled code when loaded.")] = False,
+    config: Annotated[Optional[Path], typer.Option(help="Repeat a run from its config.toml (flags given here win).")] = None,
+    demo: Annotated[bool, typer.Option(help="Run on the bundled MNIST teacher and real held-out digits.")] = False,
+    output_format: FormatOption = OutputFormat.human,
+) -> None:
+    """Compress TEACHER into a student with a data-free recipe; writes student, ONNX and report."""
+    from dfkd_cli.pipeline import compress as run_compress
+    from dfkd_cli.render import render_compress
+    from dfkd_cli.runconfig import resolve_compress
+    from dfkd_cli.runtime import make_display, parse_duration
+
+    if demo and config:
+        raise DfkdError("--demo and --config both name a run config; pass only one")
+    flags = dict(teacher=teacher, arch=arch, student=student, recipe=recipe, out=out, steps=steps,
+                 time_budget_s=parse_duration(time_budget) if time_budget else None, input_shape=input_shape,
+                 normalize=normalize, mean=mean, std=std, labels=labels, eval_data=eval_data,
+                 min_agreement=min_agreement, device=device, seed=seed)
+    opts, recipe_cfg = resolve_compress(flags, set_ or [], DEMO_DIR / "demo.toml" if demo else config,
+                                        overwrite=overwrite, trust_pickle=trust_pickle)
+    display = make_display(output_format.value)
+    try:
+        report = run_compress(opts, recipe_cfg, display)
+    finally:
+        display.close()
+    render_compress(report, output_format.value)
+    _check_gate(report)
+
+
+def _check_gate(report: dict[str, Any]) -> None:
+    gate = report.get("gate")
+    if gate and not gate["passed"]:
+        _fail(f"agreement {gate['measured']:.4f} on {gate['measured_on']} is below --min-agreement {gate['min_agreement']}", 1)
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    student: Annotated[Path, typer.Argument(help="student.safetensors written by `dfkd compress`.")],
+    teacher: Annotated[Optional[Path], typer.Option(help="Teacher checkpoint to measure agreement with.")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="Teacher architecture (default: the one recorded in the student).")] = None,
+    eval_data: Annotated[Optional[Path], typer.Option(help="Real data: image folder (a sub-folder per class) or .npz with x, y.")] = None,
+    onnx: Annotated[Optional[Path], typer.Option(help="Also check this ONNX export of the student; the gate then applies to it.")] = None,
+    min_agreement: Annotated[Optional[float], typer.Option(help="Fail (exit 1) below this agreement on --eval-data.")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="DANGEROUS: allow a teacher checkpoint that runs pickled code.")] = False,
+    output_format: FormatOption = OutputFormat.human,
+) -> None:
+    """Agreement and accuracy report for a distilled student; usable as a CI deployment gate."""
+    from dfkd_cli.measure import evaluate_student
+    from dfkd_cli.render import render_eval
+
+    report = evaluate_student(student, teacher, arch, eval_data, onnx, min_agreement, trust_pickle)
+    render_eval(report, output_format.value)
+    _check_gate(report)
+
+
+@app.command()
+@user_errors
+def inspect(
+    teacher: Annotated[Path, typer.Argument(help="Teacher checkpoint.")],
+    arch: Annotated[str, typer.Option(help="Teacher architecture (see `dfkd archs`).")],
+    input_shape: Annotated[Optional[str], typer.Option(help="Input as CxHxW, e.g. 3x32x32.")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="Text file with one class name per line.")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="DANGEROUS: allow checkpoints that run pickled code.")] = False,
+    output_format: FormatOption = OutputFormat.human,
+) -> None:
+    """What dfkd sees in a teacher: classes, input shape, BatchNorm layers, parameters, recipes."""
+    from dfkd_cli.archs import get_arch
+    from dfkd_cli.config import applicable_recipes
+    from dfkd_cli.render import render_inspect
+    from dfkd_cli.teacher import load_teacher, parse_input_shape
+
+    shape = parse_input_shape(input_shape) if input_shape else None
+    t = load_teacher(teacher, arch, shape, labels=labels, trust_pickle=trust_pickle)
+    spec = get_arch(t.arch)
+    info = {"path": str(teacher), "arch": t.arch, "sha256": t.sha256, "num_classes": t.num_classes,
+            "class_names": t.class_names, "input_shape": list(t.input_shape), "mean": list(t.mean), "std": list(t.std),
+            "params": t.num_params, "bn_layers": t.bn_layers, "has_bn": t.has_bn,
+            "default_student": spec.default_student, "recipes": applicable_recipes(t)}
+    render_inspect(info, output_format.value)
+
+
+@app.command()
+@user_errors
+def archs(
+    pattern: Annotated[str, typer.Argument(help="Glob filter, e.g. 'resnet*' or '*wrn*'.")] = "*",
+    output_format: FormatOption = OutputFormat.human,
+) -> None:
+    """List the architectures dfkd can build, filtered by a glob pattern."""
+    from dfkd_cli.archs import get_arch, list_archs
+    from dfkd_cli.render import render_rows
+
+    rows = [{"name": n, "family": get_arch(n).family, "default_student": get_arch(n).default_student or ""}
+            for n in list_archs(pattern)]
+    if not rows:
+        raise DfkdError(f"no architecture matches '{pattern}'; try `dfkd archs` for the whole list")
+    render_rows(rows, output_format.value, title="architectures")
+
+
+@recipes_app.callback()
+@user_errors
+def recipes_list(ctx: typer.Context, output_format: FormatOption = OutputFormat.human) -> None:
+    """List recipes with a one-line description each."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from dfkd_cli.config import list_recipes, recipe_info
+    from dfkd_cli.render import render_rows
+
+    rows = []
+    for name in list_recipes():
+        info = recipe_info(name)
+        rows.append({"name": name, "needs_bn": "yes" if info.requires_bn else "no", "description": info.description})
+    render_rows(rows, output_format.value, title="recipes")
+
+
+@recipes_app.command("show")
+@user_errors
+def recipes_show(name: Annotated[str, typer.Argument(help="Recipe name.")]) -> None:
+    """Print a recipe file."""
+    from dfkd_cli.config import recipe_path
+
+    print(recipe_path(name).read_text(encoding="utf-8"), end="")
+
+
+@recipes_app.command("cp")
+@user_errors
+def recipes_cp(
+    name: Annotated[str, typer.Argument(help="Recipe name.")],
+    dest: Annotated[Path, typer.Argument(help="Where to write the copy (a .toml file) to edit and pass to --recipe.")],
+) -> None:
+    """Copy a recipe to edit it; use the copy with `dfkd compress --recipe my.toml`."""
+    from dfkd_cli.config import recipe_path
+
+    if dest.exists():
+        raise DfkdError(f"'{dest}' already exists; choose another destination")
+    shutil.copyfile(recipe_path(name), dest)
+    print(str(dest))
+
+
+@recipes_app.command("validate")
+@user_errors
+def recipes_validate(path: Annotated[Path, typer.Argument(help="A recipe .toml file.")]) -> None:
+    """Check a recipe file: known tables and keys, right types. Exit 0 when valid."""
+    from dfkd_cli.config import build_recipe, read_toml
+
+    cfg = build_recipe(read_toml(path), [], default_name=path.stem)
+    print(f"{path}: valid ({cfg.recipe.synthesizer} synthesizer, {cfg.train.steps} student steps)")
+
+
+def main() -> None:
+    """Console entry point."""
+    app()

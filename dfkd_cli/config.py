@@ -1,0 +1,274 @@
+"""Recipes and run configs: TOML data parsed into typed, validated settings.
+
+A recipe file (``recipes/NAME.toml``) has four tables: ``[recipe]`` (what it is), ``[synth]``
+(the synthesizer's settings), ``[synth.loss]`` (weights of named loss terms) and ``[train]``
+(student trainer settings). ``-s key=value`` overrides any of them by dotted path, e.g.
+``-s train.lr=0.01`` or ``-s synth.loss.bn=5``. Recipe files are data: no key imports or calls code.
+
+Example:
+    >>> cfg = load_recipe("deepinversion", overrides=["train.steps=100"])
+    >>> cfg.train.steps
+    100
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from dfkd_cli.errors import DfkdError
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# Installed wheels carry recipes inside the package; a source checkout keeps them at the top.
+_RECIPE_DIRS = (_PACKAGE_DIR / "recipes", _PACKAGE_DIR.parent / "recipes")
+
+
+@dataclass
+class RecipeInfo:
+    """What a recipe is: its name, one-line description, paper and requirements."""
+
+    name: str = ""
+    description: str = ""
+    synthesizer: str = "noise"
+    reference: str = ""
+    requires_bn: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Student trainer settings (KD on synthesizer batches)."""
+
+    steps: int = 200  # total student optimisation steps: the run's budget
+    steps_per_round: int = 50  # student steps after each synthesize() call
+    batch_size: int = 128
+    optimizer: str = "sgd"  # sgd | adam
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | constant
+    loss: str = "kl"  # kl (KL at temperature T, scaled by T^2) | l1 (logits MAE)
+    temperature: float = 20.0
+    crop_pad: int = 0  # random-crop augmentation padding in pixels on pool samples; 0 = off
+    flip: bool = False  # random horizontal flips on pool samples
+    holdout: int = 256  # held-out synthetic samples: half select the student, half are reported
+    eval_every: int = 50  # student steps between selections on held-out synthetic agreement
+
+
+_CHOICES = {
+    "train.optimizer": ("sgd", "adam"),
+    "train.schedule": ("cosine", "constant"),
+    "train.loss": ("kl", "l1"),
+}
+
+
+@dataclass
+class RecipeConfig:
+    """A resolved recipe: info, synthesizer settings (a dict validated by the synthesizer's own
+    dataclass), loss weights and trainer settings."""
+
+    recipe: RecipeInfo = field(default_factory=RecipeInfo)
+    synth: Any = None
+    loss: dict[str, float] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        synth = dataclasses.asdict(self.synth) if self.synth is not None else {}
+        return {
+            "recipe": dataclasses.asdict(self.recipe),
+            "synth": {**synth, "loss": dict(self.loss)},
+            "train": dataclasses.asdict(self.train),
+        }
+
+
+def recipe_dir() -> Path:
+    """The folder holding the shipped recipe files."""
+    for candidate in _RECIPE_DIRS:
+        if candidate.is_dir():
+            return candidate
+    raise RuntimeError("dfkd's recipes folder is missing from the installation")  # a packaging bug
+
+
+def list_recipes() -> list[str]:
+    """Names of the shipped recipes, sorted."""
+    return sorted(p.stem for p in recipe_dir().glob("*.toml"))
+
+
+def recipe_path(name: str) -> Path:
+    """Path of the recipe file ``name``; unknown names raise with the close matches."""
+    path = recipe_dir() / f"{name}.toml"
+    if not path.is_file():
+        names = list_recipes()
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f"did you mean: {', '.join(close)}? " if close else ""
+        raise DfkdError(f"unknown recipe '{name}'; {hint}available: {', '.join(names)} (see `dfkd recipes`)")
+    return path
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file; a syntax error is a one-line DfkdError."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DfkdError(f"config file '{path}' not found; check the path") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise DfkdError(f"'{path}' is not valid TOML ({err}); fix the file") from None
+
+
+def load_recipe(name: str, overrides: list[str] | None = None) -> RecipeConfig:
+    """Load recipe ``name`` from the shipped recipes and apply ``key=value`` overrides."""
+    return build_recipe(read_toml(recipe_path(name)), overrides or [], default_name=name)
+
+
+def build_recipe(data: dict[str, Any], overrides: list[str], default_name: str = "") -> RecipeConfig:
+    """Validate recipe ``data`` (as parsed from TOML), apply overrides and return typed settings."""
+    from dfkd_cli.synth import synthesizer_class  # the registry imports heavy modules
+
+    data = _deep_copy(data)
+    unknown = set(data) - {"recipe", "synth", "train"}
+    if unknown:
+        raise DfkdError(f"unknown recipe table(s) {sorted(unknown)}; valid tables: recipe, synth, train")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(data, key, value)
+    info = _typed(RecipeInfo, data.get("recipe", {}), "recipe")
+    info.name = info.name or default_name
+    synth_cls = synthesizer_class(info.synthesizer)
+    synth_data = dict(data.get("synth", {}))
+    loss = _loss_weights(synth_data.pop("loss", {}), synth_cls.loss_terms)
+    synth = _typed(synth_cls.Config, synth_data, "synth")
+    train = _typed(TrainConfig, data.get("train", {}), "train")
+    return RecipeConfig(recipe=info, synth=synth, loss=loss, train=train)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``key=value``; the value is read as a TOML literal, else taken as a plain string.
+
+    Example:
+        >>> parse_override("train.lr=0.01")
+        ('train.lr', 0.01)
+    """
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise DfkdError(f"override '{item}' is not key=value; write it like -s train.lr=0.01")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key, value
+
+
+def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    if parts[0] not in ("recipe", "synth", "train") or len(parts) < 2:
+        raise DfkdError(f"override key '{key}' must start with recipe., synth. or train. (e.g. train.lr=0.01)")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise DfkdError(f"override key '{key}': '{part}' is a value, not a table")
+    node[parts[-1]] = value
+
+
+def _typed(cls: type, values: dict[str, Any], table: str) -> Any:
+    """Build dataclass ``cls`` from ``values``, rejecting unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        raise DfkdError(f"[{table}] must be a table of key = value settings")
+    hints = get_type_hints(cls)
+    valid = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"did you mean '{table}.{close[0]}'? " if close else ""
+            raise DfkdError(f"unknown key '{table}.{key}'; {hint}valid keys: {', '.join(f'{table}.{k}' for k in valid)}")
+        kwargs[key] = _coerce(value, hints[key], f"{table}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    kind = hint if isinstance(hint, type) else None
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is str:
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise DfkdError(f"'{key}' must be {kind.__name__ if kind else hint}, got {value!r}")
+    choices = _CHOICES.get(key)
+    if choices and value not in choices:
+        raise DfkdError(f"'{key}' must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _loss_weights(values: dict[str, Any], terms: tuple[str, ...]) -> dict[str, float]:
+    if not isinstance(values, dict):
+        raise DfkdError("[synth.loss] must be a table of term = weight")
+    weights = {}
+    for term, weight in values.items():
+        if term not in terms:
+            raise DfkdError(f"unknown loss term 'synth.loss.{term}' for this synthesizer; valid terms: {', '.join(terms)}")
+        weights[term] = _coerce(weight, float, f"synth.loss.{term}")
+    return weights
+
+
+def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Write nested dicts of scalars and lists as TOML (enough for run configs).
+
+    Example:
+        >>> print(dump_toml({"train": {"lr": 0.1}}).strip())
+        [train]
+        lr = 0.1
+    """
+    lines: list[str] = []
+    _dump_table(data, [], lines)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _dump_table(table: dict[str, Any], path: list[str], lines: list[str]) -> None:
+    scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in table.items() if isinstance(v, dict)}
+    if path and (scalars or not tables):
+        lines += ["", f"[{'.'.join(path)}]"]
+    for key, value in scalars.items():
+        if value is not None:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, sub in tables.items():
+        _dump_table(sub, path + [key], lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def recipe_info(name: str) -> RecipeInfo:
+    """The ``[recipe]`` table of a shipped recipe, without building its settings."""
+    info = _typed(RecipeInfo, read_toml(recipe_path(name)).get("recipe", {}), "recipe")
+    info.name = info.name or name
+    return info
+
+
+def applicable_recipes(teacher: Any) -> list[str]:
+    """Shipped recipes this teacher can use (BatchNorm recipes need a teacher with BatchNorm)."""
+    return [name for name in list_recipes() if teacher.has_bn or not recipe_info(name).requires_bn]

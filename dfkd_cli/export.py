@@ -1,0 +1,366 @@
+"""Write the student: safetensors with self-describing metadata, and ONNX behind a parity gate.
+
+A ``student.safetensors`` written here carries everything needed to rebuild and use the network
+(architecture name, classes, input shape, normalisation, provenance) as safetensors metadata, so
+:func:`load_student` needs nothing but the file. :func:`export_onnx` only leaves a ``.onnx`` behind
+when onnxruntime reproduces the PyTorch outputs at several batch sizes.
+
+Example:
+    >>> meta = StudentMeta("resnet8", 10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3,
+    ...                    [str(i) for i in range(10)], "deepinversion", "resnet34", "ab12...", "0.1.0")
+    >>> save_student(student, meta, run_dir / "student.safetensors")
+    >>> parity = export_onnx(student, run_dir / "student.onnx", meta.input_shape, holdout_x)
+    >>> parity.max_abs_diff < 1e-3
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dfkd_cli.errors import DfkdError, ExportError
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+__all__ = [
+    "OnnxParity",
+    "StudentMeta",
+    "export_onnx",
+    "load_student",
+    "onnx_predict",
+    "onnx_session",
+    "save_student",
+]
+
+METADATA_PREFIX = "dfkd."
+PARITY_BATCH_SIZES = (1, 2, 7)
+MIN_OPSET = 18
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # the exporter colours its error messages
+# Loggers the ONNX exporter and its optimiser chat on; quietened for the duration of an export.
+_EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch._dynamo", "torch.fx", "onnxscript", "onnx_ir")
+
+
+@dataclass
+class StudentMeta:
+    """Everything needed to rebuild and use a student, stored as safetensors metadata.
+
+    Example:
+        >>> meta = StudentMeta("resnet8", 2, (3, 32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
+        ...                    ["cat", "dog"], "deepinversion", "resnet34", "ab12", "0.1.0")
+        >>> StudentMeta.from_metadata(meta.to_metadata()) == meta
+        True
+    """
+
+    arch: str
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: list[str]
+    recipe: str
+    teacher_arch: str
+    teacher_sha256: str
+    dfkd_version: str
+
+    def to_metadata(self) -> dict[str, str]:
+        """Flat ``str -> str`` mapping (lists JSON-encoded), keys prefixed ``dfkd.``, plus ``format: pt``."""
+        metadata = {"format": "pt"}
+        for key, value in asdict(self).items():
+            if not isinstance(value, str):
+                value = json.dumps(list(value) if isinstance(value, tuple) else value)
+            metadata[METADATA_PREFIX + key] = value
+        return metadata
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str] | None) -> StudentMeta:
+        """Inverse of :meth:`to_metadata`; :class:`DfkdError` when the metadata is not a dfkd student's."""
+        metadata = metadata or {}
+        if METADATA_PREFIX + "arch" not in metadata:
+            raise DfkdError("not a dfkd student file (no dfkd metadata); use the student.safetensors a dfkd run writes")
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            key = METADATA_PREFIX + field.name
+            if key not in metadata:
+                raise DfkdError(f"dfkd student metadata lacks '{key}'; the file is damaged, re-export it with dfkd")
+            values[field.name] = _decode_field(field.name, metadata[key])
+        return cls(**values)
+
+
+def _decode_field(name: str, text: str) -> Any:
+    string_fields = {"arch", "recipe", "teacher_arch", "teacher_sha256", "dfkd_version"}
+    if name in string_fields:
+        return text
+    try:
+        value = json.loads(text)
+        if name == "num_classes":
+            return int(value)
+        if name == "input_shape":
+            return tuple(int(v) for v in value)
+        if name in ("mean", "std"):
+            return tuple(float(v) for v in value)
+        return [str(v) for v in value]
+    except (ValueError, TypeError) as error:
+        raise DfkdError(
+            f"dfkd student metadata '{METADATA_PREFIX}{name}' is malformed ({text!r}); the file is damaged, re-export it with dfkd"
+        ) from error
+
+
+def save_student(model: nn.Module, meta: StudentMeta, path: Path) -> None:
+    """Write ``model``'s weights and ``meta`` to a safetensors file atomically (temp file + rename).
+
+    Example:
+        >>> save_student(student, meta, Path("runs/x/student.safetensors"))
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    # Tied weights (one tensor under two names) cannot both be stored; clone makes each key own its storage.
+    state = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in model.state_dict().items()}
+    with _temporary_sibling(path, suffix=".safetensors") as tmp_path:
+        save_file(state, str(tmp_path), metadata=meta.to_metadata())
+        os.replace(tmp_path, path)
+
+
+def load_student(path: Path) -> tuple[nn.Module, StudentMeta]:
+    """Rebuild a student saved by :func:`save_student`: architecture from metadata, strict weights, eval mode.
+
+    Example:
+        >>> model, meta = load_student(Path("runs/x/student.safetensors"))
+        >>> meta.class_names[:2]
+        ['airplane', 'automobile']
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from dfkd_cli.archs import create_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise DfkdError(f"student file '{path}' not found; check the path")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata()
+            state = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise DfkdError(f"student file '{path}' is not a readable safetensors file ({error}); re-export it with dfkd") from error
+    try:
+        meta = StudentMeta.from_metadata(metadata)
+    except DfkdError as error:
+        raise DfkdError(f"'{path}': {error.message}") from error
+    model = create_model(meta.arch, meta.num_classes, meta.input_shape)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        # The first line only says "Error(s) in loading state_dict"; the second names the key.
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        summary = lines[min(1, len(lines) - 1)][:200]
+        raise DfkdError(
+            f"student file '{path}' does not fit architecture '{meta.arch}' ({summary}); re-export it with this dfkd version"
+        ) from error
+    return model.eval(), meta
+
+
+@dataclass
+class OnnxParity:
+    """How closely the exported ONNX graph (onnxruntime, CPU) reproduces the PyTorch model."""
+
+    batch_sizes: list[int]
+    max_abs_diff: float
+    top1_agreement: float
+    opset: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict for the run report."""
+        return asdict(self)
+
+
+def onnx_session(path: Path) -> onnxruntime.InferenceSession:
+    """An onnxruntime CPU session for the model at ``path``."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: keep onnxruntime's warnings off the caller's terminal
+    return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def onnx_predict(model: Path | onnxruntime.InferenceSession, x: np.ndarray) -> np.ndarray:
+    """Logits from an ONNX model (a path or an open :func:`onnx_session`) for a float32 batch ``x``.
+
+    Example:
+        >>> onnx_predict(Path("student.onnx"), np.zeros((2, 3, 32, 32), np.float32)).shape
+        (2, 10)
+    """
+    session = onnx_session(model) if isinstance(model, (str, os.PathLike)) else model
+    input_name = session.get_inputs()[0].name
+    return session.run(None, {input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+def export_onnx(
+    model: nn.Module,
+    path: Path,
+    input_shape: tuple[int, int, int],
+    check_inputs: torch.Tensor,
+    atol: float = 1e-3,
+    opset: int = MIN_OPSET,
+) -> OnnxParity:
+    """Export ``model`` to ONNX with a dynamic batch dimension and keep the file only if it matches PyTorch.
+
+    The model is copied to the CPU in eval mode (the caller's module is left as it is) and exported with
+    the ``torch.export``-based exporter. onnxruntime then runs rows of ``check_inputs`` (held-out inputs,
+    repeated when fewer than needed) at batch sizes 1, 2 and 7. The file is written to a temp path and
+    renamed to ``path`` only when the max |difference| is within ``atol`` and top-1 agreement is 1.0;
+    otherwise :class:`ExportError` is raised and no file is left. Nothing is printed.
+
+    Example:
+        >>> parity = export_onnx(student, Path("student.onnx"), (3, 32, 32), holdout_x[:16])
+        >>> parity.batch_sizes, parity.top1_agreement
+        ([1, 2, 7], 1.0)
+    """
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is below {MIN_OPSET}, the lowest the dynamo ONNX exporter supports")
+    check_inputs = _check_rows(check_inputs, input_shape)
+    path = Path(path)
+    model = copy.deepcopy(model).to("cpu").eval()
+    with _temporary_sibling(path, suffix=".onnx") as tmp_path:
+        written_opset = _run_exporter(model, tmp_path, input_shape, opset)
+        max_abs_diff, top1_agreement = _measure_parity(model, tmp_path, check_inputs)
+        parity = OnnxParity(list(PARITY_BATCH_SIZES), max_abs_diff, top1_agreement, written_opset)
+        if parity.max_abs_diff > atol or parity.top1_agreement < 1.0:
+            raise ExportError(
+                f"ONNX parity check failed: max |diff| {parity.max_abs_diff:.3g} (limit {atol:g}), "
+                f"top-1 agreement {parity.top1_agreement:.4f} (need 1.0) at batch sizes {parity.batch_sizes}; "
+                "the PyTorch student was saved, report this as a bug"
+            )
+        os.replace(tmp_path, path)
+    return parity
+
+
+def _check_rows(check_inputs: torch.Tensor, input_shape: tuple[int, int, int]) -> torch.Tensor:
+    """``sum(PARITY_BATCH_SIZES)`` float32 CPU rows of ``check_inputs``, cycling when there are fewer."""
+    if check_inputs.ndim != 4 or tuple(check_inputs.shape[1:]) != tuple(input_shape) or len(check_inputs) == 0:
+        raise ValueError(f"check_inputs must be [N>=1, {', '.join(map(str, input_shape))}], got {list(check_inputs.shape)}")
+    needed = sum(PARITY_BATCH_SIZES)
+    index = torch.arange(needed) % len(check_inputs)
+    return check_inputs.detach().to("cpu", torch.float32)[index]
+
+
+def _run_exporter(model: nn.Module, path: Path, input_shape: tuple[int, int, int], opset: int) -> int:
+    """Export to ``path`` with a dynamic batch; returns the opset actually written."""
+    example = torch.zeros(2, *input_shape)  # batch >= 2, else torch.export specialises the batch to 1
+    batch = torch.export.Dim("batch")
+    try:
+        with _quiet_exporter():
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                dynamo=True,
+                opset_version=opset,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_shapes=({0: batch},),
+                external_data=False,  # one self-contained file that can be renamed atomically
+                verbose=False,
+            )
+    except Exception as error:  # the exporter raises many types; all mean the same to the user
+        raise ExportError(f"ONNX export failed ({_root_cause(error)}); the PyTorch student was saved, report this as a bug") from error
+    written_opset, batch_dim = _onnx_signature(path)
+    if not isinstance(batch_dim, str):
+        raise ExportError(
+            f"ONNX export fixed the batch size to {batch_dim} (the model's forward depends on the batch size); "
+            "the PyTorch student was saved, report this as a bug"
+        )
+    return written_opset
+
+
+def _root_cause(error: BaseException) -> str:
+    """``Type: first line`` of the innermost exception in the chain, without terminal colour codes."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    first_line = _ANSI_ESCAPE.sub("", (str(error).strip().splitlines() or [""])[0])
+    return f"{type(error).__name__}: {first_line}".rstrip(": ")
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Keep the exporter's progress lines, warnings and log records off stdout/stderr."""
+    loggers = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        chatter = io.StringIO()  # the exporter prints progress to stdout and graph dumps to stderr
+        with warnings.catch_warnings(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+@torch.inference_mode()
+def _measure_parity(model: nn.Module, path: Path, rows: torch.Tensor) -> tuple[float, float]:
+    """Max |ONNX - PyTorch| and top-1 agreement over ``rows`` split into batches of PARITY_BATCH_SIZES."""
+    try:
+        session = onnx_session(path)
+    except Exception as error:  # onnxruntime raises its own exception types
+        raise ExportError(f"onnxruntime cannot load the exported ONNX model ({_root_cause(error)}); report this as a bug") from error
+    max_abs_diff, agreeing, start = 0.0, 0, 0
+    for batch_size in PARITY_BATCH_SIZES:
+        batch = rows[start : start + batch_size]
+        start += batch_size
+        expected = model(batch).numpy()
+        try:
+            actual = onnx_predict(session, batch.numpy())
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise ExportError(
+                f"the exported ONNX model fails at batch size {batch_size} ({_root_cause(error)}); report this as a bug"
+            ) from error
+        if actual.shape != expected.shape:
+            raise ExportError(
+                f"ONNX output shape {list(actual.shape)} != PyTorch {list(expected.shape)} at batch size {batch_size}; report this as a bug"
+            )
+        difference = np.abs(actual - expected)
+        # NaN compares False against atol, so a non-finite output must count as an infinite difference.
+        max_abs_diff = max(max_abs_diff, float(difference.max()) if np.isfinite(difference).all() else float("inf"))
+        agreeing += int((actual.argmax(1) == expected.argmax(1)).sum())
+    return max_abs_diff, agreeing / start
+
+
+def _onnx_signature(path: Path) -> tuple[int, str | int]:
+    """The model's default-domain opset and its input's batch dimension (a name when dynamic, else a number)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    opset = next(int(entry.version) for entry in proto.opset_import if entry.domain in ("", "ai.onnx"))
+    dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    return opset, dim.dim_param if dim.HasField("dim_param") else int(dim.dim_value)
+
+
+@contextlib.contextmanager
+def _temporary_sibling(path: Path, suffix: str) -> Iterator[Path]:
+    """A temp file path next to ``path`` (same filesystem, so ``os.replace`` is atomic), removed if left over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(handle)
+    tmp_path = Path(name)
+    try:
+        yield tmp_path
+    finally:
+        tmp_path.unlink(missing_ok=True)

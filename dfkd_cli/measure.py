@@ -1,0 +1,155 @@
+"""Measurements shared by ``dfkd compress`` and ``dfkd eval``: agreement, size, latency, gates."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dfkd_cli.errors import DfkdError, ExportError
+from dfkd_cli.evaluate import (
+    EvalData,
+    agreement_report,
+    count_params,
+    file_size_bytes,
+    onnx_latency_ms,
+    predict,
+    torch_latency_ms,
+)
+from dfkd_cli.export import export_onnx, onnx_predict
+from dfkd_cli.teacher import Teacher
+
+
+def teacher_summary(teacher: Teacher, warnings: list[str]) -> dict[str, Any]:
+    """Identity, size and CPU latency (PyTorch and onnxruntime) of the teacher."""
+    model = teacher.model.cpu()
+    path = Path(teacher.path)
+    return {
+        "arch": teacher.arch,
+        "path": str(path),
+        "sha256": teacher.sha256,
+        "num_classes": teacher.num_classes,
+        "input_shape": list(teacher.input_shape),
+        "has_bn": teacher.has_bn,
+        "params": count_params(model),
+        "file_bytes": file_size_bytes(path) if path.is_file() else None,
+        "latency_ms": {"torch": torch_latency_ms(model, teacher.input_shape),
+                       "onnx": _teacher_onnx_latency(model, teacher.input_shape, warnings)},
+    }
+
+
+def _teacher_onnx_latency(model: nn.Module, input_shape: tuple[int, int, int], warnings: list[str]) -> float | None:
+    with tempfile.TemporaryDirectory(prefix="dfkd-teacher-onnx-") as tmp:
+        path = Path(tmp) / "teacher.onnx"
+        try:
+            export_onnx(model, path, input_shape, torch.randn(4, *input_shape))
+        except ExportError as err:
+            warnings.append(f"teacher ONNX latency not measured: {err.message}")
+            return None
+        return onnx_latency_ms(path, input_shape)
+
+
+def student_summary(student: nn.Module, arch: str, input_shape: tuple[int, int, int], teacher_params: int | None,
+                    safetensors_path: Path | None, onnx_path: Path | None) -> dict[str, Any]:
+    """Size, CPU latency and compression ratio of the student."""
+    params = count_params(student)
+    return {
+        "arch": arch,
+        "params": params,
+        "file_bytes": {"safetensors": file_size_bytes(safetensors_path) if safetensors_path else None,
+                       "onnx": file_size_bytes(onnx_path) if onnx_path else None},
+        "latency_ms": {"torch": torch_latency_ms(student, input_shape),
+                       "onnx": onnx_latency_ms(onnx_path, input_shape) if onnx_path else None},
+        "compression_ratio": round(teacher_params / params, 3) if teacher_params else None,
+    }
+
+
+def measure_models(teacher: Teacher, student: nn.Module, student_arch: str, run_dir: Path,
+                   x_report: torch.Tensor) -> dict[str, Any]:
+    """The teacher/student/synthetic-holdout part of a compress report."""
+    warnings: list[str] = []
+    teacher_part = teacher_summary(teacher, warnings)
+    student_part = student_summary(student, student_arch, teacher.input_shape, teacher_part["params"],
+                                   run_dir / "student.safetensors", run_dir / "student.onnx")
+    holdout = agreement_report(predict(teacher.model, x_report), predict(student, x_report), teacher.class_names)
+    return {"teacher": teacher_part, "student": student_part, "synthetic_holdout": holdout, "warnings": warnings}
+
+
+def real_data_report(teacher: Teacher | None, student: nn.Module, data: EvalData,
+                     onnx_path: Path | None = None) -> dict[str, Any]:
+    """Agreement (when there is a teacher) and accuracy (when labelled) on real data."""
+    student_logits = predict(student, data.x)
+    if teacher is not None:
+        report = agreement_report(predict(teacher.model, data.x), student_logits, teacher.class_names, data.y)
+    else:
+        report = {"n": len(data.x)}
+        if data.y is not None:
+            report["student_accuracy"] = float((student_logits.argmax(1) == data.y).float().mean())
+    if onnx_path is not None:
+        onnx_classes = torch.from_numpy(onnx_predict(onnx_path, data.x.numpy())).argmax(1)
+        reference = predict(teacher.model, data.x).argmax(1) if teacher is not None else student_logits.argmax(1)
+        report["onnx_top1_agreement"] = float((onnx_classes == reference).float().mean())
+        if data.y is not None:
+            report["onnx_accuracy"] = float((onnx_classes == data.y).float().mean())
+    report.update(source=data.source, skipped_files=data.skipped)
+    return report
+
+
+def gate_result(min_agreement: float | None, report: dict[str, Any], use_onnx: bool = False) -> dict[str, Any] | None:
+    """Check ``--min-agreement`` on real data when given, else on the held-out synthetic samples."""
+    if min_agreement is None:
+        return None
+    if not 0.0 <= min_agreement <= 1.0:
+        raise DfkdError(f"--min-agreement {min_agreement} is not a fraction; give a value between 0 and 1, e.g. 0.9")
+    source = "eval_data" if report.get("eval_data") else "synthetic_holdout"
+    section = report.get(source)
+    if not section or "top1_agreement" not in section:
+        raise DfkdError("--min-agreement needs a teacher to agree with; pass --teacher (and --eval-data)")
+    key = "onnx_top1_agreement" if use_onnx and "onnx_top1_agreement" in section else "top1_agreement"
+    measured = section[key]
+    return {"min_agreement": min_agreement, "measured_on": source, "metric": key, "measured": measured,
+            "passed": measured >= min_agreement}
+
+
+def evaluate_student(student_path: Path, teacher_path: Path | None, arch: str | None, eval_data_path: Path | None,
+                     onnx_path: Path | None, min_agreement: float | None, trust_pickle: bool = False) -> dict[str, Any]:
+    """The `dfkd eval` report: the student rebuilt from its own metadata, measured against the
+    teacher (when given) on real data (when given)."""
+    from dfkd_cli import __version__
+    from dfkd_cli.evaluate import load_eval_data
+    from dfkd_cli.export import load_student
+    from dfkd_cli.report import SCHEMA_VERSION
+    from dfkd_cli.runtime import library_versions
+    from dfkd_cli.teacher import load_teacher
+
+    if teacher_path is None and eval_data_path is None:
+        raise DfkdError("nothing to measure; pass --teacher (agreement) and/or --eval-data (accuracy)")
+    if onnx_path is not None and not onnx_path.is_file():
+        raise DfkdError(f"ONNX file '{onnx_path}' not found; check the path")
+    student, meta = load_student(student_path)
+    warnings: list[str] = []
+    teacher = None
+    if teacher_path is not None:
+        teacher = load_teacher(teacher_path, arch or meta.teacher_arch, meta.input_shape, mean=list(meta.mean),
+                               std=list(meta.std), trust_pickle=trust_pickle)
+        teacher.class_names = list(meta.class_names)
+        if teacher.sha256 != meta.teacher_sha256:
+            warnings.append(f"teacher file sha256 {teacher.sha256[:12]} differs from the one the student was "
+                            f"distilled from ({meta.teacher_sha256[:12]})")
+    data = None
+    if eval_data_path is not None:
+        data = load_eval_data(eval_data_path, meta.input_shape, meta.mean, meta.std, list(meta.class_names))
+    report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "dfkd_version": __version__, "kind": "eval",
+        "run": {"versions": library_versions()},
+        "teacher": {"arch": teacher.arch, "path": str(teacher_path), "sha256": teacher.sha256} if teacher else None,
+        "student": {"arch": meta.arch, "path": str(student_path), "params": count_params(student),
+                    "recipe": meta.recipe, "teacher_sha256": meta.teacher_sha256},
+        "eval_data": real_data_report(teacher, student, data, onnx_path) if data is not None else None,
+        "warnings": warnings,
+    }
+    report["gate"] = gate_result(min_agreement, report, use_onnx=onnx_path is not None)
+    return report

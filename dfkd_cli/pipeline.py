@@ -1,0 +1,230 @@
+"""``dfkd compress``: teacher -> synthesizer -> student trainer -> exporter -> report.
+
+The run is written into a hidden staging folder beside ``--out`` and renamed into place only when
+every artefact exists, so a failed run never leaves files that look like a finished one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dfkd_cli import __version__
+from dfkd_cli.archs import default_student
+from dfkd_cli.config import RecipeConfig, applicable_recipes, dump_toml
+from dfkd_cli.errors import DfkdError, ExportError
+from dfkd_cli.evaluate import EvalData, load_eval_data
+from dfkd_cli.export import StudentMeta, export_onnx, save_student
+from dfkd_cli.measure import gate_result, measure_models, real_data_report
+from dfkd_cli.report import SCHEMA_VERSION, save_sample_grid, write_report
+from dfkd_cli.runtime import Budget, Display, hardware_description, library_versions, resolve_device, seed_everything
+from dfkd_cli.synth import synthesizer_class
+from dfkd_cli.teacher import Teacher, build_student, load_teacher
+from dfkd_cli.trainer import StudentTrainer, predict_classes
+
+
+@dataclass
+class CompressOptions:
+    """Everything ``dfkd compress`` needs besides the recipe; saved as ``[run]`` in config.toml."""
+
+    teacher: Path
+    arch: str
+    student: str | None = None
+    recipe: str = "deepinversion"
+    out: Path | None = None
+    overwrite: bool = False
+    steps: int | None = None
+    time_budget_s: float | None = None
+    input_shape: tuple[int, int, int] | None = None
+    normalize: str | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    labels: Path | None = None
+    eval_data: Path | None = None
+    min_agreement: float | None = None
+    device: str = "auto"
+    seed: int = 0
+    trust_pickle: bool = False
+    overrides: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``[run]`` table of config.toml: absolute paths, no output folder or trust flags."""
+        data = dataclasses.asdict(self)
+        for key in ("overwrite", "overrides", "out", "trust_pickle"):
+            data.pop(key)
+        return {k: str(v.resolve()) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+                for k, v in data.items()}
+
+
+@dataclass
+class Stopwatch:
+    """Wall-clock seconds per stage."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    _start: float = field(default_factory=time.perf_counter)
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._start, 3)
+        self._start = now
+
+
+def default_out_dir(opts: CompressOptions) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{opts.teacher.stem}-{opts.recipe}-{stamp}"
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise DfkdError(f"output folder '{out}' already exists; pick another --out or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise DfkdError(f"output path '{out}' is a file, not a folder; pick another --out")
+
+
+def compress(opts: CompressOptions, recipe: RecipeConfig, display: Display) -> dict[str, Any]:
+    """Run a whole compression and return the report (also written to ``opts.out``)."""
+    watch, started = Stopwatch(), datetime.now(timezone.utc)
+    out = opts.out or default_out_dir(opts)
+    check_out_dir(out, opts.overwrite)
+    seed_everything(opts.seed)  # before the student's random initialisation
+    teacher, student, eval_data = _prepare(opts, recipe, display)
+    watch.lap("load")
+
+    device = resolve_device(opts.device)
+    teacher.to(device)
+    budget = Budget(opts.time_budget_s)
+    synth = synthesizer_class(recipe.recipe.synthesizer)(teacher, recipe.synth, recipe.loss, device)
+    holdout = _make_holdout(synth, recipe.train.holdout, display, budget)
+    trainer = StudentTrainer(student, teacher.model, recipe.train, device)
+    _train(synth, trainer, holdout, recipe, budget, display)
+    student = trainer.restore_best().cpu()
+    teacher.to(torch.device("cpu"))
+    watch.lap("distill")
+
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    _clean(staging)
+    staging.mkdir(parents=True)
+    try:
+        report = _write_artefacts(staging, opts, recipe, teacher, student, synth, holdout, eval_data, display, watch)
+        report["run"].update(started=started.isoformat(timespec="seconds"), device=str(device),
+                             hardware=hardware_description(device), steps=trainer.steps_done,
+                             best_step=trainer.best_step, out=str(out))
+        write_report(staging, report)
+        _move_into_place(staging, out)
+    except ExportError as err:
+        failed = out.parent / f"{out.name}.failed"
+        _clean(failed)
+        (staging / "student.onnx").unlink(missing_ok=True)
+        staging.rename(failed)
+        raise ExportError(f"{err.message} (the PyTorch student is kept in '{failed}')") from None
+    finally:
+        _clean(staging)
+    return report
+
+
+def _prepare(opts: CompressOptions, recipe: RecipeConfig, display: Display) -> tuple[Teacher, torch.nn.Module, EvalData | None]:
+    """Load and check every input before any long work starts."""
+    teacher = load_teacher(opts.teacher, opts.arch, opts.input_shape, opts.normalize, opts.mean, opts.std,
+                           opts.labels, trust_pickle=opts.trust_pickle)
+    cls = synthesizer_class(recipe.recipe.synthesizer)
+    if (recipe.recipe.requires_bn or cls.requires_bn) and not teacher.has_bn:
+        usable = ", ".join(applicable_recipes(teacher)) or "none"
+        raise DfkdError(f"recipe '{recipe.recipe.name}' needs a teacher with BatchNorm layers and {teacher.arch} has none; "
+                        f"recipes that apply: {usable}")
+    if opts.student is None:
+        opts.student = default_student(teacher.arch)
+        display.log(f"student: {opts.student} (default for {teacher.arch}; choose another with --student)")
+    student = build_student(opts.student, teacher)
+    eval_data = None
+    if opts.eval_data is not None:
+        eval_data = load_eval_data(opts.eval_data, teacher.input_shape, teacher.mean, teacher.std, teacher.class_names)
+    return teacher, student, eval_data
+
+
+def _make_holdout(synth, n: int, display: Display, budget: Budget) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out synthetic samples and the teacher's classes for them (never trained on)."""
+    display.stage("holdout", total=None)
+    # Held-out samples may use at most a quarter of a time budget; the rest is for distillation.
+    quarter = Budget(budget.seconds / 4 if budget.seconds else None)
+    synth.on_step = lambda it, total, parts: display.advance(1, **parts) or quarter.expired()
+    x = synth.holdout(max(n, 2))
+    return x, predict_classes(synth.teacher.model, x)
+
+
+def _train(synth, trainer: StudentTrainer, holdout, recipe: RecipeConfig, budget: Budget, display: Display) -> None:
+    """Alternate synthesize() and student steps until the step budget or time budget ends."""
+    cfg = recipe.train
+    x_hold, t_hold = holdout
+    half = len(x_hold) // 2
+    x_select, t_select = x_hold[:half], t_hold[:half]
+    synth.on_step = lambda it, total, parts: budget.expired()
+    display.stage("distill", total=cfg.steps)
+    agreement = 0.0
+    while trainer.steps_done < cfg.steps and not budget.expired():
+        synth.synthesize()
+        for _ in range(min(cfg.steps_per_round, cfg.steps - trainer.steps_done)):
+            loss = trainer.step(synth.sample(cfg.batch_size))
+            if trainer.steps_done % cfg.eval_every == 0:
+                agreement = trainer.select(x_select, t_select)
+            display.advance(1, kd=loss, agreement=agreement, pool=len(synth.pool))
+            if budget.expired():
+                display.log(f"time budget reached after {trainer.steps_done} student steps")
+                break
+    if trainer.steps_done == 0:
+        raise DfkdError("the time budget ended before the first student step; give a longer --time-budget", exit_code=3)
+    trainer.select(x_select, t_select)
+
+
+def _write_artefacts(run_dir: Path, opts: CompressOptions, recipe: RecipeConfig, teacher: Teacher, student,
+                     synth, holdout, eval_data: EvalData | None, display: Display, watch: Stopwatch) -> dict[str, Any]:
+    display.stage("export", total=None)
+    meta = StudentMeta(arch=opts.student, num_classes=teacher.num_classes, input_shape=teacher.input_shape,
+                       mean=teacher.mean, std=teacher.std, class_names=teacher.class_names,
+                       recipe=recipe.recipe.name, teacher_arch=teacher.arch, teacher_sha256=teacher.sha256,
+                       dfkd_version=__version__)
+    save_student(student, meta, run_dir / "student.safetensors")
+    x_hold = holdout[0].cpu()
+    x_report = x_hold[len(x_hold) // 2 :]
+    parity = export_onnx(student, run_dir / "student.onnx", teacher.input_shape, x_report[:16])
+    pool_sample = synth.sample(512).cpu()
+    save_sample_grid(pool_sample, predict_classes(teacher.model, pool_sample), teacher.mean, teacher.std,
+                     teacher.class_names, run_dir / "samples.png")
+    config = {"run": opts.to_dict(), **recipe.to_dict()}
+    (run_dir / "config.toml").write_text(dump_toml(config), encoding="utf-8")
+    watch.lap("export")
+
+    display.stage("evaluate", total=None)
+    report = {"schema_version": SCHEMA_VERSION, "dfkd_version": __version__,
+              **measure_models(teacher, student, opts.student, run_dir, x_report)}
+    report["eval_data"] = real_data_report(teacher, student, eval_data) if eval_data else None
+    report["onnx_parity"] = parity.to_dict()
+    report["gate"] = gate_result(opts.min_agreement, report)
+    watch.lap("evaluate")
+    watch.seconds["total"] = round(sum(watch.seconds.values()), 3)
+    report["run"] = {"recipe": recipe.recipe.name, "seed": opts.seed, "wall_clock_s": dict(watch.seconds),
+                     "config": config, "versions": library_versions()}
+    return report
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old)
+    else:
+        staging.rename(out)
+
+
+def _clean(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)

@@ -1,0 +1,133 @@
+"""Results on stdout: a Rich summary for people, one JSON document for machines, or nothing."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _console() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _num(value: float | None, unit: str = "") -> str:
+    return "-" if value is None else f"{value:,.3g}{unit}" if isinstance(value, float) else f"{value:,}{unit}"
+
+
+def render_rows(rows: list[dict[str, Any]], output_format: str, title: str) -> None:
+    """A list of records as a table (human), a JSON array (json) or nothing (quiet)."""
+    if output_format == "json":
+        _json(rows)
+    elif output_format == "human":
+        table = Table(title=title, title_justify="left", box=None)
+        for column in rows[0]:
+            table.add_column(column.replace("_", " "))
+        for row in rows:
+            table.add_row(*(str(v) for v in row.values()))
+        _console().print(table)
+
+
+def _summary_table(report: dict[str, Any]) -> Table:
+    teacher, student = report["teacher"], report["student"]
+    table = Table(box=None, show_header=True)
+    for column in ("", "teacher", "student"):
+        table.add_column(column)
+    table.add_row("architecture", str(teacher.get("arch")), str(student.get("arch")))
+    table.add_row("parameters", _num(teacher.get("params")), _num(student.get("params")))
+    t_lat, s_lat = teacher.get("latency_ms") or {}, student.get("latency_ms") or {}
+    table.add_row("latency torch (ms)", _num(t_lat.get("torch")), _num(s_lat.get("torch")))
+    table.add_row("latency onnx (ms)", _num(t_lat.get("onnx")), _num(s_lat.get("onnx")))
+    real = report.get("eval_data") or {}
+    if "teacher_accuracy" in real or "student_accuracy" in real:
+        table.add_row("accuracy (real data)", _pct(real.get("teacher_accuracy")), _pct(real.get("student_accuracy")))
+    return table
+
+
+def _agreement_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    synthetic = report.get("synthetic_holdout")
+    if synthetic:
+        lines.append(f"agreement on held-out synthetic samples: {_pct(synthetic['top1_agreement'])} (n={synthetic['n']})")
+    real = report.get("eval_data")
+    if real and "top1_agreement" in real:
+        lines.append(f"agreement on real data: {_pct(real['top1_agreement'])} (n={real['n']}, {real.get('source', '')})")
+    if real and "onnx_top1_agreement" in real:
+        lines.append(f"ONNX student agreement on real data: {_pct(real['onnx_top1_agreement'])}")
+    gate = report.get("gate")
+    if gate:
+        verdict = "passed" if gate["passed"] else "FAILED"
+        lines.append(f"gate --min-agreement {gate['min_agreement']}: {verdict} ({_pct(gate['measured'])} on {gate['measured_on']})")
+    return lines
+
+
+def render_compress(report: dict[str, Any], output_format: str) -> None:
+    """Summary of a finished compress run."""
+    if output_format == "json":
+        _json(report)
+        return
+    if output_format == "quiet":
+        return
+    console = _console()
+    run = report["run"]
+    console.print(f"[bold]dfkd[/bold] {run['recipe']}: {report['teacher']['arch']} -> {report['student']['arch']}, "
+                  f"{run.get('steps')} student steps, {run['wall_clock_s'].get('total', 0):.1f} s on {run.get('hardware')}")
+    for line in _agreement_lines(report):
+        console.print(line)
+    console.print(_summary_table(report))
+    ratio = report["student"].get("compression_ratio")
+    if ratio:
+        console.print(f"compression: {ratio:.2f}x fewer parameters")
+    for warning in report.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    console.print(f"artefacts: {run.get('out')}/ (student.safetensors, student.onnx, report.json, report.md, samples.png, config.toml)")
+
+
+def render_eval(report: dict[str, Any], output_format: str) -> None:
+    """Summary of `dfkd eval`."""
+    if output_format == "json":
+        _json(report)
+        return
+    if output_format == "quiet":
+        return
+    console = _console()
+    real = report.get("eval_data") or {}
+    console.print(f"[bold]dfkd eval[/bold] {report['student']['arch']} ({report['student']['path']})")
+    for line in _agreement_lines(report):
+        console.print(line)
+    if "student_accuracy" in real:
+        teacher_acc = f", teacher {_pct(real['teacher_accuracy'])}" if "teacher_accuracy" in real else ""
+        console.print(f"accuracy on real data: student {_pct(real['student_accuracy'])}{teacher_acc}")
+    if "onnx_accuracy" in real:
+        console.print(f"ONNX student accuracy on real data: {_pct(real['onnx_accuracy'])}")
+    for warning in report.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def render_inspect(info: dict[str, Any], output_format: str) -> None:
+    """What dfkd sees in a teacher checkpoint."""
+    if output_format == "json":
+        _json(info)
+        return
+    if output_format == "quiet":
+        return
+    console = _console()
+    shape = "x".join(str(v) for v in info["input_shape"])
+    names = ", ".join(info["class_names"][:10]) + (" ..." if len(info["class_names"]) > 10 else "")
+    console.print(f"[bold]{info['path']}[/bold]  ({info['arch']}, sha256 {info['sha256'][:12]})")
+    console.print(f"classes       {info['num_classes']}: {names}")
+    console.print(f"input shape   {shape}, mean {info['mean']}, std {info['std']}")
+    console.print(f"parameters    {info['params']:,}")
+    console.print(f"BatchNorm     {len(info['bn_layers'])} layers" + (f" ({', '.join(info['bn_layers'][:4])}, ...)" if info["bn_layers"] else ""))
+    console.print(f"student       default {info['default_student'] or '- (pass --student)'}")
+    console.print(f"recipes       {', '.join(info['recipes'])}")

@@ -1,0 +1,106 @@
+"""Resolve ``dfkd compress`` options from flags, a run config file and a recipe.
+
+Precedence, lowest first: the recipe file, the config file's recipe tables, ``-s`` overrides,
+``--steps``. For run options: the config file's ``[run]`` table, then flags given on the command
+line. Relative paths in a config file are read relative to the file's folder; runs write
+absolute paths, so ``dfkd compress --config runs/x/config.toml`` repeats a run from anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from dfkd_cli.config import RecipeConfig, build_recipe, read_toml, recipe_path
+from dfkd_cli.errors import DfkdError
+from dfkd_cli.pipeline import CompressOptions
+from dfkd_cli.teacher import parse_input_shape
+
+_PATH_KEYS = ("teacher", "labels", "eval_data")
+_RUN_KEYS = [f.name for f in dataclasses.fields(CompressOptions) if f.name not in ("overwrite", "overrides", "out", "trust_pickle")]
+
+
+def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: Path | None,
+                     overwrite: bool = False, trust_pickle: bool = False) -> tuple[CompressOptions, RecipeConfig]:
+    """Merge flags (None = not given) over the config file and build the options and recipe."""
+    run, recipe_tables = _read_config(config_path) if config_path else ({}, {})
+    run.update({k: v for k, v in flags.items() if v is not None})
+    if run.get("teacher") is None:
+        raise DfkdError("no teacher given; pass a checkpoint (dfkd compress teacher.pt --arch resnet18) or try --demo")
+    if run.get("arch") is None:
+        raise DfkdError("no teacher architecture given; pass --arch NAME (list them with `dfkd archs`)")
+    opts = CompressOptions(
+        teacher=Path(run["teacher"]),
+        arch=run["arch"],
+        student=run.get("student"),
+        recipe=str(run.get("recipe", "deepinversion")),
+        out=run.get("out"),
+        overwrite=overwrite,
+        steps=run.get("steps"),
+        time_budget_s=run.get("time_budget_s"),
+        input_shape=_shape(run.get("input_shape")),
+        normalize=run.get("normalize"),
+        mean=_floats(run.get("mean"), "--mean"),
+        std=_floats(run.get("std"), "--std"),
+        labels=_path(run.get("labels")),
+        eval_data=_path(run.get("eval_data")),
+        min_agreement=run.get("min_agreement"),
+        device=run.get("device", "auto"),
+        seed=int(run.get("seed", 0)),
+        trust_pickle=trust_pickle,
+        overrides=list(overrides),
+    )
+    recipe = _build_recipe(opts, recipe_tables, overrides)
+    return opts, recipe
+
+
+def _build_recipe(opts: CompressOptions, tables: dict[str, Any], overrides: list[str]) -> RecipeConfig:
+    if opts.recipe.endswith(".toml"):
+        path = Path(opts.recipe)
+        data, name = read_toml(path), path.stem
+    else:
+        data, name = read_toml(recipe_path(opts.recipe)), opts.recipe
+    data = _merge(data, tables)
+    steps = [f"train.steps={opts.steps}"] if opts.steps is not None else []
+    return build_recipe(data, overrides + steps, default_name=name)
+
+
+def _read_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    data = read_toml(path)
+    run = dict(data.pop("run", {}))
+    unknown = sorted(set(run) - set(_RUN_KEYS))
+    if unknown:
+        raise DfkdError(f"unknown key(s) {unknown} in [run] of '{path}'; valid keys: {', '.join(_RUN_KEYS)}")
+    for key in _PATH_KEYS:
+        if run.get(key) is not None:
+            run[key] = str((path.parent / run[key]) if not Path(run[key]).is_absolute() else Path(run[key]))
+    return run, data
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = _merge(merged.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
+def _shape(value: Any) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return parse_input_shape("x".join(str(v) for v in value))
+    return parse_input_shape(str(value))
+
+
+def _floats(value: Any, flag: str) -> list[float] | None:
+    if value is None or isinstance(value, list):
+        return value
+    try:
+        return [float(v) for v in str(value).split(",")]
+    except ValueError:
+        raise DfkdError(f"{flag} '{value}' must be comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+
+
+def _path(value: Any) -> Path | None:
+    return Path(value) if value is not None else None

@@ -1,0 +1,195 @@
+"""Runtime concerns in one place: device, seeds, versions, time budget and the progress display.
+
+Nothing else in dfkd reads environment variables or writes to the terminal's stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import re
+import sys
+import time
+from importlib import metadata
+
+import numpy as np
+import torch
+
+from dfkd_cli.errors import DfkdError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; ``cpu``, ``cuda`` and ``cuda:N`` are taken as asked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise DfkdError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DfkdError(f"device '{name}' asked for but CUDA is not available here; use --device cpu")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise DfkdError(f"device '{name}' does not exist: {torch.cuda.device_count()} CUDA device(s); pick one below that")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) so CPU runs repeat exactly."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries a run's numbers depend on."""
+    import torchvision
+
+    # Module versions keep the local build tag (e.g. 2.15.0+cu132), which says which build ran.
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__}
+    for package in ("dfkd", "numpy", "onnx", "onnxruntime", "safetensors"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def hardware_description(device: torch.device) -> str:
+    """Human-readable description of the hardware a run used, e.g. 'CPU: AMD EPYC (2 threads)'."""
+    if device.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return f"CPU: {cpu} ({torch.get_num_threads()} threads)"
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from '90', '90s', '10m' or '2h'.
+
+    Example:
+        >>> parse_duration("10m")
+        600.0
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not match or float(match.group(1)) <= 0:
+        raise DfkdError(f"time budget '{text}' is not a duration; write it like 90s, 10m or 2h")
+    return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+class Budget:
+    """Wall-clock budget for a run; ``expired()`` is checked between optimisation steps."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.start = time.monotonic()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def expired(self) -> bool:
+        return self.seconds is not None and self.elapsed >= self.seconds
+
+
+def is_ci() -> bool:
+    """True when running in CI (the ``CI`` variable set), where the live display is replaced."""
+    return os.environ.get("CI", "").lower() not in ("", "0", "false")
+
+
+class Display:
+    """Progress and logs on stderr. This base class is the quiet mode: it shows nothing."""
+
+    def stage(self, name: str, total: int | None = None) -> None: ...
+
+    def advance(self, n: int = 1, **metrics: float) -> None: ...
+
+    def log(self, message: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
+class PlainDisplay(Display):
+    """Periodic plain lines, for logs and CI: ``[train] 120/200 kd=0.41 agreement=0.83 eta 0:32``."""
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self._name, self._total, self._done = "", None, 0
+        self._metrics: dict[str, float] = {}
+        self._started = self._last = time.monotonic()
+
+    def stage(self, name: str, total: int | None = None) -> None:
+        self._name, self._total, self._done, self._metrics = name, total, 0, {}
+        self._started = time.monotonic()
+        self._last = 0.0
+        self.log(f"[{name}] started" + (f" ({total} steps)" if total else ""))
+
+    def advance(self, n: int = 1, **metrics: float) -> None:
+        self._done += n
+        self._metrics.update(metrics)
+        now = time.monotonic()
+        if now - self._last >= self.interval or self._done == self._total:
+            self._last = now
+            self.log(f"[{self._name}] {self._progress(now)} {_format_metrics(self._metrics)}".rstrip())
+
+    def _progress(self, now: float) -> str:
+        if not self._total:
+            return str(self._done)
+        rate = self._done / max(now - self._started, 1e-9)
+        eta = int((self._total - self._done) / rate) if rate > 0 else 0
+        return f"{self._done}/{self._total} eta {eta // 60}:{eta % 60:02d}"
+
+    def log(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+
+class RichDisplay(Display):
+    """A live Rich progress bar per stage with the latest losses and agreement, on stderr."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:<12}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            console=self.console,
+        )
+        self.progress.start()
+        self._task = None
+
+    def stage(self, name: str, total: int | None = None) -> None:
+        self._task = self.progress.add_task(name, total=total, metrics="")
+
+    def advance(self, n: int = 1, **metrics: float) -> None:
+        if self._task is not None:
+            fields = {"metrics": _format_metrics(metrics)} if metrics else {}
+            self.progress.update(self._task, advance=n, **fields)
+
+    def log(self, message: str) -> None:
+        self.progress.console.print(message, highlight=False, markup=False)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def make_display(output_format: str) -> Display:
+    """Rich live display on an interactive terminal, plain lines in CI or logs, nothing when quiet."""
+    if output_format == "quiet":
+        return Display()
+    if output_format == "human" and sys.stderr.isatty() and not is_ci():
+        return RichDisplay()
+    return PlainDisplay()

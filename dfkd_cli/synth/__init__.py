@@ -1,0 +1,33 @@
+"""Synthesizers: each makes training inputs for the student from the teacher alone.
+
+Every synthesizer exposes the same operations (``synthesize()`` makes more data, ``sample(n)``
+returns a training batch, ``holdout(n)`` makes samples kept out of training) and is registered by
+name here; recipes pick one with ``recipe.synthesizer``.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from dfkd_cli.errors import DfkdError
+from dfkd_cli.synth.base import Synthesizer
+from dfkd_cli.synth.deepinversion import DeepInversionSynthesizer
+from dfkd_cli.synth.noise import NoiseSynthesizer
+
+SYNTHESIZERS: dict[str, type[Synthesizer]] = {
+    "noise": NoiseSynthesizer,
+    "deepinversion": DeepInversionSynthesizer,
+}
+
+
+def synthesizer_class(name: str) -> type[Synthesizer]:
+    """The synthesizer registered as ``name``; unknown names list the close matches."""
+    try:
+        return SYNTHESIZERS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(SYNTHESIZERS), n=3)
+        hint = f"did you mean: {', '.join(close)}? " if close else ""
+        raise DfkdError(f"unknown synthesizer '{name}' in recipe.synthesizer; {hint}available: {', '.join(SYNTHESIZERS)}") from None
+
+
+__all__ = ["SYNTHESIZERS", "Synthesizer", "synthesizer_class"]

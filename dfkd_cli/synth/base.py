@@ -1,0 +1,109 @@
+"""The synthesizer interface and the in-memory synthetic pool."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from dfkd_cli.teacher import Teacher
+
+# Called after each synthesis iteration with (iteration, total, loss parts); returns True to stop early.
+StepCallback = Callable[[int, int, dict[str, float]], bool]
+
+
+def _never_stop(step: int, total: int, parts: dict[str, float]) -> bool:
+    return False
+
+
+class SyntheticPool:
+    """Synthesized inputs kept as one tensor on the training device, sampled uniformly."""
+
+    def __init__(self) -> None:
+        self._chunks: list[torch.Tensor] = []
+        self._data: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self._chunks)
+
+    def add(self, x: torch.Tensor) -> None:
+        self._chunks.append(x.detach())
+        self._data = None
+
+    def tensor(self) -> torch.Tensor:
+        if self._data is None:
+            if not self._chunks:
+                raise RuntimeError("the synthetic pool is empty: call synthesize() first")
+            self._data = torch.cat(self._chunks)
+            self._chunks = [self._data]
+        return self._data
+
+    def sample(self, n: int) -> torch.Tensor:
+        data = self.tensor()
+        index = torch.randint(len(data), (n,), device=data.device)
+        return data[index]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"data": self.tensor().cpu() if self._chunks else None}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        self._chunks = [state["data"].to(device)] if state.get("data") is not None else []
+        self._data = None
+
+
+class Synthesizer:
+    """Base class: subclasses set ``Config`` (a dataclass of settings) and ``loss_terms``.
+
+    Example:
+        >>> synth = NoiseSynthesizer(teacher, NoiseSynthesizer.Config(), {}, torch.device("cpu"))
+        >>> synth.synthesize(); batch = synth.sample(64)
+    """
+
+    @dataclass
+    class Config:
+        batch_size: int = 256
+
+    loss_terms: ClassVar[tuple[str, ...]] = ()
+    requires_bn: ClassVar[bool] = False
+
+    def __init__(self, teacher: "Teacher", config: Any, loss: dict[str, float], device: torch.device) -> None:
+        self.teacher = teacher
+        self.config = config
+        self.loss = dict(loss)
+        self.device = device
+        self.pool = SyntheticPool()
+        self.on_step: StepCallback = _never_stop
+
+    @property
+    def iterations_per_call(self) -> int:
+        """How many optimisation iterations one synthesize() call runs (for progress displays)."""
+        return 1
+
+    def make_batch(self, n: int) -> torch.Tensor:
+        """Synthesize ``n`` new inputs in the teacher's normalised input space."""
+        raise NotImplementedError
+
+    def synthesize(self) -> None:
+        """Make more data: one batch of ``config.batch_size`` added to the pool."""
+        self.pool.add(self.make_batch(self.config.batch_size))
+
+    def sample(self, n: int) -> torch.Tensor:
+        """A training batch of ``n`` inputs drawn from the pool."""
+        return self.pool.sample(n)
+
+    def holdout(self, n: int) -> torch.Tensor:
+        """``n`` inputs made the same way as training data but never added to the pool."""
+        batches, made = [], 0
+        while made < n:
+            batch = self.make_batch(min(self.config.batch_size, n - made))
+            batches.append(batch)
+            made += len(batch)
+        return torch.cat(batches)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pool": self.pool.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pool.load_state_dict(state["pool"], self.device)

@@ -1,0 +1,116 @@
+"""Named loss terms that synthesizers weight, e.g. ``ce``, ``bn``, ``tv_l2``, ``l2``.
+
+A recipe's ``[synth.loss]`` table gives each term's weight; a term with weight 0 is not computed.
+
+Example:
+    >>> total, parts = weighted_loss({"ce": 1.0, "tv_l2": 1e-4}, LossInputs(x=x, logits=t(x), targets=y))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class BatchNormStatistics:
+    """Forward hooks on every BatchNorm layer of a model that compare the batch's feature
+    statistics with the layer's running statistics (DeepInversion's feature-distribution prior).
+
+    Use as a context manager so the hooks exist only while synthesizing.
+    """
+
+    def __init__(self, model: nn.Module, first_multiplier: float = 1.0) -> None:
+        self.model = model
+        self.first_multiplier = first_multiplier
+        self.layer_losses: list[torch.Tensor] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> "BatchNormStatistics":
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                self._handles.append(module.register_forward_hook(self._hook))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, module: nn.modules.batchnorm._BatchNorm, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
+        x = inputs[0]
+        dims = [0] + list(range(2, x.dim()))
+        mean = x.mean(dim=dims)
+        var = x.var(dim=dims, unbiased=False)
+        loss = torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2)
+        self.layer_losses.append(loss)
+
+    def reset(self) -> None:
+        self.layer_losses = []
+
+    def loss(self) -> torch.Tensor:
+        """Sum over layers of ||mu - running_mu|| + ||var - running_var||, the first layer weighted."""
+        if not self.layer_losses:
+            raise RuntimeError("no BatchNorm statistics were recorded: run the model inside the context first")
+        first, *rest = self.layer_losses
+        return self.first_multiplier * first + sum(rest, torch.zeros_like(first))
+
+
+@dataclass
+class LossInputs:
+    """What the loss terms may look at for one synthesis iteration."""
+
+    x: torch.Tensor
+    logits: torch.Tensor
+    targets: torch.Tensor | None = None
+    bn: BatchNormStatistics | None = None
+
+
+def total_variation(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Mean lp total variation over horizontal, vertical and both diagonal neighbours."""
+    diffs = (
+        x[:, :, :, 1:] - x[:, :, :, :-1],
+        x[:, :, 1:, :] - x[:, :, :-1, :],
+        x[:, :, 1:, 1:] - x[:, :, :-1, :-1],
+        x[:, :, 1:, :-1] - x[:, :, :-1, 1:],
+    )
+    if p == 1:
+        return sum(d.abs().mean() for d in diffs)
+    return sum(torch.norm(d) for d in diffs) / x.shape[0]
+
+
+def _ce(inp: LossInputs) -> torch.Tensor:
+    return F.cross_entropy(inp.logits, inp.targets)
+
+
+def _bn(inp: LossInputs) -> torch.Tensor:
+    return inp.bn.loss()
+
+
+def _l2(inp: LossInputs) -> torch.Tensor:
+    return torch.norm(inp.x.flatten(1), dim=1).mean()
+
+
+LOSS_TERMS: dict[str, Callable[[LossInputs], torch.Tensor]] = {
+    "ce": _ce,
+    "bn": _bn,
+    "tv_l1": lambda inp: total_variation(inp.x, 1),
+    "tv_l2": lambda inp: total_variation(inp.x, 2),
+    "l2": _l2,
+}
+
+
+def weighted_loss(weights: dict[str, float], inputs: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sum of weight * term over the non-zero weights; also each term's unweighted value."""
+    total = inputs.x.new_zeros(())
+    parts: dict[str, float] = {}
+    for name, weight in weights.items():
+        if weight == 0:
+            continue
+        value = LOSS_TERMS[name](inputs)
+        total = total + weight * value
+        parts[name] = float(value.detach())
+    return total, parts

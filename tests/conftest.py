@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny teacher trained on a synthetic task, so agreement means something."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dfkd_cli.archs import create_model
+
+SHAPE = (1, 16, 16)
+NUM_CLASSES = 4
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def quadrant_task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images in [0, 1] with a bright 5x5 square in one of four quadrants; the quadrant is the class."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+    x = 0.15 * torch.rand(n, *SHAPE, generator=gen)
+    offsets = torch.randint(0, 3, (n, 2), generator=gen)
+    for i in range(n):
+        top = 1 + 8 * (int(y[i]) // 2) + int(offsets[i, 0])
+        left = 1 + 8 * (int(y[i]) % 2) + int(offsets[i, 1])
+        x[i, :, top : top + 5, left : left + 5] = 0.9
+    return x, y
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    return (x - 0.5) / 0.5
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A resnet8 teacher trained on the quadrant task, saved as a state dict, plus labelled eval data."""
+    torch.manual_seed(0)
+    model = create_model("resnet8", NUM_CLASSES, SHAPE)
+    x, y = quadrant_task(1024, seed=1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(150):
+        idx = torch.randint(0, len(x), (64,))
+        loss = F.cross_entropy(model(normalise(x[idx])), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    x_eval, y_eval = quadrant_task(256, seed=2)
+    with torch.no_grad():
+        accuracy = float((model(normalise(x_eval)).argmax(1) == y_eval).float().mean())
+    assert accuracy > 0.95, f"the test teacher did not learn its task ({accuracy:.2f})"
+    root = tmp_path_factory.mktemp("teacher")
+    path = root / "teacher.pt"
+    torch.save(model.state_dict(), path)
+    eval_npz = root / "eval.npz"
+    np.savez(eval_npz, x=(x_eval[:, 0].numpy() * 255).astype(np.uint8), y=y_eval.numpy())
+    return {"path": path, "eval": eval_npz, "model": model, "accuracy": accuracy,
+            "args": ["--arch", "resnet8", "--input-shape", "1x16x16", "--mean", "0.5", "--std", "0.5"]}

@@ -1,0 +1,123 @@
+"""Synthesizers and loss terms do what their papers say, shown on a small trained teacher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dfkd_cli.config import load_recipe
+from dfkd_cli.synth import synthesizer_class
+from dfkd_cli.synth.deepinversion import balanced_targets, random_jitter_flip
+from dfkd_cli.synth.losses import BatchNormStatistics, LossInputs, total_variation, weighted_loss
+from dfkd_cli.teacher import load_teacher
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_teacher):
+    return load_teacher(tiny_teacher["path"], "resnet8", (1, 16, 16), mean=[0.5], std=[0.5])
+
+
+def _bn_model() -> nn.Module:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    return model.eval()
+
+
+def test_bn_loss_vanishes_when_batch_statistics_match_running_statistics():
+    model = _bn_model()
+    x = torch.randn(64, 1, 12, 12)
+    with torch.no_grad():  # set running stats to this batch's own statistics
+        h = model[0](x)
+        model[1].running_mean.copy_(h.mean((0, 2, 3)))
+        model[1].running_var.copy_(h.var((0, 2, 3), unbiased=False))
+        h = model[3](model[2](model[1](h)))
+        model[4].running_mean.copy_(h.mean((0, 2, 3)))
+        model[4].running_var.copy_(h.var((0, 2, 3), unbiased=False))
+    with BatchNormStatistics(model) as bn:
+        model(x)
+        assert float(bn.loss()) < 1e-4
+        bn.reset()
+        model(x * 3 + 1)
+        assert float(bn.loss()) > 0.1
+
+
+def test_first_bn_multiplier_weights_only_the_first_layer():
+    model, x = _bn_model(), torch.randn(8, 1, 12, 12)
+    with BatchNormStatistics(model, first_multiplier=1.0) as plain:
+        model(x)
+        first, second = (float(v) for v in plain.layer_losses)
+    with BatchNormStatistics(model, first_multiplier=10.0) as weighted:
+        model(x)
+        assert float(weighted.loss()) == pytest.approx(10 * first + second, rel=1e-5)
+
+
+def test_bn_hooks_are_removed_after_use():
+    model = _bn_model()
+    with BatchNormStatistics(model):
+        assert model[1]._forward_hooks
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_total_variation_is_zero_on_flat_images_and_grows_with_noise():
+    flat = torch.ones(2, 3, 8, 8)
+    assert float(total_variation(flat, 1)) == 0.0 and float(total_variation(flat, 2)) == 0.0
+    noisy = flat + torch.randn_like(flat)
+    assert float(total_variation(noisy, 1)) > 0.5
+
+
+def test_weighted_loss_skips_zero_weights_and_reports_parts():
+    x = torch.randn(4, 1, 8, 8)
+    logits, targets = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    total, parts = weighted_loss({"ce": 2.0, "tv_l2": 0.0, "l2": 1.0}, LossInputs(x=x, logits=logits, targets=targets))
+    assert set(parts) == {"ce", "l2"}
+    assert float(total) == pytest.approx(2 * parts["ce"] + parts["l2"], rel=1e-5)
+
+
+def test_balanced_targets_cover_classes_evenly():
+    counts = torch.bincount(balanced_targets(40, 4, torch.Generator().manual_seed(0)), minlength=4)
+    assert counts.tolist() == [10, 10, 10, 10]
+    assert len(set(balanced_targets(5, 100).tolist())) == 5  # more classes than samples: no repeats
+
+
+def test_jitter_and_flip_move_pixels():
+    torch.manual_seed(0)
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    moved = [random_jitter_flip(x, 1, True) for _ in range(10)]
+    assert any(not torch.equal(m, x) for m in moved)
+    assert torch.equal(random_jitter_flip(x, 0, False), x)
+
+
+def test_deepinversion_matches_bn_statistics_and_hits_targets(teacher):
+    torch.manual_seed(0)
+    # The quadrant task's class is where the square is, so no jitter; a light BN weight for 60 steps.
+    cfg = load_recipe("deepinversion", ["synth.iterations=60", "synth.batch_size=32", "synth.lr=0.1", "synth.jitter=0",
+                                        "synth.loss.bn=0.1"])
+    synth = synthesizer_class("deepinversion")(teacher, cfg.synth, cfg.loss, torch.device("cpu"))
+    history: list[dict[str, float]] = []
+    synth.on_step = lambda it, total, parts: history.append(parts) or False
+    synth.synthesize()
+    assert len(synth.pool) == 32 and len(history) == 60
+    assert history[-1]["bn"] < 0.5 * history[0]["bn"], "BatchNorm statistics did not move towards the teacher's"
+    assert history[-1]["acc"] >= 0.9, "synthesized inputs are not classified as their target classes"
+    x = synth.pool.tensor()
+    assert float(x.min()) >= (0 - 0.5) / 0.5 - 1e-6 and float(x.max()) <= (1 - 0.5) / 0.5 + 1e-6
+    assert not any(m._forward_hooks for m in teacher.model.modules())
+
+
+def test_deepinversion_stops_when_asked(teacher):
+    cfg = load_recipe("deepinversion", ["synth.iterations=50", "synth.batch_size=8"])
+    synth = synthesizer_class("deepinversion")(teacher, cfg.synth, cfg.loss, torch.device("cpu"))
+    calls = []
+    synth.on_step = lambda it, total, parts: calls.append(it) or it >= 3
+    assert synth.holdout(8).shape == (8, 1, 16, 16)
+    assert calls == [1, 2, 3]
+    assert len(synth.pool) == 0, "holdout samples must not enter the training pool"
+
+
+def test_noise_synthesizer_draws_fresh_standard_normal_batches(teacher):
+    cfg = load_recipe("noise")
+    synth = synthesizer_class("noise")(teacher, cfg.synth, cfg.loss, torch.device("cpu"))
+    synth.synthesize()
+    a, b = synth.sample(4096), synth.sample(4096)
+    assert a.shape == (4096, 1, 16, 16) and not torch.equal(a, b)
+    assert abs(float(a.mean())) < 0.02 and abs(float(a.std()) - 1) < 0.02

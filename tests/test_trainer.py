@@ -1,0 +1,74 @@
+"""The student trainer: KD loss definitions, augmentation, and best-student selection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfkd_cli.config import TrainConfig
+from dfkd_cli.trainer import StudentTrainer, augment, kd_loss, predict_classes
+
+
+def test_kd_loss_is_zero_for_identical_logits_and_positive_otherwise():
+    t = torch.randn(8, 5)
+    assert float(kd_loss(t, t, "kl", 4.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(kd_loss(t + torch.randn(8, 5), t, "kl", 4.0)) > 0
+
+
+def test_kd_loss_is_kl_teacher_student_scaled_by_t_squared():
+    s, t, temp = torch.randn(6, 3), torch.randn(6, 3), 3.0
+    p, q = F.softmax(t / temp, 1), F.softmax(s / temp, 1)
+    expected = (p * (p.log() - q.log())).sum(1).mean() * temp**2
+    assert float(kd_loss(s, t, "kl", temp)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_l1_loss_is_mean_absolute_logit_difference():
+    s, t = torch.zeros(2, 2), torch.tensor([[1.0, -1.0], [2.0, 0.0]])
+    assert float(kd_loss(s, t, "l1", 1.0)) == pytest.approx(1.0)
+
+
+def test_augment_crops_and_flips_but_keeps_shape():
+    torch.manual_seed(0)
+    x = torch.arange(2 * 16.0).view(2, 1, 4, 4)
+    assert augment(x, 0, False) is x
+    out = augment(x.repeat(50, 1, 1, 1), 1, True)
+    assert out.shape == (100, 1, 4, 4)
+    assert not torch.equal(out, x.repeat(50, 1, 1, 1))
+
+
+def _toy_models():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(8, 3)).eval()
+    student = nn.Sequential(nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    return teacher, student
+
+
+def test_trainer_raises_agreement_and_keeps_the_best_student():
+    teacher, student = _toy_models()
+    cfg = TrainConfig(steps=200, lr=0.05, optimizer="adam", temperature=1.0, weight_decay=0.0)
+    trainer = StudentTrainer(student, teacher, cfg, torch.device("cpu"))
+    x_val = torch.randn(512, 1, 2, 4)
+    t_val = predict_classes(teacher, x_val)
+    before = trainer.select(x_val, t_val)
+    for _ in range(cfg.steps):
+        trainer.step(torch.randn(64, 1, 2, 4))
+    after = trainer.select(x_val, t_val)
+    assert after > max(before, 0.9)
+    best = trainer.best_agreement
+    with torch.no_grad():  # ruin the weights: the selected ones must come back
+        for p in trainer.student.parameters():
+            p.zero_()
+    assert trainer.select(x_val, t_val) < best
+    restored = trainer.restore_best()
+    assert float((predict_classes(restored, x_val) == t_val).float().mean()) == pytest.approx(best)
+    assert not restored.training
+
+
+def test_cosine_schedule_decays_to_zero():
+    teacher, student = _toy_models()
+    trainer = StudentTrainer(student, teacher, TrainConfig(steps=10, lr=0.1), torch.device("cpu"))
+    assert trainer._lr_at(0) == pytest.approx(0.1) and trainer._lr_at(10) == pytest.approx(0.0)
+    constant = StudentTrainer(student, teacher, TrainConfig(steps=10, lr=0.1, schedule="constant"), torch.device("cpu"))
+    assert constant._lr_at(7) == 0.1
