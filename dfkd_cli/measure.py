@@ -94,8 +94,18 @@ def real_data_report(teacher: Teacher | None, student: nn.Module, data: EvalData
         report["onnx_top1_agreement"] = float((onnx_classes == reference).float().mean())
         if data.y is not None:
             report["onnx_accuracy"] = float((onnx_classes == data.y).float().mean())
-    report.update(source=data.source, skipped_files=data.skipped)
+    report.update(source=data.source, skipped_files=data.skipped, label_mapping=data.label_mapping)
     return report
+
+
+def eval_data_warnings(data: EvalData) -> list[str]:
+    """Things about real data a user should know before trusting its accuracy numbers."""
+    warnings = []
+    if data.label_mapping == "sorted":
+        warnings.append("eval-data folder names are not the teacher's class names; labels follow sorted folder order")
+    if data.skipped:
+        warnings.append(f"{data.skipped} unreadable eval-data file(s) skipped")
+    return warnings
 
 
 def gate_result(min_agreement: float | None, report: dict[str, Any], use_onnx: bool = False) -> dict[str, Any] | None:
@@ -149,7 +159,7 @@ def evaluate_student(student_path: Path, teacher_path: Path | None, arch: str | 
         "student": {"arch": meta.arch, "path": str(student_path), "params": count_params(student),
                     "recipe": meta.recipe, "teacher_sha256": meta.teacher_sha256},
         "eval_data": real_data_report(teacher, student, data, onnx_path) if data is not None else None,
-        "warnings": warnings,
+        "warnings": warnings + (eval_data_warnings(data) if data is not None else []),
     }
     report["gate"] = gate_result(min_agreement, report, use_onnx=onnx_path is not None)
     return report

@@ -23,7 +23,7 @@ from dfkd_cli.config import RecipeConfig, applicable_recipes, dump_toml
 from dfkd_cli.errors import DfkdError, ExportError
 from dfkd_cli.evaluate import EvalData, load_eval_data
 from dfkd_cli.export import StudentMeta, export_onnx, save_student
-from dfkd_cli.measure import gate_result, measure_models, real_data_report
+from dfkd_cli.measure import eval_data_warnings, gate_result, measure_models, real_data_report
 from dfkd_cli.report import SCHEMA_VERSION, save_sample_grid, write_report
 from dfkd_cli.runtime import Budget, Display, hardware_description, library_versions, resolve_device, seed_everything
 from dfkd_cli.synth import synthesizer_class
@@ -94,29 +94,35 @@ def compress(opts: CompressOptions, recipe: RecipeConfig, display: Display) -> d
     watch, started = Stopwatch(), datetime.now(timezone.utc)
     out = opts.out or default_out_dir(opts)
     check_out_dir(out, opts.overwrite)
+    device = resolve_device(opts.device)
     seed_everything(opts.seed)  # before the student's random initialisation
     teacher, student, eval_data = _prepare(opts, recipe, display)
     watch.lap("load")
 
-    device = resolve_device(opts.device)
     teacher.to(device)
-    budget = Budget(opts.time_budget_s)
     synth = synthesizer_class(recipe.recipe.synthesizer)(teacher, recipe.synth, recipe.loss, device)
-    holdout = _make_holdout(synth, recipe.train.holdout, display, budget)
     trainer = StudentTrainer(student, teacher.model, recipe.train, device)
-    _train(synth, trainer, holdout, recipe, budget, display)
+    holdout = _distill(synth, trainer, recipe, Budget(opts.time_budget_s), display)
     student = trainer.restore_best().cpu()
     teacher.to(torch.device("cpu"))
     watch.lap("distill")
 
+    run_info = {"started": started.isoformat(timespec="seconds"), "device": str(device),
+                "hardware": hardware_description(device), "steps": trainer.steps_done,
+                "best_step": trainer.best_step, "out": str(out)}
+    return _publish(out, opts, recipe, teacher, student, synth, holdout, eval_data, display, watch, run_info)
+
+
+def _publish(out: Path, opts: CompressOptions, recipe: RecipeConfig, teacher: Teacher, student: torch.nn.Module,
+             synth, holdout: torch.Tensor, eval_data: EvalData | None, display: Display, watch: Stopwatch,
+             run_info: dict[str, Any]) -> dict[str, Any]:
+    """Write every artefact into a staging folder, then rename it to ``out`` in one step."""
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     _clean(staging)
     staging.mkdir(parents=True)
     try:
         report = _write_artefacts(staging, opts, recipe, teacher, student, synth, holdout, eval_data, display, watch)
-        report["run"].update(started=started.isoformat(timespec="seconds"), device=str(device),
-                             hardware=hardware_description(device), steps=trainer.steps_done,
-                             best_step=trainer.best_step, out=str(out))
+        report["run"].update(run_info)
         write_report(staging, report)
         _move_into_place(staging, out)
     except ExportError as err:
@@ -149,22 +155,18 @@ def _prepare(opts: CompressOptions, recipe: RecipeConfig, display: Display) -> t
     return teacher, student, eval_data
 
 
-def _make_holdout(synth, n: int, display: Display, budget: Budget) -> tuple[torch.Tensor, torch.Tensor]:
-    """Held-out synthetic samples and the teacher's classes for them (never trained on)."""
+def _distill(synth, trainer: StudentTrainer, recipe: RecipeConfig, budget: Budget, display: Display) -> torch.Tensor:
+    """Make the held-out samples, then alternate synthesize() and student steps until the step
+    budget or the time budget ends. Returns the held-out samples (first half: selection)."""
+    cfg = recipe.train
     display.stage("holdout", total=None)
     # Held-out samples may use at most a quarter of a time budget; the rest is for distillation.
     quarter = Budget(budget.seconds / 4 if budget.seconds else None)
     synth.on_step = lambda it, total, parts: display.advance(1, **parts) or quarter.expired()
-    x = synth.holdout(max(n, 2))
-    return x, predict_classes(synth.teacher.model, x)
+    holdout = synth.holdout(max(cfg.holdout, 2))
+    x_select = holdout[: len(holdout) // 2]
+    t_select = predict_classes(synth.teacher.model, x_select)
 
-
-def _train(synth, trainer: StudentTrainer, holdout, recipe: RecipeConfig, budget: Budget, display: Display) -> None:
-    """Alternate synthesize() and student steps until the step budget or time budget ends."""
-    cfg = recipe.train
-    x_hold, t_hold = holdout
-    half = len(x_hold) // 2
-    x_select, t_select = x_hold[:half], t_hold[:half]
     synth.on_step = lambda it, total, parts: budget.expired()
     display.stage("distill", total=cfg.steps)
     agreement = 0.0
@@ -181,18 +183,19 @@ def _train(synth, trainer: StudentTrainer, holdout, recipe: RecipeConfig, budget
     if trainer.steps_done == 0:
         raise DfkdError("the time budget ended before the first student step; give a longer --time-budget", exit_code=3)
     trainer.select(x_select, t_select)
+    return holdout
 
 
 def _write_artefacts(run_dir: Path, opts: CompressOptions, recipe: RecipeConfig, teacher: Teacher, student,
-                     synth, holdout, eval_data: EvalData | None, display: Display, watch: Stopwatch) -> dict[str, Any]:
+                     synth, holdout: torch.Tensor, eval_data: EvalData | None, display: Display,
+                     watch: Stopwatch) -> dict[str, Any]:
     display.stage("export", total=None)
     meta = StudentMeta(arch=opts.student, num_classes=teacher.num_classes, input_shape=teacher.input_shape,
                        mean=teacher.mean, std=teacher.std, class_names=teacher.class_names,
                        recipe=recipe.recipe.name, teacher_arch=teacher.arch, teacher_sha256=teacher.sha256,
                        dfkd_version=__version__)
     save_student(student, meta, run_dir / "student.safetensors")
-    x_hold = holdout[0].cpu()
-    x_report = x_hold[len(x_hold) // 2 :]
+    x_report = holdout[len(holdout) // 2 :].cpu()
     parity = export_onnx(student, run_dir / "student.onnx", teacher.input_shape, x_report[:16])
     pool_sample = synth.sample(512).cpu()
     save_sample_grid(pool_sample, predict_classes(teacher.model, pool_sample), teacher.mean, teacher.std,
@@ -205,6 +208,7 @@ def _write_artefacts(run_dir: Path, opts: CompressOptions, recipe: RecipeConfig,
     report = {"schema_version": SCHEMA_VERSION, "dfkd_version": __version__,
               **measure_models(teacher, student, opts.student, run_dir, x_report)}
     report["eval_data"] = real_data_report(teacher, student, eval_data) if eval_data else None
+    report["warnings"] += eval_data_warnings(eval_data) if eval_data else []
     report["onnx_parity"] = parity.to_dict()
     report["gate"] = gate_result(opts.min_agreement, report)
     watch.lap("evaluate")

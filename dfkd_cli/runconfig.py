@@ -1,7 +1,8 @@
 """Resolve ``dfkd compress`` options from flags, a run config file and a recipe.
 
 Precedence, lowest first: the recipe file, the config file's recipe tables, ``-s`` overrides,
-``--steps``. For run options: the config file's ``[run]`` table, then flags given on the command
+``--steps``. When ``--recipe`` names another recipe than the config file's, only the config's
+``[train]`` table is kept (``[synth]`` settings belong to the config's own recipe). For run options: the config file's ``[run]`` table, then flags given on the command
 line. Relative paths in a config file are read relative to the file's folder; runs write
 absolute paths, so ``dfkd compress --config runs/x/config.toml`` repeats a run from anywhere.
 """
@@ -25,6 +26,9 @@ def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: P
                      overwrite: bool = False, trust_pickle: bool = False) -> tuple[CompressOptions, RecipeConfig]:
     """Merge flags (None = not given) over the config file and build the options and recipe."""
     run, recipe_tables = _read_config(config_path) if config_path else ({}, {})
+    if flags.get("recipe") is not None and flags["recipe"] != run.get("recipe"):
+        # [synth] and [recipe] belong to the config's own recipe; [train] fits every recipe.
+        recipe_tables = {k: v for k, v in recipe_tables.items() if k == "train"}
     run.update({k: v for k, v in flags.items() if v is not None})
     if run.get("teacher") is None:
         raise DfkdError("no teacher given; pass a checkpoint (dfkd compress teacher.pt --arch resnet18) or try --demo")

@@ -37,7 +37,7 @@ def compress_args(tiny_teacher, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def di_run(tiny_teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "di"
-    result = run(*compress_args(tiny_teacher, out, "--recipe", "deepinversion", "--steps", "60",
+    result = run(*compress_args(tiny_teacher, out, "--recipe", "deepinversion", "--steps", "120",
                                 "--eval-data", tiny_teacher["eval"], *FAST_DI))
     assert result.exit_code == 0, result.stderr
     return out, json.loads(result.stdout)
@@ -56,14 +56,14 @@ def test_report_measures_agreement_accuracy_sizes_and_time(di_run):
     assert report["schema_version"] == 1
     assert report["synthetic_holdout"]["n"] == 64  # the reported half of 128 held-out samples
     assert report["eval_data"]["teacher_accuracy"] > 0.95
-    assert report["eval_data"]["top1_agreement"] > 0.5, "student learned nothing useful from DeepInversion"
+    assert report["eval_data"]["top1_agreement"] > 0.6, "student learned little from DeepInversion (chance: 0.25)"
     assert set(report["eval_data"]["per_class"]) == {"0", "1", "2", "3"}
     assert report["onnx_parity"]["batch_sizes"] == [1, 2, 7] and report["onnx_parity"]["max_abs_diff"] < 1e-3
     assert report["student"]["file_bytes"]["onnx"] > 0 and report["student"]["latency_ms"]["onnx"] > 0
     assert report["teacher"]["has_bn"] and report["teacher"]["num_classes"] == 4
     wall = report["run"]["wall_clock_s"]
     assert wall["total"] >= wall["distill"] > 0
-    assert report["run"]["steps"] == 60 and report["run"]["versions"]["torch"] == torch.__version__
+    assert report["run"]["steps"] == 120 and report["run"]["versions"]["torch"] == torch.__version__
     assert "Agreement" in (di_run[0] / "report.md").read_text() or "agreement" in (di_run[0] / "report.md").read_text()
 
 
@@ -82,7 +82,7 @@ def test_student_file_is_self_describing(di_run, tiny_teacher):
 def test_config_repeats_the_run_exactly(di_run, tmp_path):
     out, _ = di_run
     config = tomllib.loads((out / "config.toml").read_text())
-    assert config["run"]["seed"] == 0 and config["synth"]["iterations"] == 30 and config["train"]["steps"] == 60
+    assert config["run"]["seed"] == 0 and config["synth"]["iterations"] == 30 and config["train"]["steps"] == 120
     again = tmp_path / "again"
     result = run("compress", "--config", out / "config.toml", "--out", again, "--format", "quiet")
     assert result.exit_code == 0, result.stderr
@@ -116,7 +116,7 @@ def test_eval_without_teacher_reports_accuracy(di_run, tiny_teacher):
 
 def test_deepinversion_beats_the_noise_baseline(di_run, tiny_teacher, tmp_path):
     _, di_report = di_run
-    result = run(*compress_args(tiny_teacher, tmp_path / "noise", "--recipe", "noise", "--steps", "60",
+    result = run(*compress_args(tiny_teacher, tmp_path / "noise", "--recipe", "noise", "--steps", "120",
                                 "--eval-data", tiny_teacher["eval"], "-s", "train.batch_size=64", "-s", "train.holdout=128"))
     assert result.exit_code == 0, result.stderr
     noise_agreement = json.loads(result.stdout)["eval_data"]["top1_agreement"]
