@@ -153,6 +153,7 @@ def inspect(
     teacher: Annotated[Path, typer.Argument(help="Teacher checkpoint.")],
     arch: Annotated[str, typer.Option(help="Teacher architecture (see `dfkd archs`).")],
     input_shape: Annotated[Optional[str], typer.Option(help="Input as CxHxW, e.g. 3x32x32.")] = None,
+    normalize: Annotated[Optional[str], typer.Option(help="Normalisation preset: imagenet, cifar10 or mnist.")] = None,
     labels: Annotated[Optional[Path], typer.Option(help="Text file with one class name per line.")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="DANGEROUS: allow checkpoints that run pickled code.")] = False,
     output_format: FormatOption = OutputFormat.human,
@@ -164,7 +165,7 @@ def inspect(
     from dfkd_cli.teacher import load_teacher, parse_input_shape
 
     shape = parse_input_shape(input_shape) if input_shape else None
-    t = load_teacher(teacher, arch, shape, labels=labels, trust_pickle=trust_pickle)
+    t = load_teacher(teacher, arch, shape, normalize=normalize, labels=labels, trust_pickle=trust_pickle)
     spec = get_arch(t.arch)
     info = {"path": str(teacher), "arch": t.arch, "sha256": t.sha256, "num_classes": t.num_classes,
             "class_names": t.class_names, "input_shape": list(t.input_shape), "mean": list(t.mean), "std": list(t.std),

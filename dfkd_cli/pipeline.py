@@ -182,7 +182,7 @@ def _distill(synth, trainer: StudentTrainer, recipe: RecipeConfig, budget: Budge
                 break
     if trainer.steps_done == 0:
         raise DfkdError("the time budget ended before the first student step; give a longer --time-budget", exit_code=3)
-    trainer.select(x_select, t_select)
+    display.advance(0, agreement=trainer.select(x_select, t_select))
     return holdout
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.table import Table
@@ -27,15 +27,16 @@ def _num(value: float | None, unit: str = "") -> str:
 
 def render_rows(rows: list[dict[str, Any]], output_format: str, title: str) -> None:
     """A list of records as a table (human), a JSON array (json) or nothing (quiet)."""
-    if output_format == "json":
-        _json(rows)
-    elif output_format == "human":
+
+    def human(console: Console, rows: list[dict[str, Any]]) -> None:
         table = Table(title=title, title_justify="left", box=None)
         for column in rows[0]:
             table.add_column(column.replace("_", " "))
         for row in rows:
             table.add_row(*(str(v) for v in row.values()))
-        _console().print(table)
+        console.print(table)
+
+    _emit(rows, output_format, human)
 
 
 def _summary_table(report: dict[str, Any]) -> Table:
@@ -71,14 +72,25 @@ def _agreement_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _emit(data: Any, output_format: str, human: Callable[[Console, Any], None]) -> None:
+    """One JSON document (json), the ``human`` rendering (human), or nothing (quiet)."""
+    if output_format == "json":
+        _json(data)
+    elif output_format == "human":
+        human(_console(), data)
+
+
+def _warnings(console: Console, report: dict[str, Any]) -> None:
+    for warning in report.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
 def render_compress(report: dict[str, Any], output_format: str) -> None:
     """Summary of a finished compress run."""
-    if output_format == "json":
-        _json(report)
-        return
-    if output_format == "quiet":
-        return
-    console = _console()
+    _emit(report, output_format, _human_compress)
+
+
+def _human_compress(console: Console, report: dict[str, Any]) -> None:
     run = report["run"]
     console.print(f"[bold]dfkd[/bold] {run['recipe']}: {report['teacher']['arch']} -> {report['student']['arch']}, "
                   f"{run.get('steps')} student steps, {run['wall_clock_s'].get('total', 0):.1f} s on {run.get('hardware')}")
@@ -88,19 +100,17 @@ def render_compress(report: dict[str, Any], output_format: str) -> None:
     ratio = report["student"].get("compression_ratio")
     if ratio:
         console.print(f"compression: {ratio:.2f}x fewer parameters")
-    for warning in report.get("warnings", []):
-        console.print(f"[yellow]warning:[/yellow] {warning}")
-    console.print(f"artefacts: {run.get('out')}/ (student.safetensors, student.onnx, report.json, report.md, samples.png, config.toml)")
+    _warnings(console, report)
+    console.print(f"artefacts: {run.get('out')}/ (student.safetensors, student.onnx, report.json, report.md, "
+                  "samples.png, config.toml)")
 
 
 def render_eval(report: dict[str, Any], output_format: str) -> None:
     """Summary of `dfkd eval`."""
-    if output_format == "json":
-        _json(report)
-        return
-    if output_format == "quiet":
-        return
-    console = _console()
+    _emit(report, output_format, _human_eval)
+
+
+def _human_eval(console: Console, report: dict[str, Any]) -> None:
     real = report.get("eval_data") or {}
     console.print(f"[bold]dfkd eval[/bold] {report['student']['arch']} ({report['student']['path']})")
     for line in _agreement_lines(report):
@@ -110,24 +120,22 @@ def render_eval(report: dict[str, Any], output_format: str) -> None:
         console.print(f"accuracy on real data: student {_pct(real['student_accuracy'])}{teacher_acc}")
     if "onnx_accuracy" in real:
         console.print(f"ONNX student accuracy on real data: {_pct(real['onnx_accuracy'])}")
-    for warning in report.get("warnings", []):
-        console.print(f"[yellow]warning:[/yellow] {warning}")
+    _warnings(console, report)
 
 
 def render_inspect(info: dict[str, Any], output_format: str) -> None:
     """What dfkd sees in a teacher checkpoint."""
-    if output_format == "json":
-        _json(info)
-        return
-    if output_format == "quiet":
-        return
-    console = _console()
+    _emit(info, output_format, _human_inspect)
+
+
+def _human_inspect(console: Console, info: dict[str, Any]) -> None:
     shape = "x".join(str(v) for v in info["input_shape"])
     names = ", ".join(info["class_names"][:10]) + (" ..." if len(info["class_names"]) > 10 else "")
+    bn = info["bn_layers"]
     console.print(f"[bold]{info['path']}[/bold]  ({info['arch']}, sha256 {info['sha256'][:12]})")
     console.print(f"classes       {info['num_classes']}: {names}")
     console.print(f"input shape   {shape}, mean {info['mean']}, std {info['std']}")
     console.print(f"parameters    {info['params']:,}")
-    console.print(f"BatchNorm     {len(info['bn_layers'])} layers" + (f" ({', '.join(info['bn_layers'][:4])}, ...)" if info["bn_layers"] else ""))
+    console.print(f"BatchNorm     {len(bn)} layers" + (f" ({', '.join(bn[:4])}, ...)" if bn else ""))
     console.print(f"student       default {info['default_student'] or '- (pass --student)'}")
     console.print(f"recipes       {', '.join(info['recipes'])}")

@@ -136,6 +136,8 @@ class PlainDisplay(Display):
     def advance(self, n: int = 1, **metrics: float) -> None:
         self._done += n
         self._metrics.update(metrics)
+        if n == 0:
+            return
         now = time.monotonic()
         if now - self._last >= self.interval or self._done == self._total:
             self._last = now
@@ -172,7 +174,14 @@ class RichDisplay(Display):
         self._task = None
 
     def stage(self, name: str, total: int | None = None) -> None:
+        self._finish_task()
         self._task = self.progress.add_task(name, total=total, metrics="")
+
+    def _finish_task(self) -> None:
+        """Show the stage that ended as complete, also one without a known total."""
+        if self._task is not None:
+            done = max(self.progress.tasks[self._task].completed, 1)
+            self.progress.update(self._task, total=done, completed=done)
 
     def advance(self, n: int = 1, **metrics: float) -> None:
         if self._task is not None:
@@ -183,6 +192,7 @@ class RichDisplay(Display):
         self.progress.console.print(message, highlight=False, markup=False)
 
     def close(self) -> None:
+        self._finish_task()
         self.progress.stop()
 
 

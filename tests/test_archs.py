@@ -19,15 +19,6 @@ from dfkd_cli.archs import (
 from dfkd_cli.errors import DfkdError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: these tiny models only lose from OpenMP barriers on a busy 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # A fixed subset of each model's state-dict keys, as published checkpoints name them.
 EXPECTED_KEYS = {
     "cifar_resnet18": ["conv1.weight", "bn1.running_var", "layer1.1.conv2.weight", "layer2.0.shortcut.0.weight",

@@ -27,15 +27,6 @@ from dfkd_cli.teacher import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: these tiny models only lose from OpenMP barriers on a busy 2-core box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 DAFL_TO_FAST_DATAFREE = {"conv1.": "features.0.", "conv2.": "features.3.", "conv3.": "features.6.",
                          "fc1.": "fc.0.", "fc2.": "fc.2."}
 
