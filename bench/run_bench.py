@@ -65,12 +65,19 @@ def run(name: str, args: list[str], base: list[str], workdir: Path) -> dict:
             "total s": run_info["wall_clock_s"]["total"], "hardware": run_info["hardware"]}
 
 
+PERCENT_COLUMNS = ("teacher acc", "student acc", "agreement (real)", "agreement (synthetic holdout)")
+
+
 def table(rows: list[dict]) -> str:
-    def cell(v: object) -> str:
-        return f"{100 * v:.1f}%" if isinstance(v, float) and v <= 1 else f"{v:.0f}" if isinstance(v, float) else str(v)
+    def cell(key: str, v: object) -> str:
+        if v is None:
+            return "-"
+        if key in PERCENT_COLUMNS:
+            return f"{100 * v:.1f}%"
+        return f"{v:.0f}" if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(cell(v) for v in row.values()) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(k, v) for k, v in row.items()) + " |" for row in rows]
     return "\n".join(lines)
 
 

@@ -176,3 +176,17 @@ def test_installed_entry_point_runs_as_a_subprocess(tiny_teacher, tmp_path):
     assert "[distill]" in proc.stderr  # plain progress lines in CI, on stderr
     module = subprocess.run([sys.executable, "-m", "dfkd_cli", "--version"], capture_output=True, text=True)
     assert module.returncode == 0 and module.stdout.startswith("dfkd ")
+
+
+def test_time_budget_stops_the_run_and_overwrite_replaces_the_folder(tiny_teacher, tmp_path):
+    out = tmp_path / "budget"
+    out.mkdir()
+    (out / "old.txt").write_text("from an earlier run")
+    result = run(*compress_args(tiny_teacher, out, "--recipe", "deepinversion", "--steps", "1000", "--time-budget", "3s",
+                                "--overwrite", "-s", "synth.iterations=100000", "-s", "synth.batch_size=16",
+                                "-s", "train.holdout=16"))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert 1 <= report["run"]["steps"] < 1000
+    assert report["run"]["wall_clock_s"]["distill"] < 30
+    assert not (out / "old.txt").exists() and (out / "report.json").is_file()

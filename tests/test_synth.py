@@ -23,16 +23,17 @@ def _bn_model() -> nn.Module:
     return model.eval()
 
 
+@torch.no_grad()
 def test_bn_loss_vanishes_when_batch_statistics_match_running_statistics():
     model = _bn_model()
     x = torch.randn(64, 1, 12, 12)
-    with torch.no_grad():  # set running stats to this batch's own statistics
-        h = model[0](x)
-        model[1].running_mean.copy_(h.mean((0, 2, 3)))
-        model[1].running_var.copy_(h.var((0, 2, 3), unbiased=False))
-        h = model[3](model[2](model[1](h)))
-        model[4].running_mean.copy_(h.mean((0, 2, 3)))
-        model[4].running_var.copy_(h.var((0, 2, 3), unbiased=False))
+    # Set each layer's running statistics to this batch's own statistics.
+    h = model[0](x)
+    model[1].running_mean.copy_(h.mean((0, 2, 3)))
+    model[1].running_var.copy_(h.var((0, 2, 3), unbiased=False))
+    h = model[3](model[2](model[1](h)))
+    model[4].running_mean.copy_(h.mean((0, 2, 3)))
+    model[4].running_var.copy_(h.var((0, 2, 3), unbiased=False))
     with BatchNormStatistics(model) as bn:
         model(x)
         assert float(bn.loss()) < 1e-4
@@ -41,6 +42,7 @@ def test_bn_loss_vanishes_when_batch_statistics_match_running_statistics():
         assert float(bn.loss()) > 0.1
 
 
+@torch.no_grad()
 def test_first_bn_multiplier_weights_only_the_first_layer():
     model, x = _bn_model(), torch.randn(8, 1, 12, 12)
     with BatchNormStatistics(model, first_multiplier=1.0) as plain:
