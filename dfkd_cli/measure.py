@@ -112,8 +112,6 @@ def gate_result(min_agreement: float | None, report: dict[str, Any], use_onnx: b
     """Check ``--min-agreement`` on real data when given, else on the held-out synthetic samples."""
     if min_agreement is None:
         return None
-    if not 0.0 <= min_agreement <= 1.0:
-        raise DfkdError(f"--min-agreement {min_agreement} is not a fraction; give a value between 0 and 1, e.g. 0.9")
     source = "eval_data" if report.get("eval_data") else "synthetic_holdout"
     section = report.get(source)
     if not section or "top1_agreement" not in section:
@@ -135,6 +133,9 @@ def evaluate_student(student_path: Path, teacher_path: Path | None, arch: str | 
     from dfkd_cli.runtime import library_versions
     from dfkd_cli.teacher import load_teacher
 
+    from dfkd_cli.runconfig import check_fraction
+
+    check_fraction(min_agreement, "--min-agreement")
     if teacher_path is None and eval_data_path is None:
         raise DfkdError("nothing to measure; pass --teacher (agreement) and/or --eval-data (accuracy)")
     if onnx_path is not None and not onnx_path.is_file():

@@ -55,8 +55,15 @@ def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: P
         trust_pickle=trust_pickle,
         overrides=list(overrides),
     )
+    check_fraction(opts.min_agreement, "--min-agreement")
     recipe = _build_recipe(opts, recipe_tables, overrides)
     return opts, recipe
+
+
+def check_fraction(value: float | None, flag: str) -> None:
+    """A threshold between 0 and 1, checked before any long work starts."""
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise DfkdError(f"{flag} {value} is not a fraction; give a value between 0 and 1, e.g. 0.9")
 
 
 def _build_recipe(opts: CompressOptions, tables: dict[str, Any], overrides: list[str]) -> RecipeConfig:

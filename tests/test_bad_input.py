@@ -45,6 +45,7 @@ def _cases(files, teacher):
         "out exists": (["compress", teacher, *base, "--out", files / "existing"], "already exists"),
         "eval data empty": (["compress", teacher, *base, "--eval-data", files / "empty_eval"], "empty_eval"),
         "eval data missing": (["compress", teacher, *base, "--eval-data", files / "nothing.npz"], "not found|does not exist"),
+        "min agreement not a fraction": (["compress", teacher, *base, "--min-agreement", "95"], "between 0 and 1"),
         "bad time budget": (["compress", teacher, *base, "--time-budget", "soon"], "90s, 10m or 2h"),
         "no teacher": (["compress", "--arch", "resnet8"], "--demo"),
         "eval without teacher or data": (["eval", files / "nope.safetensors"], "nothing to measure"),
@@ -55,7 +56,7 @@ def _cases(files, teacher):
 CASES = ["missing teacher", "teacher is a directory", "truncated checkpoint", "random bytes", "pickled module",
          "unknown arch", "state dict does not fit", "input shape too small", "input shape not CxHxW", "unknown recipe",
          "unknown recipe key", "wrong recipe type", "recipe needs BatchNorm", "out exists", "eval data empty",
-         "eval data missing", "bad time budget", "no teacher", "eval without teacher or data", "eval student missing"]
+         "eval data missing", "min agreement not a fraction", "bad time budget", "no teacher", "eval without teacher or data", "eval student missing"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -76,11 +76,6 @@ class Synthesizer:
         self.pool = SyntheticPool()
         self.on_step: StepCallback = _never_stop
 
-    @property
-    def iterations_per_call(self) -> int:
-        """How many optimisation iterations one synthesize() call runs (for progress displays)."""
-        return 1
-
     def make_batch(self, n: int) -> torch.Tensor:
         """Synthesize ``n`` new inputs in the teacher's normalised input space."""
         raise NotImplementedError

@@ -50,10 +50,6 @@ class DeepInversionSynthesizer(Synthesizer):
     loss_terms = ("ce", "bn", "tv_l1", "tv_l2", "l2")
     requires_bn = True
 
-    @property
-    def iterations_per_call(self) -> int:
-        return self.config.iterations
-
     def _pixel_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         mean = torch.tensor(self.teacher.mean, device=self.device).view(1, -1, 1, 1)
         std = torch.tensor(self.teacher.std, device=self.device).view(1, -1, 1, 1)
