@@ -197,7 +197,7 @@ def _write_artefacts(run_dir: Path, opts: CompressOptions, recipe: RecipeConfig,
     save_student(student, meta, run_dir / "student.safetensors")
     x_report = holdout[len(holdout) // 2 :].cpu()
     parity = export_onnx(student, run_dir / "student.onnx", teacher.input_shape, x_report[:16])
-    pool_sample = synth.sample(512).cpu()
+    pool_sample = synth.preview(1024).cpu()
     save_sample_grid(pool_sample, predict_classes(teacher.model, pool_sample), teacher.mean, teacher.std,
                      teacher.class_names, run_dir / "samples.png")
     config = {"run": opts.to_dict(), **recipe.to_dict()}

@@ -102,6 +102,8 @@ def test_deepinversion_matches_bn_statistics_and_hits_targets(teacher):
     assert history[-1]["bn"] < 0.5 * history[0]["bn"], "BatchNorm statistics did not move towards the teacher's"
     assert history[-1]["acc"] >= 0.9, "synthesized inputs are not classified as their target classes"
     x = synth.pool.tensor()
+    preview = synth.preview(100)
+    assert len(preview) == 32 and len({tuple(row.flatten()[:8].tolist()) for row in preview}) == 32  # distinct
     assert float(x.min()) >= (0 - 0.5) / 0.5 - 1e-6 and float(x.max()) <= (1 - 0.5) / 0.5 + 1e-6
     assert not any(m._forward_hooks for m in teacher.model.modules())
 

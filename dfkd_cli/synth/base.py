@@ -88,6 +88,11 @@ class Synthesizer:
         """A training batch of ``n`` inputs drawn from the pool."""
         return self.pool.sample(n)
 
+    def preview(self, n: int) -> torch.Tensor:
+        """Up to ``n`` distinct training inputs, for looking at (samples.png)."""
+        data = self.pool.tensor()
+        return data[torch.randperm(len(data), device=data.device)[:n]]
+
     def holdout(self, n: int) -> torch.Tensor:
         """``n`` inputs made the same way as training data but never added to the pool."""
         batches, made = [], 0

@@ -24,3 +24,6 @@ class NoiseSynthesizer(Synthesizer):
 
     def sample(self, n: int) -> torch.Tensor:
         return self.make_batch(n)
+
+    def preview(self, n: int) -> torch.Tensor:
+        return self.make_batch(n)
