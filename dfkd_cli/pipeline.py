@@ -102,6 +102,7 @@ def compress(opts: CompressOptions, recipe: RecipeConfig, display: Display) -> d
     teacher.to(device)
     synth = synthesizer_class(recipe.recipe.synthesizer)(teacher, recipe.synth, recipe.loss, device)
     trainer = StudentTrainer(student, teacher.model, recipe.train, device)
+    synth.student = trainer.student
     holdout = _distill(synth, trainer, recipe, Budget(opts.time_budget_s), display)
     student = trainer.restore_best().cpu()
     teacher.to(torch.device("cpu"))

@@ -125,3 +125,54 @@ def test_noise_synthesizer_draws_fresh_standard_normal_batches(teacher):
     a, b = synth.sample(4096), synth.sample(4096)
     assert a.shape == (4096, 1, 16, 16) and not torch.equal(a, b)
     assert abs(float(a.mean())) < 0.02 and abs(float(a.std()) - 1) < 0.02
+
+
+def test_competition_term_is_one_when_student_equals_teacher_and_lower_when_they_disagree():
+    from dfkd_cli.synth.losses import LOSS_TERMS, jensen_shannon
+
+    logits = torch.randn(16, 4)
+    same = LOSS_TERMS["adv"](LossInputs(x=torch.zeros(1), logits=logits, student_logits=logits.clone()))
+    assert float(same) == pytest.approx(1.0, abs=1e-6)
+    other = LOSS_TERMS["adv"](LossInputs(x=torch.zeros(1), logits=logits * 5, student_logits=-logits * 5))
+    assert float(other) < 0.8
+    p = torch.tensor([[1.0, 0.0]])
+    assert float(jensen_shannon(p, p.flip(1))) == pytest.approx(float(torch.log(torch.tensor(2.0))), rel=1e-4)
+
+
+def _pixel_gradient(teacher, student, adv: float) -> torch.Tensor:
+    cfg = load_recipe("adi", ["synth.iterations=1", "synth.batch_size=8", "synth.jitter=0", "synth.flip=false",
+                              f"synth.loss.adv={adv}"])
+    synth = synthesizer_class("deepinversion")(teacher, cfg.synth, cfg.loss, torch.device("cpu"))
+    synth.student = student
+    captured = {}
+    original_step = torch.optim.Adam.step
+
+    def capture(self, *args, **kwargs):
+        captured["grad"] = self.param_groups[0]["params"][0].grad.clone()
+        return original_step(self, *args, **kwargs)
+
+    torch.manual_seed(0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.Adam, "step", capture)
+        synth.make_batch(8)
+    return captured["grad"]
+
+
+def test_competition_changes_pixel_gradients_only_when_the_student_differs(teacher):
+    import copy
+
+    from dfkd_cli.archs import create_model
+
+    twin = copy.deepcopy(teacher.model)  # agrees with the teacher everywhere: JS = 0, no gradient
+    assert torch.allclose(_pixel_gradient(teacher, twin, 0.0), _pixel_gradient(teacher, twin, 1.0), atol=1e-6)
+    torch.manual_seed(1)
+    stranger = create_model("resnet8", 4, (1, 16, 16)).eval()
+    without, with_adv = _pixel_gradient(teacher, stranger, 0.0), _pixel_gradient(teacher, stranger, 1.0)
+    assert (with_adv - without).abs().max() > 1e-4, "the competition term did not reach the pixels"
+
+
+def test_competition_needs_the_student():
+    cfg = load_recipe("adi", ["synth.iterations=1", "synth.batch_size=2"])
+    synth = synthesizer_class("deepinversion")(None, cfg.synth, cfg.loss, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="needs the student"):
+        synth._student_logits(torch.zeros(2, 1, 16, 16))

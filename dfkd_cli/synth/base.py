@@ -75,6 +75,8 @@ class Synthesizer:
         self.device = device
         self.pool = SyntheticPool()
         self.on_step: StepCallback = _never_stop
+        # The student being trained, set by the pipeline for terms that need its feedback (``adv``).
+        self.student: torch.nn.Module | None = None
 
     def make_batch(self, n: int) -> torch.Tensor:
         """Synthesize ``n`` new inputs in the teacher's normalised input space."""

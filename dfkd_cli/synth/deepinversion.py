@@ -5,6 +5,9 @@ while the feature statistics at every BatchNorm layer match the layer's running 
 (``bn``, the first layer weighted by ``first_bn_multiplier``), under total-variation and l2 image
 priors (``tv_l1``, ``tv_l2``, ``l2``). Random jitter and horizontal flips are applied to the batch
 at each iteration, and pixels are kept inside the range real images can take.
+
+Adaptive DeepInversion (same paper) adds ``adv``: a competition term 1 - JS(teacher, student) with
+the student being trained, so that new batches go where the student still disagrees.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class DeepInversionSynthesizer(Synthesizer):
         flip: bool = True
         first_bn_multiplier: float = 10.0
 
-    loss_terms = ("ce", "bn", "tv_l1", "tv_l2", "l2")
+    loss_terms = ("ce", "bn", "tv_l1", "tv_l2", "l2", "adv")
     requires_bn = True
 
     def _pixel_range(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +72,9 @@ class DeepInversionSynthesizer(Synthesizer):
                 optimizer.zero_grad(set_to_none=True)
                 view = random_jitter_flip(x, cfg.jitter, cfg.flip)
                 logits = model(view)
-                loss, parts = weighted_loss(self.loss, LossInputs(x=view, logits=logits, targets=targets, bn=bn))
+                student_logits = self._student_logits(view)
+                inputs = LossInputs(x=view, logits=logits, targets=targets, bn=bn, student_logits=student_logits)
+                loss, parts = weighted_loss(self.loss, inputs)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
@@ -79,3 +84,16 @@ class DeepInversionSynthesizer(Synthesizer):
                 if self.on_step(it + 1, cfg.iterations, parts):
                     break
         return x.detach()
+
+    def _student_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The live student's logits (eval mode, so its BatchNorm statistics stay untouched) when
+        the ``adv`` competition term is on."""
+        if not self.loss.get("adv"):
+            return None
+        if self.student is None:
+            raise RuntimeError("the 'adv' term needs the student: set synthesizer.student first")
+        was_training = self.student.training
+        self.student.eval()
+        logits = self.student(x)
+        self.student.train(was_training)
+        return logits

@@ -1,4 +1,4 @@
-"""Named loss terms that synthesizers weight, e.g. ``ce``, ``bn``, ``tv_l2``, ``l2``.
+"""Named loss terms that synthesizers weight, e.g. ``ce``, ``bn``, ``tv_l2``, ``l2``, ``adv``.
 
 A recipe's ``[synth.loss]`` table gives each term's weight; a term with weight 0 is not computed.
 
@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -67,6 +68,7 @@ class LossInputs:
     logits: torch.Tensor
     targets: torch.Tensor | None = None
     bn: BatchNormStatistics | None = None
+    student_logits: torch.Tensor | None = None
 
 
 def total_variation(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -90,6 +92,26 @@ def _bn(inp: LossInputs) -> torch.Tensor:
     return inp.bn.loss()
 
 
+def _kl_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return (p * (p.clamp_min(1e-8).log() - q.clamp_min(1e-8).log())).sum(1)
+
+
+def jensen_shannon(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of JS(p || q) for rows of probabilities, in nats (at most log 2)."""
+    m = 0.5 * (p + q)
+    return (0.5 * _kl_rows(p, m) + 0.5 * _kl_rows(q, m)).mean()
+
+
+def _competition(inp: LossInputs, temperature: float = 3.0) -> torch.Tensor:
+    """Adaptive DeepInversion's competition term 1 - JS(teacher, student) at T=3, normalised by
+    log 2 so it lies in [0, 1]: minimising it seeks inputs where the student disagrees."""
+    if inp.student_logits is None:
+        raise RuntimeError("the 'adv' term needs the student's logits")
+    p_teacher = F.softmax(inp.logits / temperature, dim=1)
+    p_student = F.softmax(inp.student_logits / temperature, dim=1)
+    return 1.0 - jensen_shannon(p_teacher, p_student) / math.log(2)
+
+
 def _l2(inp: LossInputs) -> torch.Tensor:
     return torch.norm(inp.x.flatten(1), dim=1).mean()
 
@@ -100,6 +122,7 @@ LOSS_TERMS: dict[str, Callable[[LossInputs], torch.Tensor]] = {
     "tv_l1": lambda inp: total_variation(inp.x, 1),
     "tv_l2": lambda inp: total_variation(inp.x, 2),
     "l2": _l2,
+    "adv": _competition,
 }
 
 
