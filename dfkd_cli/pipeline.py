@@ -60,6 +60,8 @@ class CompressOptions:
         data = dataclasses.asdict(self)
         for key in ("overwrite", "overrides", "out", "trust_pickle"):
             data.pop(key)
+        if self.recipe.endswith(".toml"):
+            data["recipe"] = Path(self.recipe)
         return {k: str(v.resolve()) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
                 for k, v in data.items()}
 
