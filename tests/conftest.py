@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,6 @@ from dfkd_cli.archs import create_model
 
 SHAPE = (1, 16, 16)
 NUM_CLASSES = 4
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def quadrant_task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
