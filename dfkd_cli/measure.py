@@ -82,15 +82,16 @@ def real_data_report(teacher: Teacher | None, student: nn.Module, data: EvalData
                      onnx_path: Path | None = None) -> dict[str, Any]:
     """Agreement (when there is a teacher) and accuracy (when labelled) on real data."""
     student_logits = predict(student, data.x)
+    teacher_logits = predict(teacher.model, data.x) if teacher is not None else None
     if teacher is not None:
-        report = agreement_report(predict(teacher.model, data.x), student_logits, teacher.class_names, data.y)
+        report = agreement_report(teacher_logits, student_logits, teacher.class_names, data.y)
     else:
         report = {"n": len(data.x)}
         if data.y is not None:
             report["student_accuracy"] = float((student_logits.argmax(1) == data.y).float().mean())
     if onnx_path is not None:
         onnx_classes = torch.from_numpy(onnx_predict(onnx_path, data.x.numpy())).argmax(1)
-        reference = predict(teacher.model, data.x).argmax(1) if teacher is not None else student_logits.argmax(1)
+        reference = (teacher_logits if teacher_logits is not None else student_logits).argmax(1)
         report["onnx_top1_agreement"] = float((onnx_classes == reference).float().mean())
         if data.y is not None:
             report["onnx_accuracy"] = float((onnx_classes == data.y).float().mean())
