@@ -190,3 +190,42 @@ def test_time_budget_stops_the_run_and_overwrite_replaces_the_folder(tiny_teache
     assert 1 <= report["run"]["steps"] < 1000
     assert report["run"]["wall_clock_s"]["distill"] < 30
     assert not (out / "old.txt").exists() and (out / "report.json").is_file()
+
+
+def test_class_names_from_labels_reach_report_and_student(tiny_teacher, tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("top-left\ntop-right\nbottom-left\nbottom-right\n")
+    out = tmp_path / "named"
+    result = run(*compress_args(tiny_teacher, out, "--recipe", "noise", "--steps", "2", "--labels", labels,
+                                "--eval-data", tiny_teacher["eval"], "-s", "train.holdout=8"))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report["eval_data"]["per_class"]) == {"top-left", "top-right", "bottom-left", "bottom-right"}
+    evaluated = run("eval", out / "student.safetensors", "--eval-data", tiny_teacher["eval"], "--format", "json")
+    assert evaluated.exit_code == 0, evaluated.stderr
+    from dfkd_cli.export import load_student
+
+    assert load_student(out / "student.safetensors")[1].class_names == ["top-left", "top-right", "bottom-left", "bottom-right"]
+
+
+def test_eval_reads_an_image_folder_like_the_npz(di_run, tiny_teacher, tmp_path):
+    from PIL import Image
+
+    data = np.load(tiny_teacher["eval"])
+    for i, (image, label) in enumerate(zip(data["x"][:64], data["y"][:64])):
+        folder = tmp_path / "eval" / str(int(label))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i}.png")
+    npz = tmp_path / "first64.npz"
+    np.savez(npz, x=data["x"][:64], y=data["y"][:64])
+    out, _ = di_run
+    reports = []
+    for source in (tmp_path / "eval", npz):
+        result = run("eval", out / "student.safetensors", "--teacher", tiny_teacher["path"], "--eval-data", source,
+                     "--format", "json")
+        assert result.exit_code == 0, result.stderr
+        reports.append(json.loads(result.stdout)["eval_data"])
+    folder_report, npz_report = reports
+    assert folder_report["n"] == npz_report["n"] == 64
+    assert folder_report["top1_agreement"] == pytest.approx(npz_report["top1_agreement"])
+    assert folder_report["student_accuracy"] == pytest.approx(npz_report["student_accuracy"])
