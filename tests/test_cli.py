@@ -229,3 +229,18 @@ def test_eval_reads_an_image_folder_like_the_npz(di_run, tiny_teacher, tmp_path)
     assert folder_report["n"] == npz_report["n"] == 64
     assert folder_report["top1_agreement"] == pytest.approx(npz_report["top1_agreement"])
     assert folder_report["student_accuracy"] == pytest.approx(npz_report["student_accuracy"])
+
+
+def test_failed_onnx_parity_exits_3_and_keeps_only_the_pytorch_student(tiny_teacher, tmp_path, monkeypatch):
+    from dfkd_cli import export
+
+    real_predict = export.onnx_predict
+    monkeypatch.setattr(export, "onnx_predict", lambda model, x: np.roll(real_predict(model, x), 1, axis=1))
+    out = tmp_path / "broken"
+    result = run(*compress_args(tiny_teacher, out, "--recipe", "noise", "--steps", "2", "-s", "train.holdout=8"))
+    assert result.exit_code == 3, result.stderr
+    assert "ONNX parity check failed" in result.stderr and "broken.failed" in result.stderr
+    assert not out.exists(), "a failed run must not leave a folder that looks finished"
+    kept = sorted(p.name for p in (tmp_path / "broken.failed").iterdir())
+    assert "student.safetensors" in kept and "student.onnx" not in kept and "report.json" not in kept
+    assert [p.name for p in tmp_path.iterdir()] == ["broken.failed"]
