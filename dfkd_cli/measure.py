@@ -109,6 +109,12 @@ def eval_data_warnings(data: EvalData) -> list[str]:
     return warnings
 
 
+def check_fraction(value: float | None, flag: str) -> None:
+    """A threshold between 0 and 1, checked before any long work starts."""
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise DfkdError(f"{flag} {value} is not a fraction; give a value between 0 and 1, e.g. 0.9")
+
+
 def gate_result(min_agreement: float | None, report: dict[str, Any], use_onnx: bool = False) -> dict[str, Any] | None:
     """Check ``--min-agreement`` on real data when given, else on the held-out synthetic samples."""
     if min_agreement is None:
@@ -133,9 +139,6 @@ def evaluate_student(student_path: Path, teacher_path: Path | None, arch: str | 
     from dfkd_cli.report import SCHEMA_VERSION
     from dfkd_cli.runtime import library_versions
     from dfkd_cli.teacher import load_teacher
-
-    from dfkd_cli.runconfig import check_fraction
-
     check_fraction(min_agreement, "--min-agreement")
     if teacher_path is None and eval_data_path is None:
         raise DfkdError("nothing to measure; pass --teacher (agreement) and/or --eval-data (accuracy)")

@@ -2,8 +2,8 @@
 
 Precedence, lowest first: the recipe file, the config file's recipe tables, ``-s`` overrides,
 ``--steps``. When ``--recipe`` names another recipe than the config file's, only the config's
-``[train]`` table is kept (``[synth]`` settings belong to the config's own recipe). For run options: the config file's ``[run]`` table, then flags given on the command
-line. Relative paths in a config file are read relative to the file's folder; runs write
+``[train]`` table is kept (``[synth]`` settings belong to the config's own recipe). For run
+options: the config file's ``[run]`` table, then flags given on the command line. Relative paths in a config file are read relative to the file's folder; runs write
 absolute paths, so ``dfkd compress --config runs/x/config.toml`` repeats a run from anywhere.
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 
 from dfkd_cli.config import RecipeConfig, build_recipe, read_toml, recipe_path
 from dfkd_cli.errors import DfkdError
+from dfkd_cli.measure import check_fraction
 from dfkd_cli.pipeline import CompressOptions
 from dfkd_cli.teacher import parse_input_shape
 
@@ -58,12 +59,6 @@ def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: P
     check_fraction(opts.min_agreement, "--min-agreement")
     recipe = _build_recipe(opts, recipe_tables, overrides)
     return opts, recipe
-
-
-def check_fraction(value: float | None, flag: str) -> None:
-    """A threshold between 0 and 1, checked before any long work starts."""
-    if value is not None and not 0.0 <= value <= 1.0:
-        raise DfkdError(f"{flag} {value} is not a fraction; give a value between 0 and 1, e.g. 0.9")
 
 
 def _build_recipe(opts: CompressOptions, tables: dict[str, Any], overrides: list[str]) -> RecipeConfig:

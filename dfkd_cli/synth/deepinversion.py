@@ -86,14 +86,15 @@ class DeepInversionSynthesizer(Synthesizer):
         return x.detach()
 
     def _student_logits(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The live student's logits (eval mode, so its BatchNorm statistics stay untouched) when
-        the ``adv`` competition term is on."""
+        """The live student's logits when the ``adv`` competition term is on: in eval mode, so its
+        BatchNorm statistics stay untouched, and with its weights frozen for this forward pass, so
+        the pixel update's backward computes no weight gradients the trainer would throw away."""
         if not self.loss.get("adv"):
             return None
         if self.student is None:
             raise RuntimeError("the 'adv' term needs the student: set synthesizer.student first")
         was_training = self.student.training
-        self.student.eval()
+        self.student.eval().requires_grad_(False)
         logits = self.student(x)
-        self.student.train(was_training)
+        self.student.train(was_training).requires_grad_(True)
         return logits
