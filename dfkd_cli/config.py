@@ -56,6 +56,7 @@ class TrainConfig:
     flip: bool = False  # random horizontal flips on pool samples
     holdout: int = 256  # held-out synthetic samples: half select the student, half are reported
     eval_every: int = 50  # student steps between selections on held-out synthetic agreement
+    attention: float = 0.0  # weight of the attention-transfer term (ZSKT's beta); 0 = off
 
 
 _CHOICES = {

@@ -26,6 +26,7 @@ from dfkd_cli.export import StudentMeta, export_onnx, save_student
 from dfkd_cli.measure import eval_data_warnings, gate_result, measure_models, real_data_report
 from dfkd_cli.report import SCHEMA_VERSION, save_sample_grid, write_report
 from dfkd_cli.runtime import Budget, Display, hardware_description, library_versions, resolve_device, seed_everything
+from dfkd_cli.selection import FixedHoldout, TrajectoryHoldout
 from dfkd_cli.synth import synthesizer_class
 from dfkd_cli.teacher import Teacher, build_student, load_teacher
 from dfkd_cli.trainer import StudentTrainer, predict_classes
@@ -159,17 +160,16 @@ def _prepare(opts: CompressOptions, recipe: RecipeConfig, display: Display) -> t
 
 
 def _distill(synth, trainer: StudentTrainer, recipe: RecipeConfig, budget: Budget, display: Display) -> torch.Tensor:
-    """Make the held-out samples, then alternate synthesize() and student steps until the step
-    budget or the time budget ends. Returns the held-out samples (first half: selection)."""
+    """Alternate synthesize() and student steps until the step budget or the time budget ends,
+    selecting the student on held-out synthetic samples. Returns the held-out samples (first
+    half: selection; second half: the report)."""
     cfg = recipe.train
-    display.stage("holdout", total=None)
-    # Held-out samples may use at most a quarter of a time budget; the rest is for distillation.
-    quarter = Budget(budget.seconds / 4 if budget.seconds else None)
-    synth.on_step = lambda it, total, parts: display.advance(1, **parts) or quarter.expired()
-    holdout = synth.holdout(max(cfg.holdout, 2))
-    x_select = holdout[: len(holdout) // 2]
-    t_select = predict_classes(synth.teacher.model, x_select)
-
+    if synth.online:
+        selector = TrajectoryHoldout(synth, trainer, cfg.holdout)
+    else:
+        display.stage("holdout", total=None)
+        selector = FixedHoldout(synth, trainer, cfg.holdout, budget,
+                                lambda it, total, parts: display.advance(1, **parts))
     synth.on_step = lambda it, total, parts: budget.expired()
     display.stage("distill", total=cfg.steps)
     agreement = 0.0
@@ -178,14 +178,15 @@ def _distill(synth, trainer: StudentTrainer, recipe: RecipeConfig, budget: Budge
         for _ in range(min(cfg.steps_per_round, cfg.steps - trainer.steps_done)):
             loss = trainer.step(synth.sample(cfg.batch_size))
             if trainer.steps_done % cfg.eval_every == 0:
-                agreement = trainer.select(x_select, t_select)
-            display.advance(1, kd=loss, agreement=agreement, pool=len(synth.pool))
+                agreement = selector.evaluate()
+            display.advance(1, kd=loss, agreement=agreement, **synth.status())
             if budget.expired():
                 display.log(f"time budget reached after {trainer.steps_done} student steps")
                 break
     if trainer.steps_done == 0:
         raise DfkdError("the time budget ended before the first student step; give a longer --time-budget", exit_code=3)
-    display.advance(0, agreement=trainer.select(x_select, t_select))
+    holdout, agreement = selector.finish()
+    display.advance(0, agreement=agreement)
     return holdout
 
 

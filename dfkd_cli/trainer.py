@@ -71,6 +71,7 @@ class StudentTrainer:
         self.best_agreement = -1.0
         self.best_step = 0
         self._best_state: dict[str, torch.Tensor] | None = None
+        self._snapshots: list[tuple[int, dict[str, torch.Tensor]]] = []
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         cfg, params = self.cfg, self.student.parameters()
@@ -104,6 +105,29 @@ class StudentTrainer:
             self.best_agreement, self.best_step = agreement, self.steps_done
             self._best_state = copy.deepcopy(self.student.state_dict())
         return agreement
+
+    def snapshot(self, keep: int = 16) -> None:
+        """Keep the current weights on the CPU as a candidate for :meth:`select_snapshot`. Past
+        ``keep`` snapshots every other older one is dropped, so they stay spread over the run."""
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
+        self._snapshots.append((self.steps_done, state))
+        if len(self._snapshots) > keep:
+            self._snapshots = self._snapshots[::-2][::-1]  # every other one, ending with the latest
+
+    def select_snapshot(self, x: torch.Tensor, teacher_classes: torch.Tensor) -> float:
+        """Choose the snapshot that agrees best with the teacher on held-out ``x`` (ties go to the
+        later one) and make it the best student; returns its agreement."""
+        if not self._snapshots:
+            raise RuntimeError("no snapshots to select from: call snapshot() first")
+        current = copy.deepcopy(self.student.state_dict())
+        self.best_agreement = -1.0
+        for step, state in self._snapshots:
+            self.student.load_state_dict(state)
+            agreement = float((predict_classes(self.student, x) == teacher_classes).float().mean())
+            if agreement >= self.best_agreement:
+                self.best_agreement, self.best_step, self._best_state = agreement, step, state
+        self.student.load_state_dict(current)
+        return self.best_agreement
 
     def restore_best(self) -> nn.Module:
         """Load the best selected weights into the student, in eval mode, and return it."""

@@ -67,6 +67,9 @@ class Synthesizer:
 
     loss_terms: ClassVar[tuple[str, ...]] = ()
     requires_bn: ClassVar[bool] = False
+    # Online synthesizers (a generator trained alongside the student) make each batch fresh from
+    # their current state, so held-out samples are drawn along the run, not once at the start.
+    online: ClassVar[bool] = False
 
     def __init__(self, teacher: "Teacher", config: Any, loss: dict[str, float], device: torch.device) -> None:
         self.teacher = teacher
@@ -103,6 +106,10 @@ class Synthesizer:
             batches.append(batch)
             made += len(batch)
         return torch.cat(batches)
+
+    def status(self) -> dict[str, float]:
+        """Numbers for the live display (e.g. the pool size or the generator's last losses)."""
+        return {"pool": len(self.pool)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"pool": self.pool.state_dict()}

@@ -126,14 +126,18 @@ LOSS_TERMS: dict[str, Callable[[LossInputs], torch.Tensor]] = {
 }
 
 
-def weighted_loss(weights: dict[str, float], inputs: LossInputs) -> tuple[torch.Tensor, dict[str, float]]:
-    """Sum of weight * term over the non-zero weights; also each term's unweighted value."""
+def weighted_loss(weights: dict[str, float], inputs: LossInputs,
+                  terms: dict[str, Callable[[LossInputs], torch.Tensor]] = LOSS_TERMS) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sum of weight * term over the non-zero weights; also each term's unweighted value.
+
+    ``terms`` maps names to term functions: a synthesizer module with terms of its own passes
+    ``{**LOSS_TERMS, "name": fn, ...}`` (and a ``LossInputs`` subclass with the extra fields)."""
     total = inputs.x.new_zeros(())
     parts: dict[str, float] = {}
     for name, weight in weights.items():
         if weight == 0:
             continue
-        value = LOSS_TERMS[name](inputs)
+        value = terms[name](inputs)
         total = total + weight * value
         parts[name] = float(value.detach())
     return total, parts

@@ -1,0 +1,101 @@
+"""Choosing the student to ship on held-out synthetic samples, never on real data.
+
+Two ways, by kind of synthesizer:
+
+- ``FixedHoldout``: synthesizers whose batches do not depend on the training run (DeepInversion,
+  ZSKD, noise...) make the held-out samples once, before training; the trainer keeps the best
+  student seen at each evaluation.
+- ``TrajectoryHoldout``: online synthesizers (a generator trained alongside the student) change
+  what they make as the run goes on, so samples drawn at the start would come from an untrained
+  generator. At each evaluation a few fresh samples (never trained on) join a uniform reservoir
+  over the whole run and the student is snapshotted; at the end every snapshot is scored on the
+  same reservoir and the best one wins.
+
+In both, the first half of the held-out samples selects the student and the second half is what
+the report measures, so the reported agreement is not the one that was maximised.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dfkd_cli.runtime import Budget
+from dfkd_cli.trainer import StudentTrainer, predict_classes
+
+
+class Reservoir:
+    """A uniform sample of fixed size over everything ever added (Vitter's algorithm R)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.seen = 0
+        self.data: torch.Tensor | None = None
+
+    def add(self, batch: torch.Tensor) -> None:
+        for x in batch.detach():
+            if self.data is None:
+                self.data = x.new_empty(self.capacity, *x.shape)
+            if self.seen < self.capacity:
+                self.data[self.seen] = x
+            else:
+                slot = int(torch.randint(self.seen + 1, ()))
+                if slot < self.capacity:
+                    self.data[slot] = x
+            self.seen += 1
+
+    def tensor(self) -> torch.Tensor:
+        if self.data is None:
+            raise RuntimeError("the reservoir is empty")
+        return self.data[: min(self.seen, self.capacity)]
+
+
+def split(holdout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(selection half, report half) of the held-out samples."""
+    half = len(holdout) // 2
+    return holdout[:half], holdout[half:]
+
+
+class FixedHoldout:
+    """Held-out samples made once up front, using at most a quarter of the time budget."""
+
+    def __init__(self, synth, trainer: StudentTrainer, size: int, budget: Budget, on_step) -> None:
+        quarter = Budget(budget.seconds / 4 if budget.seconds else None)
+        synth.on_step = lambda it, total, parts: on_step(it, total, parts) or quarter.expired()
+        self.holdout = synth.holdout(max(size, 2))
+        self.trainer = trainer
+        self.x_select = split(self.holdout)[0]
+        self.t_select = predict_classes(synth.teacher.model, self.x_select)
+
+    def evaluate(self) -> float:
+        return self.trainer.select(self.x_select, self.t_select)
+
+    def finish(self) -> tuple[torch.Tensor, float]:
+        return self.holdout, self.evaluate()
+
+
+class TrajectoryHoldout:
+    """Held-out samples drawn from an online synthesizer along the run; selection at the end."""
+
+    def __init__(self, synth, trainer: StudentTrainer, size: int) -> None:
+        self.synth = synth
+        self.trainer = trainer
+        self.reservoir = Reservoir(max(size, 2))
+        self.per_evaluation = max(2, size // 8)
+
+    def _draw(self) -> None:
+        self.reservoir.add(self.synth.holdout(self.per_evaluation))
+        self.trainer.snapshot()
+
+    def evaluate(self) -> float:
+        """Add fresh samples and a snapshot; the agreement of the current student so far."""
+        self._draw()
+        x = split(self.reservoir.tensor())[0] if self.reservoir.seen >= 2 else self.reservoir.tensor()
+        teacher = predict_classes(self.synth.teacher.model, x)
+        return float((predict_classes(self.trainer.student, x) == teacher).float().mean())
+
+    def finish(self) -> tuple[torch.Tensor, float]:
+        self._draw()
+        holdout = self.reservoir.tensor()
+        x_select = split(holdout)[0]
+        agreement = self.trainer.select_snapshot(x_select, predict_classes(self.synth.teacher.model, x_select))
+        return holdout, agreement

@@ -1,0 +1,62 @@
+"""The DCGAN-style image generator the generator-based recipes share (DAFL, ZSKT, DFAD, DFQ, CMI, Fast).
+
+The layout follows DAFL (Chen et al., ICCV 2019): a linear layer maps the latent code to a small
+feature map, upsampling + 3x3 convolutions with BatchNorm and LeakyReLU grow it to the image
+size, and a final tanh followed by a BatchNorm without affine parameters puts the output on the
+scale of the teacher's normalised inputs. The number of upsampling stages grows with the input
+size (two for 32x32, five for 224x224), so one generator serves MNIST and ImageNet teachers; the
+width ``ngf`` is a recipe setting, kept small for CPU-sized teachers.
+
+Example:
+    >>> g = Generator(latent_dim=100, ngf=64, input_shape=(3, 32, 32))
+    >>> g(torch.randn(8, 100)).shape
+    torch.Size([8, 3, 32, 32])
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def upsampling_stages(size: int, max_start: int = 8) -> int:
+    """How many 2x upsamplings take a start map of at most ``max_start`` pixels to ``size``."""
+    return max(2, math.ceil(math.log2(max(size, 1) / max_start)))
+
+
+class Generator(nn.Module):
+    """Latent code -> image in the teacher's normalised input space."""
+
+    def __init__(self, latent_dim: int, ngf: int, input_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        channels, height, width = input_shape
+        self.latent_dim = latent_dim
+        self.output_size = (height, width)
+        stages = upsampling_stages(max(height, width))
+        self.start = (math.ceil(height / 2**stages), math.ceil(width / 2**stages))
+        wide = 2 * ngf
+        self.project = nn.Linear(latent_dim, wide * self.start[0] * self.start[1])
+        layers: list[nn.Module] = [nn.BatchNorm2d(wide)]
+        for stage in range(stages):
+            out = ngf if stage == stages - 1 else wide
+            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(wide, out, 3, padding=1, bias=False),
+                       nn.BatchNorm2d(out), nn.LeakyReLU(0.2, inplace=True)]
+        layers += [nn.Conv2d(ngf, channels, 3, padding=1), nn.Tanh(), nn.BatchNorm2d(channels, affine=False)]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.project(z).view(len(z), -1, *self.start)
+        x = self.body[:-2](x)
+        if tuple(x.shape[-2:]) != self.output_size:  # sizes that are not start * 2^stages
+            x = F.interpolate(x, size=self.output_size, mode="bilinear", align_corners=False)
+        return self.body[-1](self.body[-2](x))
+
+
+def reset_parameters(module: nn.Module) -> None:
+    """Re-initialise every layer of ``module`` that can be (CMI's per-batch generator reset)."""
+    for layer in module.modules():
+        if layer is not module and hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
