@@ -157,6 +157,13 @@ def create_model(name: str, num_classes: int, input_shape: tuple[int, int, int])
     return model
 
 
+def arch_has_bn(name: str) -> bool:
+    """Whether architecture ``name`` has BatchNorm layers (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = get_arch(name).factory(10, 3)
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def _forward_problem(model: nn.Module, input_shape: tuple[int, int, int], num_classes: int) -> str | None:
     """Why one zero sample of ``input_shape`` does not give [1, num_classes] logits, or None."""
     was_training = model.training

@@ -77,7 +77,7 @@ def compress(
     teacher: Annotated[Optional[Path], typer.Argument(help="Teacher checkpoint (.pt/.pth state dict or .safetensors).")] = None,
     arch: Annotated[Optional[str], typer.Option(help="Teacher architecture (see `dfkd archs`).")] = None,
     student: Annotated[Optional[str], typer.Option(help="Student architecture; default depends on --arch.")] = None,
-    recipe: Annotated[Optional[str], typer.Option(help="Recipe name (see `dfkd recipes`) or a .toml file.")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="Recipe name (see `dfkd recipes`), a .toml file, or auto (default): the strongest recipe that applies to the teacher.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a recipe key: -s train.lr=0.01 (repeatable).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder to create (default runs/<teacher>-<recipe>-<time>).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,

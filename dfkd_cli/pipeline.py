@@ -39,7 +39,7 @@ class CompressOptions:
     teacher: Path
     arch: str
     student: str | None = None
-    recipe: str = "deepinversion"
+    recipe: str = "auto"
     out: Path | None = None
     overwrite: bool = False
     steps: int | None = None
@@ -100,6 +100,7 @@ def compress(opts: CompressOptions, recipe: RecipeConfig, display: Display) -> d
     device = resolve_device(opts.device)
     seed_everything(opts.seed)  # before the student's random initialisation
     teacher, student, eval_data = _prepare(opts, recipe, display)
+    display.log(f"recipe: {recipe.recipe.name} ({recipe.recipe.description})")
     watch.lap("load")
 
     teacher.to(device)

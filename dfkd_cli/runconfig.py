@@ -1,7 +1,8 @@
 """Resolve ``dfkd compress`` options from flags, a run config file and a recipe.
 
 Precedence, lowest first: the recipe file, the config file's recipe tables, ``-s`` overrides,
-``--steps``. When ``--recipe`` names another recipe than the config file's, only the config's
+``--steps``. ``--recipe auto`` (the default) picks the strongest recipe that applies to the
+teacher's architecture. When ``--recipe`` names another recipe than the config file's, only the config's
 ``[train]`` table is kept (``[synth]`` settings belong to the config's own recipe). For run
 options: the config file's ``[run]`` table, then flags given on the command line. Relative paths in a config file are read relative to the file's folder; runs write
 absolute paths, so ``dfkd compress --config runs/x/config.toml`` repeats a run from anywhere.
@@ -13,7 +14,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from dfkd_cli.config import RecipeConfig, build_recipe, read_toml, recipe_path
+from dfkd_cli.archs import arch_has_bn
+from dfkd_cli.config import RecipeConfig, auto_recipe, build_recipe, read_toml, recipe_path
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.measure import check_fraction
 from dfkd_cli.pipeline import CompressOptions
@@ -39,7 +41,7 @@ def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: P
         teacher=Path(run["teacher"]),
         arch=run["arch"],
         student=run.get("student"),
-        recipe=str(run.get("recipe", "deepinversion")),
+        recipe=str(run.get("recipe", "auto")),
         out=run.get("out"),
         overwrite=overwrite,
         steps=run.get("steps"),
@@ -57,6 +59,8 @@ def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: P
         overrides=list(overrides),
     )
     check_fraction(opts.min_agreement, "--min-agreement")
+    if opts.recipe == "auto":
+        opts.recipe = auto_recipe(arch_has_bn(opts.arch))
     recipe = _build_recipe(opts, recipe_tables, overrides)
     return opts, recipe
 
