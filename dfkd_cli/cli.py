@@ -160,7 +160,7 @@ def inspect(
 ) -> None:
     """What dfkd sees in a teacher: classes, input shape, BatchNorm layers, parameters, recipes."""
     from dfkd_cli.archs import get_arch
-    from dfkd_cli.config import applicable_recipes
+    from dfkd_cli.config import applicable_recipes, auto_recipe
     from dfkd_cli.render import render_inspect
     from dfkd_cli.teacher import load_teacher, parse_input_shape
 
@@ -170,7 +170,7 @@ def inspect(
     info = {"path": str(teacher), "arch": t.arch, "sha256": t.sha256, "num_classes": t.num_classes,
             "class_names": t.class_names, "input_shape": list(t.input_shape), "mean": list(t.mean), "std": list(t.std),
             "params": t.num_params, "bn_layers": t.bn_layers, "has_bn": t.has_bn,
-            "default_student": spec.default_student, "recipes": applicable_recipes(t)}
+            "default_student": spec.default_student, "recipes": applicable_recipes(t), "recipe_auto": auto_recipe(t.has_bn)}
     render_inspect(info, output_format.value)
 
 

@@ -159,7 +159,8 @@ def test_inspect_shows_what_dfkd_sees(tiny_teacher):
     assert result.exit_code == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["num_classes"] == 4 and info["input_shape"] == [1, 16, 16]
-    assert len(info["bn_layers"]) == 9  # stem, 2 per block, 2 downsample and "deepinversion" in info["recipes"]
+    assert len(info["bn_layers"]) == 9  # stem, 2 per block, 2 downsample
+    assert "deepinversion" in info["recipes"] and info["recipe_auto"] in info["recipes"]
     human = run("inspect", tiny_teacher["path"], "--arch", "resnet8", "--input-shape", "1x16x16")
     assert "BatchNorm" in human.stdout and "deepinversion" in human.stdout
 
