@@ -1,4 +1,14 @@
-"""Real data from ../shared/data as uint8 tensors (no download, no pickle). Benchmarks only."""
+"""Real data from ../shared/data as uint8 tensors (no download, no pickle). Benchmarks only.
+
+Every loader returns uint8 images ``[N, C, H, W]`` (0..255, what ``dfkd --eval-data`` reads from an
+.npz) and int64 labels ``[N]``:
+
+- MNIST (IDX files), bilinear-resized from 28x28 to 32x32 as in DAFL;
+- USPS (Hull 1994; the Elements of Statistical Learning text release: ``label v1 .. v256`` per
+  line, pixels in [-1, 1]), mapped to [0, 1] (-1 is the black background, as in MNIST) and
+  bilinear-resized from 16x16 to 32x32: the "alternative data" of DAFL's Table 1;
+- CIFAR-10 (npz).
+"""
 
 from __future__ import annotations
 
@@ -38,4 +48,43 @@ def load_cifar10(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(data["x"]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(data["y"].astype(np.int64))
 
 
+def read_usps(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Float pixels in [-1, 1] ``[N, 16, 16]`` and int64 labels from a (gzipped) USPS text file."""
+    table = np.loadtxt(path, dtype=np.float32, ndmin=2)  # np.loadtxt reads .gz transparently
+    if table.shape[1] != 257:
+        raise ValueError(f"{path}: expected 257 numbers per line (label + 16x16 pixels), got {table.shape[1]}")
+    labels = table[:, 0]
+    if not np.all(labels == np.round(labels)) or labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"{path}: labels must be the digits 0..9")
+    return table[:, 1:].reshape(-1, 16, 16), labels.astype(np.int64)
+
+
+def usps_to_uint8(pixels: np.ndarray, size: int = 32) -> torch.Tensor:
+    """USPS pixels in [-1, 1] ``[N, 16, 16]`` as uint8 ``[N, 1, size, size]`` (bilinear resize)."""
+    x = (torch.from_numpy(pixels).float().unsqueeze(1) + 1) * 127.5
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def load_usps(split: str, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images [N, 1, size, size] (7,291 train, 2,007 test) and int64 labels."""
+    pixels, labels = read_usps(SHARED_DATA / "usps" / f"zip.{'train' if split == 'train' else 'test'}.gz")
+    return usps_to_uint8(pixels, size), torch.from_numpy(labels)
+
+
+def save_eval_npz(path: Path, x: torch.Tensor, y: torch.Tensor) -> None:
+    """uint8 ``[N, C, H, W]`` images and labels as the .npz ``dfkd --eval-data`` reads (x: [N, H, W]
+    for grey images, [N, H, W, C] for colour; y: uint8)."""
+    images = x.permute(0, 2, 3, 1).numpy()
+    if images.shape[-1] == 1:
+        images = images[..., 0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, x=images, y=y.numpy().astype(np.uint8))
+
+
 LOADERS = {"mnist": (load_mnist, "mnist"), "cifar10": (load_cifar10, "cifar10")}
+"""Datasets a teacher can be trained on: loader and normalisation preset."""
+
+IMAGES = {"mnist": load_mnist, "usps": load_usps, "cifar10": load_cifar10}
+"""Every image dataset the benchmarks read, by name."""

@@ -4,6 +4,12 @@
         --heldout dfkd_cli/demo/mnist_heldout.npz      # the bundled demo teacher (99.07% test accuracy)
     python bench/train_teacher.py --dataset cifar10 --arch resnet20 --epochs 10 --crop-pad 4 --flip \
         --out bench/out/cifar10_resnet20.safetensors
+    python bench/train_teacher.py --dataset mnist --arch lenet5 --epochs 5 --lr 0.05 \
+        --out bench/out/mnist_lenet5.safetensors     # DAFL's LeNet-5 teacher (no BatchNorm)
+    python bench/train_teacher.py --dataset cifar10 --arch cifar_resnet34 --epochs 60 --crop-pad 4 --flip \
+        --device cuda --out bench/out/cifar10_resnet34.safetensors   # GPU only: the papers' CIFAR-10 teacher
+
+`bench/run_bench.py` runs these itself when a suite's teacher is missing.
 
 SGD with Nesterov momentum and a one-cycle schedule, optional random crops (--crop-pad) and flips
 (--flip). Prints the
@@ -26,11 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import LOADERS  # noqa: E402
 
 from dfkd_cli.archs import NORMALIZE_PRESETS, create_model  # noqa: E402
+from dfkd_cli.runtime import resolve_device  # noqa: E402
 from dfkd_cli.trainer import augment  # noqa: E402
 
 
-def normaliser(preset: str):
-    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in NORMALIZE_PRESETS[preset])
+def normaliser(preset: str, device: torch.device = torch.device("cpu")):
+    mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in NORMALIZE_PRESETS[preset])
     return lambda x: (x.float() / 255 - mean) / std
 
 
@@ -38,23 +45,24 @@ def normaliser(preset: str):
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norm) -> float:
     model.eval()
     preds = torch.cat([model(norm(x[i : i + 1000])).argmax(1) for i in range(0, len(x), 1000)])
-    return float((preds == y).float().mean())
+    return float((preds.cpu() == y.cpu()).float().mean())
 
 
 def train(dataset: str, arch: str, epochs: int, batch_size: int, lr: float, seed: int, crop_pad: int = 0,
-          flip: bool = False) -> tuple[torch.nn.Module, float]:
+          flip: bool = False, device: torch.device = torch.device("cpu")) -> tuple[torch.nn.Module, float]:
     torch.manual_seed(seed)
     load, preset = LOADERS[dataset]
     (x_train, y_train), (x_test, y_test) = load("train"), load("test")
-    norm = normaliser(preset)
-    model = create_model(arch, 10, tuple(x_train.shape[1:]))
+    x_train, y_train, x_test = x_train.to(device), y_train.to(device), x_test.to(device)
+    norm = normaliser(preset, device)
+    model = create_model(arch, 10, tuple(x_train.shape[1:])).to(device)
     steps = epochs * (len(x_train) // batch_size)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     start, acc = time.time(), 0.0
     for epoch in range(epochs):
         model.train()
-        order = torch.randperm(len(x_train))
+        order = torch.randperm(len(x_train), device=device)
         for i in range(len(x_train) // batch_size):
             idx = order[i * batch_size : (i + 1) * batch_size]
             x = augment(norm(x_train[idx]), crop_pad, flip)
@@ -78,11 +86,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--crop-pad", type=int, default=0, help="random-crop padding in pixels (0: off)")
     parser.add_argument("--flip", action="store_true", help="random horizontal flips")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--heldout", type=Path, help="also save the first 1,000 test images as .npz (x, y)")
     args = parser.parse_args()
     model, _ = train(args.dataset, args.arch, args.epochs, args.batch_size, args.lr, args.seed,
-                     args.crop_pad, args.flip)
+                     args.crop_pad, args.flip, resolve_device(args.device))
+    model = model.cpu()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(args.out))
     if args.heldout:

@@ -1,0 +1,155 @@
+"""The benchmark's own helpers: USPS parsing, eval files, KD-on-real-data rows, overrides and the table."""
+
+from __future__ import annotations
+
+import gzip
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import quadrant_task
+from dfkd_cli.config import list_recipes, load_recipe
+from dfkd_cli.evaluate import load_eval_data
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+import data as bench_data  # noqa: E402
+import kd_baselines  # noqa: E402
+import run_bench  # noqa: E402
+
+
+def write_usps(path: Path, rows: list[tuple[int, np.ndarray]]) -> None:
+    lines = [" ".join([f"{label:.4f}", *(f"{v:.4f}" for v in pixels.ravel())]) + " " for label, pixels in rows]
+    with gzip.open(path, "wt") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def test_usps_parser_reads_labels_and_row_major_pixels(tmp_path):
+    ramp = np.linspace(-1, 1, 256, dtype=np.float32).reshape(16, 16)
+    write_usps(tmp_path / "zip.gz", [(7, ramp), (0, -np.ones((16, 16), np.float32))])
+    pixels, labels = bench_data.read_usps(tmp_path / "zip.gz")
+    assert labels.tolist() == [7, 0] and labels.dtype == np.int64
+    assert pixels.shape == (2, 16, 16)
+    np.testing.assert_allclose(pixels[0], ramp, atol=1e-4)  # v1..v16 is the first row
+
+
+def test_usps_pixels_map_to_uint8_and_resize_bilinearly():
+    flat = np.stack([-np.ones((16, 16)), np.ones((16, 16)), np.zeros((16, 16))]).astype(np.float32)
+    x = bench_data.usps_to_uint8(flat)
+    assert x.shape == (3, 1, 32, 32) and x.dtype == torch.uint8
+    assert x[0].unique().tolist() == [0] and x[1].unique().tolist() == [255]  # -1 is the black background
+    assert x[2].unique().tolist() == [128]
+    edge = np.full((16, 16), -1, np.float32)
+    edge[:, 8:] = 1
+    row = bench_data.usps_to_uint8(edge[None])[0, 0, 0].tolist()
+    assert row[:14] == [0] * 14 and row[-14:] == [255] * 14 and 0 < row[15] < 255  # interpolated, not nearest
+
+
+def test_usps_parser_rejects_lines_of_the_wrong_length(tmp_path):
+    with gzip.open(tmp_path / "bad.gz", "wt") as handle:
+        handle.write("3 " + " ".join(["0"] * 100) + "\n")
+    with pytest.raises(ValueError, match="257 numbers"):
+        bench_data.read_usps(tmp_path / "bad.gz")
+
+
+@pytest.mark.skipif(not (bench_data.SHARED_DATA / "usps").is_dir(), reason="../shared/data/usps is absent")
+def test_real_usps_test_split_has_its_published_class_counts():
+    x, y = bench_data.load_usps("test")
+    assert x.shape == (2007, 1, 32, 32) and x.dtype == torch.uint8
+    assert torch.bincount(y).tolist() == [359, 264, 198, 166, 200, 160, 170, 147, 166, 177]  # zip.info.txt
+    assert x.float().mean() > 20 and int(x.max()) == 255
+
+
+def test_eval_npz_is_read_back_by_dfkd_unchanged(tmp_path):
+    x = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
+    y = torch.tensor([0, 3, 9, 1, 2])
+    bench_data.save_eval_npz(tmp_path / "e.npz", x, y)
+    data = load_eval_data(tmp_path / "e.npz", (1, 8, 8), [0.5], [0.25])
+    torch.testing.assert_close(data.x, (x.float() / 255 - 0.5) / 0.25)
+    assert data.y.tolist() == y.tolist()
+
+
+def test_kd_baseline_distils_on_real_images_and_reports_like_dfkd(tiny_teacher, tmp_path, monkeypatch):
+    def quadrants(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = quadrant_task(1200, seed=5)
+        return (x * 255).round().to(torch.uint8), y
+
+    monkeypatch.setitem(kd_baselines.IMAGES, "quadrants", quadrants)
+    args = kd_baselines.parse_args([
+        str(tiny_teacher["path"]), *tiny_teacher["args"], "--student", "resnet8", "--data", "quadrants",
+        "--eval-data", str(tiny_teacher["eval"]), "--train-from", "noise", "--steps", "30", "--out", str(tmp_path),
+        "-s", "train.batch_size=32", "-s", "train.holdout=64", "-s", "train.eval_every=10",
+        "-s", "train.optimizer=adam", "-s", "train.lr=0.003", "-s", "train.temperature=4.0"])
+    report = kd_baselines.run(args)
+    assert report["run"]["steps"] == 30 and report["run"]["recipe"] == "kd-quadrants"
+    assert report["run"]["selection"]["n"] == 64
+    assert report["eval_data"]["student_accuracy"] > 0.8  # chance is 0.25
+    assert (tmp_path / "student.safetensors").is_file() and (tmp_path / "report.json").is_file()
+    assert set(report["run"]["wall_clock_s"]) == {"load", "distill", "evaluate", "total"}
+
+
+def test_kd_holdout_is_disjoint_from_training_images():
+    x = torch.arange(100).view(100, 1, 1, 1)
+    train, held = kd_baselines.split_holdout(x, 10, seed=0)
+    assert len(train) == 90 and len(held) == 10
+    assert not set(held.flatten().tolist()) & set(train.flatten().tolist())
+    batch = next(kd_baselines.batches(train, 32, seed=0))
+    assert batch.shape == (32, 1, 1, 1) and set(batch.flatten().tolist()) <= set(train.flatten().tolist())
+
+
+def test_overrides_reach_every_row_or_only_their_recipe():
+    suite = run_bench.make_suite("mnist-bn")
+    extra = ["train.lr=0.01", "dafl:train.steps=5", "synth.lr=0.2"]
+    di = run_bench.overrides_for(suite, "deepinversion", extra)
+    assert di[:4] == ["-s", "train.flip=false", "-s", "synth.flip=false"] and "synth.iterations=200" in di
+    assert "train.lr=0.01" in di and "train.steps=5" not in di
+    dafl = run_bench.overrides_for(suite, "dafl", extra, train_only=True)
+    assert dafl == ["-s", "train.flip=false", "-s", "train.lr=0.01", "-s", "train.steps=5"]
+
+
+def test_every_row_of_a_suite_gets_the_same_budget_and_huge_steps(tmp_path):
+    suite = run_bench.make_suite("mnist-lenet")
+    cmds = [run_bench.compress_cmd(suite, "noise", "20s", 1000, [], tmp_path),
+            run_bench.kd_cmd(suite, "usps", "20s", 1000, [], tmp_path, "dafl")]
+    for cmd in cmds:
+        assert cmd[cmd.index("--time-budget") + 1] == "20s" and cmd[cmd.index("--steps") + 1] == "1000"
+        assert cmd[cmd.index("--eval-data") + 1].endswith("mnist_test10k.npz")
+    assert "--recipe" in cmds[0] and cmds[0][cmds[0].index("--format") + 1] == "json"
+    gpu = run_bench.make_suite("cifar10", gpu=True)
+    cmd = run_bench.compress_cmd(gpu, "cmi", "1h", gpu.steps, [], tmp_path)
+    assert cmd[cmd.index("--steps") + 1] == str(run_bench.HUGE_STEPS) and cmd[cmd.index("--device") + 1] == "cuda"
+    assert "synth.iterations=200" in cmd  # the paper's, not the recipe file's CPU-sized setting
+    assert cmd[cmd.index("--arch") + 1] == "cifar_resnet34" and cmd[cmd.index("--student") + 1] == "cifar_resnet18"
+
+
+@pytest.mark.parametrize("name,gpu", [("mnist-lenet", False), ("mnist-bn", False), ("cifar10", False),
+                                      ("cifar10", True)])
+def test_suite_overrides_are_valid_settings_of_the_shipped_recipes(name, gpu):
+    suite = run_bench.make_suite(name, gpu)
+    for recipe in sorted(set(suite.overrides) - {"*"} | {"noise"}):
+        if recipe not in list_recipes():
+            continue  # a recipe not shipped yet
+        items = run_bench.overrides_for(suite, recipe, [])[1::2]
+        load_recipe(recipe, items)  # raises DfkdError on an unknown key or a wrong type
+    assert suite.teacher.name.endswith(".safetensors") and suite.eval_npz.parent == run_bench.OUT
+
+
+def test_table_shows_percentages_and_a_failed_row_keeps_its_error():
+    report = {"eval_data": {"student_accuracy": 0.98123, "top1_agreement": 0.99, "teacher_accuracy": 0.993},
+              "synthetic_holdout": {"top1_agreement": 0.5}, "run": {"steps": 120, "hardware": "CPU: x (2 threads)",
+                                                                    "wall_clock_s": {"total": 61.4}}}
+    rows = [run_bench.row_from_report("dafl", report), run_bench.error_row("zskt", "exit 2: error: bad | setting")]
+    rows[0]["published"] = "98.20% (DAFL)"
+    lines = run_bench.table(rows).splitlines()
+    assert lines[0].startswith("| run | student acc |") and run_bench.PUBLISHED_HEADER in lines[0]
+    assert "| dafl | 98.12% | 99.00% | 50.00% | 120 | 61 | 98.20% (DAFL) | CPU: x (2 threads) |  |" == lines[2]
+    assert lines[3].startswith("| zskt | - | - | - | - | - | - | - |") and "bad \\| setting" in lines[3]
+    assert len({line.count(" | ") for line in lines if not line.startswith("|---")}) == 1
+
+
+def test_run_row_turns_a_failing_process_into_an_error_row():
+    row = run_bench.run_row("broken", [sys.executable, "-c", "import sys; sys.exit('error: no such teacher')"])
+    assert row["student acc"] is None and row["note"] == "exit 1: error: no such teacher"
