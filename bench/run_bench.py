@@ -10,6 +10,13 @@ teacher):
     python bench/run_bench.py cifar10 --gpu --json bench/out/cifar10-gpu.json # resnet34 -> resnet18 on a GPU
     python bench/run_bench.py demo                                            # the bundled demo vs noise
 
+Expected duration: rows x (budget + about 20-40 s of loading, export and evaluation on 2 CPU cores):
+mnist-lenet 7 rows (kd-mnist, kd-usps and the 5 recipes without BatchNorm) about 75 min; mnist-bn and
+cifar10 11 rows (kd and all 10 recipes) about 60-65 min each; cifar10 --gpu 11 rows at 1h, about
+11-12 h plus the teacher's training (60 epochs, minutes on a recent GPU). It needs ../shared/data
+beside the checkout (the CIFAR-10 training set is 141 MB). Run one suite at a time on an idle machine:
+the numbers are wall-clock, so other load on the CPU lowers every row's step count.
+
     --budget 20s --recipes noise,dafl   a short check of a few rows (row names: kd-DATA and recipe names;
                                         a suite lists its rows on stderr when it starts)
     --set train.lr=0.01                 an override for every row; --set dafl:train.lr=0.01 for one recipe
@@ -38,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -227,7 +235,9 @@ def run_row(name: str, cmd: list[str]) -> dict[str, Any]:
         report = json.loads(proc.stdout) if proc.returncode in (0, 1) else None
     except json.JSONDecodeError:
         report = None
-    if report is None:
+    if report is None and proc.returncode < 0:
+        row = error_row(name, f"killed by {signal.Signals(-proc.returncode).name}")
+    elif report is None:
         row = error_row(name, f"exit {proc.returncode}: {last_line(proc.stderr)}")
     else:
         row = row_from_report(name, report)

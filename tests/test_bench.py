@@ -19,6 +19,7 @@ sys.path.insert(0, str(BENCH))
 import data as bench_data  # noqa: E402
 import kd_baselines  # noqa: E402
 import run_bench  # noqa: E402
+import train_teacher  # noqa: E402
 
 
 def write_usps(path: Path, rows: list[tuple[int, np.ndarray]]) -> None:
@@ -91,6 +92,17 @@ def test_kd_baseline_distils_on_real_images_and_reports_like_dfkd(tiny_teacher, 
     assert set(report["run"]["wall_clock_s"]) == {"load", "distill", "evaluate", "total"}
 
 
+def test_train_teacher_learns_a_labelled_data_set(monkeypatch):
+    def quadrants(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = quadrant_task(640 if split == "train" else 200, seed=7 if split == "train" else 8)
+        return (x * 255).round().to(torch.uint8), y
+
+    monkeypatch.setitem(train_teacher.LOADERS, "quadrants", (quadrants, "mnist"))
+    model, accuracy = train_teacher.train("quadrants", "resnet8", epochs=2, batch_size=32, lr=0.05, seed=0,
+                                          crop_pad=1, device=torch.device("cpu"))
+    assert accuracy > 0.9 and not model.training  # chance is 0.25
+
+
 def test_kd_holdout_is_disjoint_from_training_images():
     x = torch.arange(100).view(100, 1, 1, 1)
     train, held = kd_baselines.split_holdout(x, 10, seed=0)
@@ -153,3 +165,5 @@ def test_table_shows_percentages_and_a_failed_row_keeps_its_error():
 def test_run_row_turns_a_failing_process_into_an_error_row():
     row = run_bench.run_row("broken", [sys.executable, "-c", "import sys; sys.exit('error: no such teacher')"])
     assert row["student acc"] is None and row["note"] == "exit 1: error: no such teacher"
+    killed = run_bench.run_row("killed", [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"])
+    assert killed["note"] == "killed by SIGTERM"
