@@ -53,13 +53,16 @@ def normalise(x: torch.Tensor, teacher: Teacher) -> torch.Tensor:
 def split_holdout(x: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(training images, ``n`` held-out images for selection), split at random."""
     if not 0 < n < len(x):
-        raise ValueError(f"holdout {n} must be between 1 and {len(x) - 1}")
+        raise DfkdError(f"train.holdout {n} must be between 1 and {len(x) - 1} for {len(x)} images; "
+                        "set -s train.holdout=N")
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     return x[order[n:]], x[order[:n]]
 
 
 def batches(x: torch.Tensor, batch_size: int, seed: int):
     """Endless shuffled batches (a new permutation every epoch)."""
+    if not 0 < batch_size <= len(x):
+        raise DfkdError(f"train.batch_size {batch_size} must be between 1 and the {len(x)} training images")
     gen = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(len(x), generator=gen)

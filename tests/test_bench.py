@@ -12,6 +12,7 @@ import torch
 
 from conftest import quadrant_task
 from dfkd_cli.config import list_recipes, load_recipe
+from dfkd_cli.errors import DfkdError
 from dfkd_cli.evaluate import load_eval_data
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -73,6 +74,7 @@ def test_eval_npz_is_read_back_by_dfkd_unchanged(tmp_path):
     assert data.y.tolist() == y.tolist()
 
 
+@pytest.mark.slow
 def test_kd_baseline_distils_on_real_images_and_reports_like_dfkd(tiny_teacher, tmp_path, monkeypatch):
     def quadrants(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = quadrant_task(1200, seed=5)
@@ -110,6 +112,10 @@ def test_kd_holdout_is_disjoint_from_training_images():
     assert not set(held.flatten().tolist()) & set(train.flatten().tolist())
     batch = next(kd_baselines.batches(train, 32, seed=0))
     assert batch.shape == (32, 1, 1, 1) and set(batch.flatten().tolist()) <= set(train.flatten().tolist())
+    with pytest.raises(DfkdError, match="train.holdout"):
+        kd_baselines.split_holdout(x, 100, seed=0)
+    with pytest.raises(DfkdError, match="train.batch_size"):
+        next(kd_baselines.batches(train, 91, seed=0))
 
 
 def test_overrides_reach_every_row_or_only_their_recipe():
