@@ -11,12 +11,16 @@ import difflib
 
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.synth.base import Synthesizer
+from dfkd_cli.synth.cmi import CMISynthesizer
 from dfkd_cli.synth.deepinversion import DeepInversionSynthesizer
+from dfkd_cli.synth.fast import FastSynthesizer
 from dfkd_cli.synth.noise import NoiseSynthesizer
 
 SYNTHESIZERS: dict[str, type[Synthesizer]] = {
     "noise": NoiseSynthesizer,
     "deepinversion": DeepInversionSynthesizer,
+    "cmi": CMISynthesizer,
+    "fast": FastSynthesizer,
 }
 
 

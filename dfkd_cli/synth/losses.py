@@ -21,14 +21,27 @@ class BatchNormStatistics:
     """Forward hooks on every BatchNorm layer of a model that compare the batch's feature
     statistics with the layer's running statistics (DeepInversion's feature-distribution prior).
 
+    With ``momentum`` m > 0 (FastDFKD's BN momentum), the statistics compared are an exponential
+    moving average over batches: m * (earlier batches' average, detached) + (1 - m) * (this batch),
+    so one small batch need not match the running statistics on its own. ``update_momentum()``
+    folds the last recorded batch into the average; the first batch compares its own statistics.
+
     Use as a context manager so the hooks exist only while synthesizing.
     """
 
-    def __init__(self, model: nn.Module, first_multiplier: float = 1.0) -> None:
+    def __init__(self, model: nn.Module, first_multiplier: float = 1.0, momentum: float = 0.0) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"BatchNorm statistics momentum must be in [0, 1), got {momentum}")
         self.model = model
         self.first_multiplier = first_multiplier
+        self.momentum = momentum
         self.layer_losses: list[torch.Tensor] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._index = {id(layer): i for i, layer in enumerate(layers)}
+        # Per layer, in model.modules() order: the moving (mean, var) and the last batch's (mean, var).
+        self.average: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
+        self._last: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(layers)
 
     def __enter__(self) -> "BatchNormStatistics":
         for module in self.model.modules():
@@ -46,8 +59,31 @@ class BatchNormStatistics:
         dims = [0] + list(range(2, x.dim()))
         mean = x.mean(dim=dims)
         var = x.var(dim=dims, unbiased=False)
+        if self.momentum > 0:
+            index = self._index[id(module)]
+            self._last[index] = (mean.detach(), var.detach())
+            if self.average[index] is not None:
+                avg_mean, avg_var = self.average[index]
+                mean = self.momentum * avg_mean + (1 - self.momentum) * mean
+                var = self.momentum * avg_var + (1 - self.momentum) * var
         loss = torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2)
         self.layer_losses.append(loss)
+
+    def update_momentum(self) -> None:
+        """Fold the statistics of the last batch seen into the moving average (momentum > 0)."""
+        m = self.momentum
+        for i, last in enumerate(self._last):
+            if last is None:
+                continue
+            avg = self.average[i]
+            self.average[i] = last if avg is None else (m * avg[0] + (1 - m) * last[0], m * avg[1] + (1 - m) * last[1])
+            self._last[i] = None
+
+    def state_dict(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor] | None]]:
+        return {"average": [None if a is None else (a[0].cpu(), a[1].cpu()) for a in self.average]}
+
+    def load_state_dict(self, state: dict[str, list], device: torch.device) -> None:
+        self.average = [None if a is None else (a[0].to(device), a[1].to(device)) for a in state["average"]]
 
     def reset(self) -> None:
         self.layer_losses = []

@@ -1,0 +1,175 @@
+"""Per-batch generator inversion, shared by CMI (Fang et al., IJCAI 2021) and FastDFKD (Fang et
+al., AAAI 2022).
+
+Both make each synthetic batch by optimising a generator and a latent code z with Adam for a few
+iterations against the frozen teacher, then add the batch to a growing pool the student trains on:
+
+- ``bn``: BatchNorm-statistics matching (DeepInversion's prior; FastDFKD with momentum),
+- ``oh``: cross-entropy of the teacher's prediction to sampled target classes ("one-hot" loss),
+- ``adv``: -KL(teacher || student) at temperature ``adv_temperature``, only on the samples where
+  teacher and student predict the same class (so the batch moves to where the student starts to
+  disagree, without pushing samples across the teacher's decision boundary).
+
+The teacher sees a lightly augmented view (random crop after padding, flips) of the generator's
+output. The generator stays in train mode (its BatchNorm uses batch statistics), as in both papers;
+the batch kept is the one with the lowest loss seen (``keep = "best"``) or the last one.
+Subclasses say where the generator comes from (CMI: re-initialised; Fast: a copy of a meta-learned
+one) and what happens after each batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfkd_cli.errors import DfkdError
+from dfkd_cli.synth.base import Synthesizer
+from dfkd_cli.synth.deepinversion import balanced_targets
+from dfkd_cli.synth.generator import Generator
+from dfkd_cli.synth.losses import LOSS_TERMS, BatchNormStatistics, LossInputs, weighted_loss
+from dfkd_cli.trainer import augment
+
+
+@dataclass
+class InversionInputs(LossInputs):
+    """Loss inputs plus the temperature of the masked adversarial term."""
+
+    adv_temperature: float = 1.0
+
+
+def masked_adversarial(inp: InversionInputs) -> torch.Tensor:
+    """-KL(teacher || student) at temperature T, averaged over the batch with the samples where
+    teacher and student disagree (different argmax) counted as zero."""
+    if inp.student_logits is None:
+        raise RuntimeError("the 'adv' term needs the student's logits")
+    t = inp.adv_temperature
+    log_p_teacher = F.log_softmax(inp.logits / t, dim=1)
+    log_p_student = F.log_softmax(inp.student_logits / t, dim=1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(1)
+    agree = (inp.logits.argmax(1) == inp.student_logits.argmax(1)).to(kl.dtype)
+    return -(kl * agree).mean()
+
+
+INVERSION_TERMS: dict[str, Callable[[Any], torch.Tensor]] = {
+    "bn": LOSS_TERMS["bn"],
+    "oh": LOSS_TERMS["ce"],
+    "adv": masked_adversarial,
+}
+
+
+def frozen_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` in eval mode with its weights frozen for this pass: gradients reach ``x`` only,
+    and the model's BatchNorm statistics and training mode are left as they were."""
+    was_training = [m.training for m in model.modules()]
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval().requires_grad_(False)
+    try:
+        return model(x)
+    finally:
+        for module, mode in zip(model.modules(), was_training):
+            module.training = mode
+        for param, flag in zip(model.parameters(), flags):
+            param.requires_grad_(flag)
+
+
+class GeneratorInversion(Synthesizer):
+    """Base class: a per-batch Adam loop over a generator and z, the best (or last) batch kept.
+
+    Subclasses implement ``_start_batch`` (the generator, z and optimizers of one batch) and may
+    override ``_end_batch`` (e.g. a meta update), ``_after_backward`` and ``_inputs``. Their
+    ``Config`` needs at least: batch_size, iterations, latent_dim, ngf, first_bn_multiplier,
+    adv_temperature, crop_pad, flip and keep.
+    """
+
+    requires_bn = True
+    online = False
+    loss_terms = ("bn", "oh", "adv")
+    terms: dict[str, Callable[[Any], torch.Tensor]] = INVERSION_TERMS
+    bn_momentum: float = 0.0
+
+    def __init__(self, teacher: Any, config: Any, loss: dict[str, float], device: torch.device) -> None:
+        super().__init__(teacher, config, loss, device)
+        if config.keep not in ("best", "last"):
+            raise DfkdError(f"synth.keep must be 'best' or 'last', got '{config.keep}'")
+        if config.iterations < 1 or config.batch_size < 2:
+            raise DfkdError("synth.iterations must be >= 1 and synth.batch_size >= 2 (BatchNorm needs a batch)")
+        self.generator = Generator(config.latent_dim, config.ngf, teacher.input_shape).to(device)
+        self.bn = BatchNormStatistics(teacher.model, config.first_bn_multiplier, self.bn_momentum)
+        self.batches_made = 0
+        self.last_parts: dict[str, float] = {}
+
+    def _start_batch(self, n: int) -> tuple[nn.Module, torch.Tensor, list[torch.optim.Optimizer]]:
+        """The generator to optimise for one batch of ``n``, its latent code and the optimizers to step."""
+        raise NotImplementedError
+
+    def _after_backward(self, generator: nn.Module) -> None:
+        """Called between each backward and the optimizer steps."""
+
+    def _end_batch(self, generator: nn.Module) -> None:
+        """Called once a batch is done (after its last iteration or an early stop)."""
+
+    def _adv_on(self) -> bool:
+        return bool(self.loss.get("adv"))
+
+    def _inputs(self, x: torch.Tensor, targets: torch.Tensor) -> InversionInputs:
+        """The teacher (and, for ``adv``, the student) on a lightly augmented view of ``x``."""
+        view = augment(x, self.config.crop_pad, self.config.flip)
+        self.bn.reset()
+        logits = self.teacher.model(view)
+        student_logits = None
+        if self._adv_on():
+            if self.student is None:
+                raise RuntimeError("the 'adv' term needs the student: set synthesizer.student first")
+            student_logits = frozen_logits(self.student, view)
+        return InversionInputs(x=view, logits=logits, targets=targets, bn=self.bn, student_logits=student_logits,
+                               adv_temperature=self.config.adv_temperature)
+
+    def _weights(self) -> dict[str, float]:
+        return self.loss if self._adv_on() else {k: v for k, v in self.loss.items() if k != "adv"}
+
+    def make_batch(self, n: int) -> torch.Tensor:
+        """``n`` inputs from ``iterations`` Adam steps on generator and z (fewer if ``on_step`` says stop)."""
+        cfg = self.config
+        targets = balanced_targets(n, self.teacher.num_classes).to(self.device)
+        generator, z, optimizers = self._start_batch(n)
+        generator.train()
+        best_x, best_loss = None, math.inf
+        with self.bn:
+            for it in range(cfg.iterations):
+                x = generator(z)
+                inputs = self._inputs(x, targets)
+                loss, parts = weighted_loss(self._weights(), inputs, self.terms)
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self._after_backward(generator)
+                for optimizer in optimizers:
+                    optimizer.step()
+                value = float(loss.detach())
+                if cfg.keep == "last" or value < best_loss:
+                    best_x, best_loss = x.detach(), value
+                parts["acc"] = float((inputs.logits.argmax(1) == targets).float().mean())
+                self.last_parts = parts
+                if self.on_step(it + 1, cfg.iterations, parts):
+                    break
+        self._end_batch(generator)
+        self.batches_made += 1
+        return best_x
+
+    def status(self) -> dict[str, float]:
+        return {"pool": len(self.pool), **{k: v for k, v in self.last_parts.items() if k in ("bn", "oh", "acc")}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pool": self.pool.state_dict(), "generator": self.generator.state_dict(),
+                "bn": self.bn.state_dict(), "batches_made": self.batches_made}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pool.load_state_dict(state["pool"], self.device)
+        self.generator.load_state_dict(state["generator"])
+        self.bn.load_state_dict(state["bn"], self.device)
+        self.batches_made = state["batches_made"]
