@@ -15,12 +15,14 @@ from dfkd_cli.synth.cmi import CMISynthesizer
 from dfkd_cli.synth.deepinversion import DeepInversionSynthesizer
 from dfkd_cli.synth.fast import FastSynthesizer
 from dfkd_cli.synth.noise import NoiseSynthesizer
+from dfkd_cli.synth.zskd import ZSKDSynthesizer
 
 SYNTHESIZERS: dict[str, type[Synthesizer]] = {
     "noise": NoiseSynthesizer,
     "deepinversion": DeepInversionSynthesizer,
     "cmi": CMISynthesizer,
     "fast": FastSynthesizer,
+    "zskd": ZSKDSynthesizer,
 }
 
 
