@@ -105,7 +105,9 @@ def compress(opts: CompressOptions, recipe: RecipeConfig, display: Display) -> d
 
     teacher.to(device)
     synth = synthesizer_class(recipe.recipe.synthesizer)(teacher, recipe.synth, recipe.loss, device)
-    trainer = StudentTrainer(student, teacher.model, recipe.train, device)
+    trainer = StudentTrainer(student, teacher.model, recipe.train, device, input_shape=teacher.input_shape)
+    if recipe.train.attention:
+        display.log(trainer.attention.note)
     synth.student = trainer.student
     holdout = _distill(synth, trainer, recipe, Budget(opts.time_budget_s), display)
     student = trainer.restore_best().cpu()
@@ -165,6 +167,8 @@ def _distill(synth, trainer: StudentTrainer, recipe: RecipeConfig, budget: Budge
     selecting the student on held-out synthetic samples. Returns the held-out samples (first
     half: selection; second half: the report)."""
     cfg = recipe.train
+    trainer.time_progress = budget.fraction
+    synth.run_progress = lambda: max(trainer.steps_done / max(cfg.steps, 1), budget.fraction())
     if synth.online:
         selector = TrajectoryHoldout(synth, trainer, cfg.holdout)
     else:

@@ -96,6 +96,10 @@ class Budget:
     def expired(self) -> bool:
         return self.seconds is not None and self.elapsed >= self.seconds
 
+    def fraction(self) -> float:
+        """Share of the budget used so far, in [0, 1]; 0 without a budget."""
+        return min(self.elapsed / self.seconds, 1.0) if self.seconds else 0.0
+
 
 def is_ci() -> bool:
     """True when running in CI (the ``CI`` variable set), where the live display is replaced."""

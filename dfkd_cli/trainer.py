@@ -1,8 +1,10 @@
 """The student trainer: knowledge distillation on synthesizer batches.
 
 The KD loss is KL(teacher || student) at temperature T scaled by T^2 (Hinton et al.), or the
-mean absolute logit difference where a paper says so (``train.loss = "l1"``). The best student
-is selected on agreement with the teacher over held-out synthetic samples, never on real data.
+mean absolute logit difference where a paper says so (``train.loss = "l1"``), plus, with
+``train.attention`` > 0, attention transfer between matching block stages (Zagoruyko & Komodakis,
+ICLR 2017; ZSKT's beta). The best student is selected on agreement with the teacher over held-out
+synthetic samples, never on real data.
 
 Example:
     >>> trainer = StudentTrainer(student, teacher.model, TrainConfig(steps=100), torch.device("cpu"))
@@ -13,12 +15,19 @@ from __future__ import annotations
 
 import copy
 import math
+import re
+from contextlib import nullcontext
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dfkd_cli.config import TrainConfig
+
+# Stages whose outputs attention transfer compares: ``layer1..N`` (CIFAR and torchvision ResNets),
+# ``block1..N`` (WRN) or ``block0..N`` (CIFAR VGG), direct children of the model.
+_BLOCK_NAME = re.compile(r"(?:layer|block)(\d+)")
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss: str, temperature: float) -> torch.Tensor:
@@ -49,6 +58,89 @@ def augment(x: torch.Tensor, crop_pad: int, flip: bool) -> torch.Tensor:
     return x
 
 
+def block_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's block stages (direct children named ``layerN`` or ``blockN``), in order."""
+    stages = [(int(match.group(1)), name, module) for name, module in model.named_children()
+              if (match := _BLOCK_NAME.fullmatch(name))]
+    return [(name, module) for _, name, module in sorted(stages, key=lambda s: s[0])]
+
+
+def attention_map(activation: torch.Tensor) -> torch.Tensor:
+    """Spatial attention (Zagoruyko & Komodakis): the mean over channels of the squared
+    activation, flattened per sample and scaled to unit l2 norm."""
+    return F.normalize(activation.pow(2).mean(1).flatten(1), dim=1)
+
+
+def attention_loss(student_outputs: list[torch.Tensor], teacher_outputs: list[torch.Tensor]) -> torch.Tensor:
+    """Sum over blocks of ||a_s/||a_s|| - a_t/||a_t|| ||^2, divided by the map size and the batch
+    size as Zagoruyko & Komodakis normalise it (the scale ZSKT's beta = 250 is set for)."""
+    terms = [(attention_map(s) - attention_map(t)).pow(2).mean() for s, t in zip(student_outputs, teacher_outputs)]
+    return torch.stack(terms).sum()
+
+
+class BlockOutputs:
+    """Forward hooks that keep the outputs of ``modules``; they exist only inside the context."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+        self.outputs: list[torch.Tensor] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> "BlockOutputs":
+        self.outputs = [torch.empty(0)] * len(self.modules)
+        for index, module in enumerate(self.modules):
+            self._handles.append(module.register_forward_hook(
+                lambda mod, inputs, output, index=index: self.outputs.__setitem__(index, output)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class AttentionTransfer:
+    """Pairs the block stages of teacher and student for the attention term. ``note`` says, in one
+    line, whether the term is on and why not when it was asked for and cannot apply."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, weight: float) -> None:
+        self.weight = weight
+        teacher_stages, student_stages = block_stages(teacher), block_stages(student)
+        self.teacher_blocks = [module for _, module in teacher_stages]
+        self.student_blocks = [module for _, module in student_stages]
+        self.active = weight > 0 and len(teacher_stages) == len(student_stages) > 0
+        self._sizes_checked = False
+        pair = f"teacher ({type(teacher).__name__}) and student ({type(student).__name__})"
+        if weight <= 0:
+            self.note = ""
+        elif not self.active:
+            self.note = (f"attention transfer off: {pair} have no matching blocks ({len(teacher_stages)} and "
+                         f"{len(student_stages)} block stages named layerN/blockN)")
+        else:
+            names = ", ".join(name for name, _ in student_stages)
+            self.note = f"attention transfer on (beta {weight:g}) over {len(student_stages)} block stages: {names}"
+
+    def teacher_outputs(self) -> BlockOutputs | nullcontext:
+        return BlockOutputs(self.teacher_blocks) if self.active else nullcontext()
+
+    def student_outputs(self) -> BlockOutputs | nullcontext:
+        return BlockOutputs(self.student_blocks) if self.active else nullcontext()
+
+    def loss(self, student: BlockOutputs, teacher: BlockOutputs) -> torch.Tensor | None:
+        """beta * attention loss, or None when off (turned off here if the map sizes differ)."""
+        if not self.active:
+            return None
+        if not self._sizes_checked:
+            self._sizes_checked = True
+            s_sizes = [tuple(o.shape[-2:]) for o in student.outputs]
+            t_sizes = [tuple(o.shape[-2:]) for o in teacher.outputs]
+            if s_sizes != t_sizes or any(o.dim() != 4 for o in student.outputs + teacher.outputs):
+                self.active = False
+                self.note = f"attention transfer off: block output sizes differ (teacher {t_sizes}, student {s_sizes})"
+                return None
+        return self.weight * attention_loss(student.outputs, teacher.outputs)
+
+
 @torch.no_grad()
 def predict_classes(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Top-1 predictions of ``model`` (in eval mode) on ``x``, batched."""
@@ -62,16 +154,23 @@ def predict_classes(model: nn.Module, x: torch.Tensor, batch_size: int = 512) ->
 class StudentTrainer:
     """Updates the student on synthetic batches and keeps the best one seen on held-out agreement."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: TrainConfig, device: torch.device,
+                 input_shape: tuple[int, int, int] | None = None) -> None:
         self.student = student.to(device).train()
         self.teacher = teacher
         self.cfg = cfg
+        self.attention = AttentionTransfer(self.student, teacher, cfg.attention)
+        if input_shape is not None and self.attention.active:
+            self._probe_attention(torch.zeros(2, *input_shape, device=device))
         self.optimizer = self._make_optimizer()
         self.steps_done = 0
         self.best_agreement = -1.0
         self.best_step = 0
         self._best_state: dict[str, torch.Tensor] | None = None
         self._snapshots: list[tuple[int, dict[str, torch.Tensor]]] = []
+        # Fraction of the run's time budget used (set by the pipeline): with a time budget the
+        # schedule follows whichever of steps and time runs out first.
+        self.time_progress: Callable[[], float] = lambda: 0.0
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         cfg, params = self.cfg, self.student.parameters()
@@ -82,21 +181,44 @@ class StudentTrainer:
     def _lr_at(self, step: int) -> float:
         if self.cfg.schedule == "constant":
             return self.cfg.lr
-        return 0.5 * self.cfg.lr * (1 + math.cos(math.pi * min(step / max(self.cfg.steps, 1), 1.0)))
+        progress = max(step / max(self.cfg.steps, 1), self.time_progress())
+        return 0.5 * self.cfg.lr * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     def step(self, x: torch.Tensor) -> float:
         """One KD step on batch ``x``; returns the loss."""
         x = augment(x, self.cfg.crop_pad, self.cfg.flip)
-        with torch.no_grad():
+        with torch.no_grad(), self.attention.teacher_outputs() as teacher_blocks:
             teacher_logits = self.teacher(x)
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr_at(self.steps_done)
-        loss = kd_loss(self.student(x), teacher_logits, self.cfg.loss, self.cfg.temperature)
+        with self.attention.student_outputs() as student_blocks:
+            student_logits = self.student(x)
+        loss = kd_loss(student_logits, teacher_logits, self.cfg.loss, self.cfg.temperature)
+        attention = self.attention.loss(student_blocks, teacher_blocks)
+        if attention is not None:
+            loss = loss + attention
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         self.steps_done += 1
         return float(loss.detach())
+
+    @property
+    def attention_note(self) -> str:
+        """One line on attention transfer when ``train.attention`` > 0 (on, or off and why); else ""."""
+        return self.attention.note
+
+    @torch.no_grad()
+    def _probe_attention(self, x: torch.Tensor) -> None:
+        """Settle whether the block output sizes match before training (eval mode: no BN updates)."""
+        was_training = self.student.training
+        self.student.eval()
+        with self.attention.teacher_outputs() as teacher_blocks:
+            self.teacher(x)
+        with self.attention.student_outputs() as student_blocks:
+            self.student(x)
+        self.attention.loss(student_blocks, teacher_blocks)
+        self.student.train(was_training)
 
     def select(self, x: torch.Tensor, teacher_classes: torch.Tensor) -> float:
         """Agreement with the teacher on held-out ``x``; the best student so far is kept."""

@@ -177,7 +177,7 @@ def test_competition_needs_the_student():
     cfg = load_recipe("adi", ["synth.iterations=1", "synth.batch_size=2"])
     synth = synthesizer_class("deepinversion")(None, cfg.synth, cfg.loss, torch.device("cpu"))
     with pytest.raises(RuntimeError, match="needs the student"):
-        synth._student_logits(torch.zeros(2, 1, 16, 16))
+        synth.student_logits(torch.zeros(2, 1, 16, 16))
 
 
 def _warm_synth(teacher, warm: int, full: int, *extra: str):

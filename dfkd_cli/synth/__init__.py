@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 
 from dfkd_cli.errors import DfkdError
+from dfkd_cli.synth.adversarial import DAFLSynthesizer, DFADSynthesizer, DFQSynthesizer, ZSKTSynthesizer
 from dfkd_cli.synth.base import Synthesizer
 from dfkd_cli.synth.cmi import CMISynthesizer
 from dfkd_cli.synth.deepinversion import DeepInversionSynthesizer
@@ -22,6 +23,10 @@ SYNTHESIZERS: dict[str, type[Synthesizer]] = {
     "deepinversion": DeepInversionSynthesizer,
     "cmi": CMISynthesizer,
     "fast": FastSynthesizer,
+    "dafl": DAFLSynthesizer,
+    "zskt": ZSKTSynthesizer,
+    "dfad": DFADSynthesizer,
+    "dfq": DFQSynthesizer,
     "zskd": ZSKDSynthesizer,
 }
 

@@ -18,6 +18,22 @@ def _never_stop(step: int, total: int, parts: dict[str, float]) -> bool:
     return False
 
 
+def frozen_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` in eval mode with its weights frozen for this pass: gradients reach ``x`` only
+    (no weight gradients the model's own optimizer would have to discard), and the model's
+    BatchNorm statistics, training mode and ``requires_grad`` flags are left as they were."""
+    was_training = [m.training for m in model.modules()]
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval().requires_grad_(False)
+    try:
+        return model(x)
+    finally:
+        for module, mode in zip(model.modules(), was_training):
+            module.training = mode
+        for param, flag in zip(model.parameters(), flags):
+            param.requires_grad_(flag)
+
+
 class SyntheticPool:
     """Synthesized inputs kept as one tensor on the training device, sampled uniformly."""
 
@@ -78,8 +94,18 @@ class Synthesizer:
         self.device = device
         self.pool = SyntheticPool()
         self.on_step: StepCallback = _never_stop
+        # Share of the run done (student steps or time budget, whichever is further), for schedules
+        # that span the whole run; set by the pipeline.
+        self.run_progress: Callable[[], float] = lambda: 0.0
         # The student being trained, set by the pipeline for terms that need its feedback (``adv``).
         self.student: torch.nn.Module | None = None
+
+    def student_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The live student's logits on ``x`` for adversarial terms, differentiable in ``x`` only
+        (see :func:`frozen_logits`)."""
+        if self.student is None:
+            raise RuntimeError("this recipe's adversarial term needs the student: set synthesizer.student first")
+        return frozen_logits(self.student, x)
 
     def make_batch(self, n: int) -> torch.Tensor:
         """Synthesize ``n`` new inputs in the teacher's normalised input space."""

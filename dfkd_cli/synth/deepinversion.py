@@ -123,7 +123,7 @@ class DeepInversionSynthesizer(Synthesizer):
             optimizer.zero_grad(set_to_none=True)
             view = random_jitter_flip(render(x), cfg.jitter, cfg.flip)
             logits = self.teacher.model(view)
-            student_logits = self._student_logits(view)
+            student_logits = self.student_logits(view) if self.loss.get("adv") else None
             inputs = LossInputs(x=view, logits=logits, targets=targets, bn=bn, student_logits=student_logits)
             loss, parts = weighted_loss(self.loss, inputs)
             loss.backward()
@@ -135,17 +135,3 @@ class DeepInversionSynthesizer(Synthesizer):
             if self.on_step(it + 1, total, parts):
                 return True
         return False
-
-    def _student_logits(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The live student's logits when the ``adv`` competition term is on: in eval mode, so its
-        BatchNorm statistics stay untouched, and with its weights frozen for this forward pass, so
-        the pixel update's backward computes no weight gradients the trainer would throw away."""
-        if not self.loss.get("adv"):
-            return None
-        if self.student is None:
-            raise RuntimeError("the 'adv' term needs the student: set synthesizer.student first")
-        was_training = self.student.training
-        self.student.eval().requires_grad_(False)
-        logits = self.student(x)
-        self.student.train(was_training).requires_grad_(True)
-        return logits

@@ -62,21 +62,6 @@ INVERSION_TERMS: dict[str, Callable[[Any], torch.Tensor]] = {
 }
 
 
-def frozen_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``model(x)`` in eval mode with its weights frozen for this pass: gradients reach ``x`` only,
-    and the model's BatchNorm statistics and training mode are left as they were."""
-    was_training = [m.training for m in model.modules()]
-    flags = [p.requires_grad for p in model.parameters()]
-    model.eval().requires_grad_(False)
-    try:
-        return model(x)
-    finally:
-        for module, mode in zip(model.modules(), was_training):
-            module.training = mode
-        for param, flag in zip(model.parameters(), flags):
-            param.requires_grad_(flag)
-
-
 class GeneratorInversion(Synthesizer):
     """Base class: a per-batch Adam loop over a generator and z, the best (or last) batch kept.
 
@@ -121,11 +106,7 @@ class GeneratorInversion(Synthesizer):
         view = augment(x, self.config.crop_pad, self.config.flip)
         self.bn.reset()
         logits = self.teacher.model(view)
-        student_logits = None
-        if self._adv_on():
-            if self.student is None:
-                raise RuntimeError("the 'adv' term needs the student: set synthesizer.student first")
-            student_logits = frozen_logits(self.student, view)
+        student_logits = self.student_logits(view) if self._adv_on() else None
         return InversionInputs(x=view, logits=logits, targets=targets, bn=self.bn, student_logits=student_logits,
                                adv_temperature=self.config.adv_temperature)
 

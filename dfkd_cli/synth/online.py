@@ -1,0 +1,161 @@
+"""Online synthesizers: a generator trained alongside the student (DAFL, ZSKT, DFAD, DFQ).
+
+Each ``synthesize()`` call makes ``g_steps`` Adam updates of the generator on fresh latent codes
+(the recipe's loss, computed by the subclass in :meth:`generator_loss`); the student then trains
+on ``sample(n)``, fresh generator output made without gradient. Nothing is pooled: every batch
+is new, so ``holdout(n)`` and ``preview(n)`` are fresh samples too and never trained on.
+
+Generator BatchNorm: the generator always runs in training mode, on batch statistics, in the
+generator update and when sampling, as DAFL, ZSKT and DFAD do. Its last BatchNorm (no affine
+parameters) standardises each batch onto the teacher's normalised input scale, so samples are
+made in chunks of ``batch_size`` to keep that per-batch scale the one the generator was trained
+at; the running statistics are kept but never used.
+
+The student, when a loss term needs it, runs in eval mode with its weights frozen during the
+generator's backward (see :meth:`Synthesizer.student_logits`): its BatchNorm
+statistics are not moved by generator batches and no weight gradients are computed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from dfkd_cli.errors import DfkdError
+from dfkd_cli.synth.base import Synthesizer
+from dfkd_cli.synth.generator import Generator
+
+SCHEDULES = ("constant", "cosine", "step")
+# "step" is DFAD's schedule: x0.1 at epochs 100 and 200 of 500, i.e. at 20% and 40% of the run.
+STEP_MILESTONES = (0.2, 0.4)
+# Largest preview made at once, in input elements (about 256 MB of float32 at 224x224).
+PREVIEW_ELEMENTS = 2**26
+
+
+@dataclass
+class OnlineConfig:
+    """Generator settings shared by the online recipes (each subclass sets its paper's defaults)."""
+
+    batch_size: int = 256  # generator batch; samples are made in chunks of this size
+    latent_dim: int = 100
+    ngf: int = 64  # generator width
+    lr: float = 1e-3  # generator Adam learning rate
+    g_steps: int = 1  # generator updates per synthesize() call (ZSKT's n_G)
+    schedule: str = "constant"  # generator lr schedule: constant | cosine | step (x0.1 at 20% and 40%)
+    schedule_steps: int = 0  # generator updates the cosine/step schedule spans; 0 = the whole run (steps or time budget)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise DfkdError(f"'synth.schedule' must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.schedule_steps < 0:
+            raise DfkdError(f"'synth.schedule_steps' must be 0 (follow the run) or positive, got {self.schedule_steps}")
+        for name in ("batch_size", "latent_dim", "ngf", "g_steps"):
+            if getattr(self, name) < 1:
+                raise DfkdError(f"'synth.{name}' must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise DfkdError(f"'synth.lr' must be positive, got {self.lr}")
+
+
+def lr_factor(schedule: str, progress: float) -> float:
+    """Multiplier of the base learning rate at ``progress`` (0 to 1) through the schedule."""
+    if schedule == "constant":
+        return 1.0
+    progress = min(progress, 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 0.1 ** sum(progress >= m for m in STEP_MILESTONES)
+
+
+class OnlineGeneratorSynthesizer(Synthesizer):
+    """Base class: a generator updated by ``synthesize()`` and sampled fresh for every batch.
+
+    Subclasses set ``Config`` (an :class:`OnlineConfig` with their paper's defaults), ``loss_terms``
+    and :meth:`generator_loss`.
+    """
+
+    Config: ClassVar[type] = OnlineConfig
+    online = True
+    # DAFL trains the student on the very batch of the generator update; ZSKT, DFAD and DFQ draw
+    # a fresh batch for every student step.
+    student_on_generator_batch: ClassVar[bool] = False
+
+    def __init__(self, teacher: Any, config: OnlineConfig, loss: dict[str, float], device: torch.device) -> None:
+        super().__init__(teacher, config, loss, device)
+        self.generator = Generator(config.latent_dim, config.ngf, teacher.input_shape).to(device).train()
+        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(config.schedule, self._schedule_progress(step)))
+        self.updates = 0
+        self.last_parts: dict[str, float] = {}
+        self._generator_batch: torch.Tensor | None = None
+
+    def _schedule_progress(self, step: int) -> float:
+        if self.config.schedule_steps:
+            return step / self.config.schedule_steps
+        return self.run_progress()
+
+    def generator_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss the generator minimises on its batch ``x``, and each term's value."""
+        raise NotImplementedError
+
+    def latent(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.config.latent_dim, device=self.device)
+
+    def synthesize(self) -> None:
+        """``g_steps`` generator updates, each on a fresh batch; stops early when ``on_step`` says so."""
+        steps = self.config.g_steps
+        for step in range(steps):
+            self.generator.train()
+            x = self.generator(self.latent(self.config.batch_size))
+            loss, parts = self.generator_loss(x)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.updates += 1
+            self.last_parts = {**parts, "g_loss": float(loss.detach())}
+            self._generator_batch = x.detach() if self.student_on_generator_batch else None
+            if self.on_step(step + 1, steps, self.last_parts):
+                break
+
+    @torch.no_grad()
+    def generate(self, n: int) -> torch.Tensor:
+        """``n`` fresh samples, made in chunks of ``batch_size`` in training mode (see module doc)."""
+        self.generator.train()
+        chunks, made = [], 0
+        while made < n:
+            chunk = self.generator(self.latent(self.config.batch_size))[: n - made]
+            chunks.append(chunk)
+            made += len(chunk)
+        return torch.cat(chunks)
+
+    def sample(self, n: int) -> torch.Tensor:
+        """A training batch: the last generator-update batch once where the paper trains the
+        student on it (DAFL), else fresh samples."""
+        batch, self._generator_batch = self._generator_batch, None
+        if batch is not None and len(batch) >= n:
+            return batch[:n]
+        return self.generate(n)
+
+    def holdout(self, n: int) -> torch.Tensor:
+        return self.generate(n)
+
+    def preview(self, n: int) -> torch.Tensor:
+        per_sample = math.prod(self.teacher.input_shape)
+        return self.generate(max(1, min(n, PREVIEW_ELEMENTS // per_sample)))
+
+    def status(self) -> dict[str, float]:
+        return {**self.last_parts, "lr_g": self.optimizer.param_groups[0]["lr"]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.updates = int(state["updates"])
