@@ -13,6 +13,10 @@ from dfkd_cli.archs import create_model
 SHAPE = (1, 16, 16)
 NUM_CLASSES = 4
 
+# The test models are tiny: a second OpenMP thread buys little, and on a shared 2-core machine it
+# made steps 5-13x slower (threads spin-waiting for a busy core).
+torch.set_num_threads(1)
+
 
 def quadrant_task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Images in [0, 1] with a bright 5x5 square in one of four quadrants; the quadrant is the class."""
