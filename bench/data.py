@@ -73,6 +73,14 @@ def load_usps(split: str, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     return usps_to_uint8(pixels, size), torch.from_numpy(labels)
 
 
+def class_subset(x: torch.Tensor, y: torch.Tensor, classes: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples of ``classes``, relabelled 0..len(classes)-1 in the order given."""
+    keep = torch.isin(y, torch.tensor(classes))
+    relabel = torch.full((int(y.max()) + 1,), -1, dtype=torch.int64)
+    relabel[list(classes)] = torch.arange(len(classes))
+    return x[keep], relabel[y[keep]]
+
+
 def save_eval_npz(path: Path, x: torch.Tensor, y: torch.Tensor) -> None:
     """uint8 ``[N, C, H, W]`` images and labels as the .npz ``dfkd --eval-data`` reads (x: [N, H, W]
     for grey images, [N, H, W, C] for colour; y: uint8)."""

@@ -8,10 +8,14 @@ teacher):
     python bench/run_bench.py mnist-bn    --json bench/out/mnist-bn.json      # BN teacher: BN-prior recipes, 5m/row
     python bench/run_bench.py cifar10     --json bench/out/cifar10.json       # resnet20 -> resnet8 on CPU, 5m/row
     python bench/run_bench.py cifar10 --gpu --json bench/out/cifar10-gpu.json # resnet34 -> resnet18 on a GPU
+    python bench/run_bench.py mnist-update --json bench/out/mnist-update.json # dfad, dafl x plain/replay/lra, 5m/row
+    python bench/run_bench.py cifar-split --json bench/out/cifar-split.json   # AVKD's class split, 5m/row
     python bench/run_bench.py demo                                            # the bundled demo vs noise
 
 Expected duration: rows x (budget + about 20-40 s of loading, export and evaluation on 2 CPU cores):
-mnist-lenet 7 rows (kd-mnist, kd-usps and the 5 recipes without BatchNorm) about 75 min; mnist-bn and
+mnist-lenet 9 rows (kd-mnist, kd-usps and the 7 recipes without BatchNorm, avkd and prior-kd with
+USPS as --prior) about 95 min; mnist-update 6 rows about 35 min; cifar-split 5 rows (noise,
+prior-kd, avkd, dafl, dfad) about 30 min plus its teacher's training; mnist-bn and
 cifar10 11 rows (kd and all 10 recipes) about 60-65 min each; cifar10 --gpu 11 rows at 1h, about
 11-12 h plus the teacher's training (60 epochs, minutes on a recent GPU). It needs ../shared/data
 beside the checkout (the CIFAR-10 training set is 141 MB). Run one suite at a time on an idle machine:
@@ -21,10 +25,13 @@ the numbers are wall-clock, so other load on the CPU lowers every row's step cou
                                         a suite lists its rows on stderr when it starts)
     --set train.lr=0.01                 an override for every row; --set dafl:train.lr=0.01 for one recipe
     --keep DIR                          keep every row's run folder (default: a temporary folder)
+    --json F --update                   re-run some rows (--recipes) into an earlier table in F: rows of the
+                                        same name are replaced, new ones added
 
 Teachers (trained by bench/train_teacher.py when missing; the exact arguments are in make_suite):
 MNIST LeNet-5 (no BatchNorm, `--epochs 5 --lr 0.05`), the bundled demo resnet8 (BatchNorm, 99.07%),
-CIFAR-10 resnet20 (`--epochs 10 --crop-pad 4 --flip`) and, for --gpu only, CIFAR-10 cifar_resnet34.
+CIFAR-10 resnet20 (`--epochs 10 --crop-pad 4 --flip`; for cifar-split on classes 0-4 only) and, for
+--gpu only, CIFAR-10 cifar_resnet34.
 
 Every row but the teacher's is one process: `dfkd compress TEACHER ... --recipe R --time-budget B
 --steps S --format json` for a recipe (the recipes that apply are asked of `dfkd inspect`), or
@@ -50,103 +57,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import IMAGES, save_eval_npz  # noqa: E402
+from data import IMAGES, class_subset, save_eval_npz  # noqa: E402
+from suites import BENCH, DATA_NAMES, HUGE_STEPS, KD_TITLES, OUT, ROOT, SUITE_NAMES, Suite, make_suite  # noqa: E402,F401
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-OUT = BENCH / "out"
 DFKD = Path(sys.executable).parent / "dfkd"
-HUGE_STEPS = 1_000_000  # never reached on a CPU: the time budget ends each run
 
 
-@dataclass
-class Suite:
-    """One table: a teacher, a student, real eval data, and the rows' shared settings."""
-
-    name: str
-    title: str
-    teacher: Path
-    arch: str
-    student: str
-    input_shape: str
-    normalize: str
-    eval_data: tuple[str, int]  # the first N images of this data set's test split
-    train_teacher: list[str]  # bench/train_teacher.py arguments that make the teacher
-    kd_data: tuple[str, ...]  # real data sets for KD rows
-    kd_train_from: str  # recipe whose [train] table the KD rows use
-    budget: str
-    steps: int = HUGE_STEPS
-    device: str = "cpu"
-    overrides: dict[str, list[str]] = field(default_factory=dict)  # "*": every row; else a recipe name
-    digits: bool = False  # no mirrored images: train.flip and (where a recipe has it) synth.flip off
-    published: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def eval_npz(self) -> Path:
-        dataset, n = self.eval_data
-        return OUT / f"{dataset}_test{n // 1000}k.npz"
-
-    def teacher_args(self) -> list[str]:
-        return [str(self.teacher), "--arch", self.arch, "--input-shape", self.input_shape,
-                "--normalize", self.normalize]
-
-
-# The demo's settings for DeepInversion-style recipes on this MNIST pair (dfkd_cli/demo/demo.toml):
-# the recipes' CIFAR-10 settings would spend the whole budget on one batch.
-_MNIST_PIXEL_OPT = ["synth.batch_size=128", "synth.iterations=200", "synth.lr=0.1",
-                    "synth.first_bn_multiplier=10.0", "synth.loss.bn=10.0", "synth.loss.tv_l1=0.05",
-                    "synth.loss.tv_l2=0.0", "train.optimizer=adam", "train.lr=0.001", "train.weight_decay=0.0",
-                    "train.crop_pad=2"]
-_CPU_CIFAR_PIXEL_OPT = ["synth.iterations=200", "synth.batch_size=64"]
-# The papers' CIFAR-10 settings where a recipe file ships CPU-sized ones (each file's header says so).
-_PAPER_CIFAR = {
-    "cmi": ["synth.iterations=200", "synth.batch_size=256", "synth.ngf=64"],
-    "fast": ["synth.batch_size=256", "synth.ngf=64"],
-    "zskd": ["synth.iterations=1500", "synth.lr=0.01"],
-    "dafl": ["synth.lr=0.02", "synth.latent_dim=1000", "synth.batch_size=1024", "synth.loss.oh=0.05",
-             "synth.loss.act=0.01", "synth.loss.ie=5.0", "train.optimizer=sgd", "train.lr=0.1"],
-}
-_MNIST_TEACHER = ["--dataset", "mnist", "--arch", "lenet5", "--epochs", "5", "--lr", "0.05"]
-_DAFL_TABLE_1 = {"kd-mnist": "98.91% (DAFL)", "kd-usps": "94.56% (DAFL)", "noise": "88.01% (DAFL)",
-                 "dafl": "98.20% (DAFL)", "dfad": "98.3% (DFAD)", "zskd": "98.77% (ZSKD)"}
-
-
-def make_suite(name: str, gpu: bool = False) -> Suite:
-    """The suite called ``name`` (``gpu``: the cifar10 suite at the papers' scale on CUDA)."""
-    if name == "mnist-lenet":
-        return Suite(name, "MNIST, DAFL Table 1 setting: LeNet-5 -> LeNet-5-half", OUT / "mnist_lenet5.safetensors",
-                     "lenet5", "lenet5_half", "1x32x32", "mnist", ("mnist", 10_000), _MNIST_TEACHER,
-                     ("mnist", "usps"), "dafl", "10m", digits=True, published=_DAFL_TABLE_1)
-    if name == "mnist-bn":
-        return Suite(name, "MNIST with a BatchNorm teacher: resnet8 -> LeNet-5-half",
-                     ROOT / "dfkd_cli" / "demo" / "mnist_resnet8.safetensors", "resnet8", "lenet5_half", "1x32x32",
-                     "mnist", ("mnist", 10_000), ["--dataset", "mnist", "--arch", "resnet8", "--epochs", "3"],
-                     ("mnist",), "dafl", "5m", digits=True,
-                     overrides={"deepinversion": _MNIST_PIXEL_OPT, "adi": _MNIST_PIXEL_OPT})
-    if name == "cifar10" and gpu:
-        return Suite(name, "CIFAR-10 at the papers' scale: resnet34 -> resnet18 (GPU)",
-                     OUT / "cifar10_resnet34.safetensors", "cifar_resnet34", "cifar_resnet18", "3x32x32", "cifar10",
-                     ("cifar10", 10_000), ["--dataset", "cifar10", "--arch", "cifar_resnet34", "--epochs", "60",
-                                         "--crop-pad", "4", "--flip", "--device", "cuda"],
-                     ("cifar10",), "deepinversion", "1h", device="cuda", overrides=_PAPER_CIFAR)
-    if name == "cifar10":
-        return Suite(name, "CIFAR-10 on a CPU: resnet20 -> resnet8", OUT / "cifar10_resnet20.safetensors", "resnet20",
-                     "resnet8", "3x32x32", "cifar10", ("cifar10", 2_000),
-                     ["--dataset", "cifar10", "--arch", "resnet20", "--epochs", "10", "--crop-pad", "4", "--flip"],
-                     ("cifar10",), "deepinversion", "5m",
-                     overrides={"deepinversion": _CPU_CIFAR_PIXEL_OPT, "adi": _CPU_CIFAR_PIXEL_OPT})
-    raise SystemExit(f"unknown suite '{name}'; choose one of: {', '.join(SUITE_NAMES)}")
-
-
-SUITE_NAMES = ("mnist-lenet", "mnist-bn", "cifar10", "demo")
-DATA_NAMES = {"mnist": "MNIST", "usps": "USPS", "cifar10": "CIFAR-10"}
-KD_TITLES = {"mnist": "KD on MNIST train images (upper bound)", "usps": "KD on USPS train images (alternative data)",
-             "cifar10": "KD on CIFAR-10 train images (upper bound)"}
 DEMO_ROWS = [("demo: deepinversion", ["--demo"]), ("demo settings, noise", ["--demo", "--recipe", "noise"])]
 
 
@@ -163,8 +86,16 @@ def ensure_inputs(suite: Suite) -> None:
     if not suite.eval_npz.is_file():
         dataset, n = suite.eval_data
         x, y = IMAGES[dataset]("test")
+        if suite.classes:
+            x, y = class_subset(x, y, suite.classes)
         save_eval_npz(suite.eval_npz, x[:n], y[:n])
         log(f"wrote {suite.eval_npz} ({len(x[:n])} {dataset} test images)")
+    if suite.prior_npz and not suite.prior_npz.is_file():
+        x, y = IMAGES[suite.prior]("train")
+        if suite.classes:
+            x = x[~torch.isin(y, torch.tensor(suite.classes))]
+        np.savez(suite.prior_npz, x=x.numpy())
+        log(f"wrote {suite.prior_npz} ({len(x)} {suite.prior} train images, no labels)")
 
 
 def applicable_recipes(suite: Suite) -> list[str]:
@@ -174,12 +105,16 @@ def applicable_recipes(suite: Suite) -> list[str]:
     if proc.returncode != 0:
         raise SystemExit(f"dfkd inspect failed: {last_line(proc.stderr)}")
     recipes = json.loads(proc.stdout)["recipes"]
+    if suite.prior is None:
+        recipes = [r for r in recipes if r not in prior_recipes()]
     return sorted(recipes, key=lambda r: r != "noise")
 
 
 def overrides_for(suite: Suite, recipe: str, extra: list[str], train_only: bool = False) -> list[str]:
     """``-s`` values for a row: the suite's, then the command line's (``key=v`` or ``recipe:key=v``)."""
     items = suite.overrides.get("*", []) + suite.overrides.get(recipe, [])
+    if recipe in suite.kd_like and not train_only:
+        items = kd_trainer(suite.kd_train_from) + items
     if suite.digits:  # digits are not mirror-symmetric
         mirror = not train_only and "flip" in synth_keys(recipe)
         items = ["train.flip=false"] + (["synth.flip=false"] if mirror else []) + items
@@ -194,6 +129,15 @@ def overrides_for(suite: Suite, recipe: str, extra: list[str], train_only: bool 
     return [arg for item in items for arg in ("-s", item)]
 
 
+def kd_trainer(recipe: str) -> list[str]:
+    """The optimiser settings of ``recipe``'s [train] table, as overrides."""
+    from dfkd_cli.config import load_recipe
+
+    train = load_recipe(recipe).train
+    keys = ("optimizer", "lr", "momentum", "weight_decay", "schedule", "loss", "temperature")
+    return [f"train.{key}={json.dumps(getattr(train, key))}" for key in keys]
+
+
 def synth_keys(recipe: str) -> set[str]:
     """The ``[synth]`` keys of a shipped recipe's synthesizer."""
     from dataclasses import fields
@@ -204,11 +148,18 @@ def synth_keys(recipe: str) -> set[str]:
     return {f.name for f in fields(synthesizer_class(recipe_info(recipe).synthesizer).Config)}
 
 
+def prior_recipes() -> list[str]:
+    from dfkd_cli.config import prior_recipes as shipped
+
+    return shipped()
+
+
 def compress_cmd(suite: Suite, recipe: str, budget: str, steps: int, extra: list[str], out: Path) -> list[str]:
     """`dfkd compress` for one recipe row."""
     return [str(DFKD), "compress", *suite.teacher_args(), "--student", suite.student,
            "--eval-data", str(suite.eval_npz), "--recipe", recipe, "--time-budget", budget, "--steps", str(steps),
            "--device", suite.device, "--out", str(out), "--overwrite", "--format", "json",
+           *(["--prior", str(suite.prior_npz)] if suite.prior_npz and recipe in prior_recipes() else []),
            *overrides_for(suite, recipe, extra)]
 
 
@@ -227,7 +178,7 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else "no error message"
 
 
-def run_row(name: str, cmd: list[str]) -> dict[str, Any]:
+def run_row(name: str, cmd: list[str], show_stability: bool = False) -> dict[str, Any]:
     """Run one row's process; its report as a table row, or a row holding its one-line error."""
     started = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -241,6 +192,9 @@ def run_row(name: str, cmd: list[str]) -> dict[str, Any]:
         row = error_row(name, f"exit {proc.returncode}: {last_line(proc.stderr)}")
     else:
         row = row_from_report(name, report)
+        if show_stability and report["run"].get("stability"):
+            curve = report["run"]["stability"]
+            row[STABILITY] = f"{curve['mean']:.2f}% / {curve['variance']:.2f} / {curve['max']:.2f}%"
     row["command"] = cmd
     row["process_s"] = round(time.monotonic() - started, 1)
     return row
@@ -279,8 +233,9 @@ def teacher_row(suite: Suite) -> dict[str, Any]:
 
 
 PERCENT_COLUMNS = ("teacher acc", "student acc", "agreement (real)", "agreement (synthetic holdout)")
-TABLE_COLUMNS = ("run", "student acc", "agreement (real)", "agreement (synthetic holdout)", "steps", "total s",
-                 "published", "hardware", "note")
+STABILITY = "synthetic agreement along the run (mean / variance / max)"
+TABLE_COLUMNS = ("run", "student acc", "agreement (real)", "agreement (synthetic holdout)", STABILITY, "steps",
+                 "total s", "published", "hardware", "note")
 PUBLISHED_HEADER = "published (GPU, far larger budgets)"
 
 
@@ -309,9 +264,16 @@ def footer(suite: Suite, budget: str, steps: int) -> str:
     dataset, n = suite.eval_data
     images = f"all {n:,}" if n == 10_000 else f"the first {n:,}"
     stop = f"the budget (--steps {steps:,} is never reached)" if steps == HUGE_STEPS else f"--steps {steps:,} or it"
-    text = (f"Accuracy and agreement on {images} {DATA_NAMES[dataset]} test images (never used for selection). "
+    which = f" of classes {', '.join(map(str, suite.classes))}" if suite.classes else ""
+    text = (f"Accuracy and agreement on {images} {DATA_NAMES[dataset]} test images{which} (never used for selection). "
             f"Every row but the teacher's: `--time-budget {budget}` for distillation, ended by {stop}; \"total s\" "
             "is the row's whole wall clock (loading, distillation, export, evaluation) on the hardware named.")
+    kd_like = [name for name in suite.kd_like if suite.prior or name != "prior-kd"]
+    text += (f" {' and '.join(kd_like)} train with the optimiser settings of the {suite.kd_train_from} recipe (those "
+             "of the KD rows), so they differ from KD on real images in their inputs only.")
+    if suite.prior:
+        others = " of the other classes" if suite.classes else ""
+        text += f" avkd and prior-kd get the {DATA_NAMES[suite.prior]} training images{others}, without labels, as --prior."
     if suite.published:
         text += (" Published numbers come from the papers' own runs (a GPU and far larger budgets, and their own "
                  "teachers), shown for orientation, not measured here.")
@@ -323,8 +285,8 @@ def run_suite(suite: Suite, budget: str, steps: int, only: list[str] | None, ext
     """Every row of ``suite`` (or only the named ones), in order: teacher, KD baselines, recipes."""
     ensure_inputs(suite)
     kd_names = [f"kd-{d}" for d in suite.kd_data]
-    recipes = applicable_recipes(suite)
-    valid = kd_names + recipes
+    recipes = [] if suite.only_variants else applicable_recipes(suite)
+    valid = kd_names + recipes + list(suite.variants)
     unknown = sorted(set(only or []) - set(valid))
     if unknown:
         raise SystemExit(f"{', '.join(unknown)}: not a row of {suite.name}; rows: {', '.join(valid)}")
@@ -337,10 +299,13 @@ def run_suite(suite: Suite, budget: str, steps: int, only: list[str] | None, ext
         if name in kd_names:
             data = name.removeprefix("kd-")
             cmd, title = kd_cmd(suite, data, budget, steps, extra, out, kd_train_from), KD_TITLES[data]
+        elif name in suite.variants:
+            recipe, settings = suite.variants[name]
+            cmd, title = compress_cmd(suite, recipe, budget, steps, [*settings, *extra], out), name
         else:
             cmd, title = compress_cmd(suite, name, budget, steps, extra, out), name
         log(f"[{index}/{len(names)}] {title}: {' '.join(cmd)}")
-        row = run_row(title, cmd)
+        row = run_row(title, cmd, suite.show_stability)
         if suite.published:
             row["published"] = suite.published.get(name)
         done = f"{cell('student acc', row['student acc'])} in {row['process_s']} s"
@@ -360,6 +325,13 @@ def run_demo(workdir: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def merge_rows(earlier: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``earlier`` with each row of ``new`` in place of the row of the same name, or appended."""
+    fresh = {row["run"]: row for row in new}
+    merged = [fresh.pop(row["run"], row) for row in earlier]
+    return merged + [row for row in new if row["run"] in fresh]
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", choices=SUITE_NAMES)
@@ -373,9 +345,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kd-train-from", help="recipe whose [train] table the KD rows use (default: the suite's)")
     parser.add_argument("--json", type=Path, help="also write the rows (with each row's command) to this file")
     parser.add_argument("--keep", type=Path, help="keep the run folders here (default: a temporary folder)")
+    parser.add_argument("--update", action="store_true",
+                        help="with --json: merge these rows into the rows already in that file (same name: replaced)")
     args = parser.parse_args(argv)
     if args.gpu and args.suite != "cifar10":
         parser.error("--gpu applies to the cifar10 suite only")
+    if args.update and not (args.json and args.json.is_file()):
+        parser.error("--update needs --json naming an earlier run's file")
     return args
 
 
@@ -395,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
             heading = f"{suite.title} ({suite.name}, --time-budget {budget} per row)"
             note, meta = footer(suite, budget, steps), {"budget": budget, "steps": steps, "device": suite.device,
                                                         "eval_data": str(suite.eval_npz), "teacher": str(suite.teacher)}
+    if args.update:
+        rows = merge_rows(json.loads(args.json.read_text(encoding="utf-8"))["rows"], rows)
     print(f"**{heading}**\n\n{table(rows)}\n" + (f"\n{note}\n" if note else ""))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,8 @@
         --out bench/out/mnist_lenet5.safetensors     # DAFL's LeNet-5 teacher (no BatchNorm)
     python bench/train_teacher.py --dataset cifar10 --arch cifar_resnet34 --epochs 60 --crop-pad 4 --flip \
         --device cuda --out bench/out/cifar10_resnet34.safetensors   # GPU only: the papers' CIFAR-10 teacher
+    python bench/train_teacher.py --dataset cifar10 --classes 0,1,2,3,4 --arch resnet20 --epochs 10 \
+        --crop-pad 4 --flip --out bench/out/cifar10_first5_resnet20.safetensors  # AVKD's class split
 
 `bench/run_bench.py` runs these itself when a suite's teacher is missing.
 
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import LOADERS  # noqa: E402
+from data import LOADERS, class_subset  # noqa: E402
 
 from dfkd_cli.archs import NORMALIZE_PRESETS, create_model  # noqa: E402
 from dfkd_cli.runtime import resolve_device  # noqa: E402
@@ -49,13 +51,16 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norm) -> 
 
 
 def train(dataset: str, arch: str, epochs: int, batch_size: int, lr: float, seed: int, crop_pad: int = 0,
-          flip: bool = False, device: torch.device = torch.device("cpu")) -> tuple[torch.nn.Module, float]:
+          flip: bool = False, device: torch.device = torch.device("cpu"),
+          classes: tuple[int, ...] | None = None) -> tuple[torch.nn.Module, float]:
     torch.manual_seed(seed)
     load, preset = LOADERS[dataset]
     (x_train, y_train), (x_test, y_test) = load("train"), load("test")
+    if classes:
+        (x_train, y_train), (x_test, y_test) = class_subset(x_train, y_train, classes), class_subset(x_test, y_test, classes)
     x_train, y_train, x_test = x_train.to(device), y_train.to(device), x_test.to(device)
     norm = normaliser(preset, device)
-    model = create_model(arch, 10, tuple(x_train.shape[1:])).to(device)
+    model = create_model(arch, len(classes) if classes else 10, tuple(x_train.shape[1:])).to(device)
     steps = epochs * (len(x_train) // batch_size)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
@@ -89,9 +94,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--heldout", type=Path, help="also save the first 1,000 test images as .npz (x, y)")
+    parser.add_argument("--classes", help="train on these classes only, relabelled 0..K-1, e.g. 0,1,2,3,4")
     args = parser.parse_args()
+    classes = tuple(int(c) for c in args.classes.split(",")) if args.classes else None
     model, _ = train(args.dataset, args.arch, args.epochs, args.batch_size, args.lr, args.seed,
-                     args.crop_pad, args.flip, resolve_device(args.device))
+                     args.crop_pad, args.flip, resolve_device(args.device), classes)
     model = model.cpu()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(args.out))

@@ -89,6 +89,7 @@ def compress(
     std: Annotated[Optional[str], typer.Option(help="Per-channel std, comma separated.")] = None,
     labels: Annotated[Optional[Path], typer.Option(help="Text file with one class name per line.")] = None,
     eval_data: Annotated[Optional[Path], typer.Option(help="Labelled real data for the report: image folder or .npz.")] = None,
+    prior: Annotated[Optional[Path], typer.Option(help="Unlabelled images from a related domain (folder or .npz with x) for the recipes that use them: avkd, prior-kd.")] = None,
     min_agreement: Annotated[Optional[float], typer.Option(help="Fail (exit 1) below this teacher-student agreement.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (CPU runs repeat exactly).")] = None,
@@ -108,7 +109,7 @@ def compress(
     flags = dict(teacher=teacher, arch=arch, student=student, recipe=recipe, out=out, steps=steps,
                  time_budget_s=parse_duration(time_budget) if time_budget else None, input_shape=input_shape,
                  normalize=normalize, mean=mean, std=std, labels=labels, eval_data=eval_data,
-                 min_agreement=min_agreement, device=device, seed=seed)
+                 prior=prior, min_agreement=min_agreement, device=device, seed=seed)
     opts, recipe_cfg = resolve_compress(flags, set_ or [], DEMO_DIR / "demo.toml" if demo else config,
                                         overwrite=overwrite, trust_pickle=trust_pickle)
     display = make_display(output_format.value)

@@ -48,6 +48,7 @@ class TrainConfig:
     optimizer: str = "sgd"  # sgd | adam
     lr: float = 0.1
     momentum: float = 0.9
+    nesterov: bool = False  # Nesterov momentum (SGD)
     weight_decay: float = 5e-4
     schedule: str = "cosine"  # cosine | constant
     loss: str = "kl"  # kl (KL at temperature T, scaled by T^2) | l1 (logits MAE)
@@ -57,12 +58,33 @@ class TrainConfig:
     holdout: int = 256  # held-out synthetic samples: half select the student, half are reported
     eval_every: int = 50  # student steps between selections on held-out synthetic agreement
     attention: float = 0.0  # weight of the attention-transfer term (ZSKT's beta); 0 = off
+    update: str = "plain"  # plain | replay (KD on a memory of earlier batches too) | lra (retain while acquiring)
+    memory_size: int = 4096  # samples in the ring-buffer memory bank of earlier synthetic batches (replay, lra)
+    memory_batch: int = 0  # memory samples per retention step; 0 = train.batch_size
+    lra_inner_lr: float = 0.0  # alpha of lra's inner SGD step; 0 = the student's current learning rate
+    lra_order: str = "exact"  # exact (second order, through the inner step) | first (first-order approximation)
+
+    def __post_init__(self) -> None:
+        for key in ("update", "lra_order"):
+            choices = _CHOICES[f"train.{key}"]
+            if getattr(self, key) not in choices:
+                raise DfkdError(f"'train.{key}' must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
+        if self.nesterov and self.momentum <= 0:
+            raise DfkdError("'train.nesterov' needs a positive 'train.momentum'; set one or turn nesterov off")
+        if self.memory_size < 1:
+            raise DfkdError(f"'train.memory_size' must be at least 1, got {self.memory_size}")
+        if self.memory_batch < 0:
+            raise DfkdError(f"'train.memory_batch' must be 0 (train.batch_size) or positive, got {self.memory_batch}")
+        if self.lra_inner_lr < 0:
+            raise DfkdError(f"'train.lra_inner_lr' must be 0 (the student's lr) or positive, got {self.lra_inner_lr}")
 
 
 _CHOICES = {
     "train.optimizer": ("sgd", "adam"),
     "train.schedule": ("cosine", "constant"),
     "train.loss": ("kl", "l1"),
+    "train.update": ("plain", "replay", "lra"),
+    "train.lra_order": ("exact", "first"),
 }
 
 
@@ -283,6 +305,13 @@ def auto_recipe(has_bn: bool) -> str:
         if name in shipped and (has_bn or not recipe_info(name).requires_bn):
             return name
     raise RuntimeError("no shipped recipe applies to this teacher")  # noise always applies
+
+
+def prior_recipes() -> list[str]:
+    """Shipped recipes that read ``--prior`` images."""
+    from dfkd_cli.synth import synthesizer_class
+
+    return [name for name in list_recipes() if synthesizer_class(recipe_info(name).synthesizer).uses_prior]
 
 
 def applicable_recipes(teacher: Any) -> list[str]:

@@ -198,7 +198,7 @@ def _load_npz(path: Path, input_shape: tuple[int, int, int], limit: int | None) 
         raise DfkdError(f"eval data '{path}' is not a readable .npz ({error}); write it with numpy.savez") from error
     if len(x) == 0:
         raise DfkdError(f"eval data '{path}' holds no samples; provide at least one")
-    images = _to_unit_nchw(x, input_shape, path)
+    images = to_unit_nchw(x, input_shape, path)
     if y is None:
         return images, None
     if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
@@ -206,24 +206,25 @@ def _load_npz(path: Path, input_shape: tuple[int, int, int], limit: int | None) 
     return images, torch.from_numpy(y.astype(np.int64))
 
 
-def _to_unit_nchw(x: np.ndarray, input_shape: tuple[int, int, int], path: Path) -> torch.Tensor:
-    """float32 ``[N, C, H, W]`` in [0, 1] from an integer or [0, 1]-float array in a known layout."""
+def to_unit_nchw(x: np.ndarray, input_shape: tuple[int, int, int], path: Path, what: str = "eval data") -> torch.Tensor:
+    """float32 ``[N, C, H, W]`` in [0, 1] from an integer or [0, 1]-float array in a known layout,
+    fitted to ``input_shape``; errors name the file as ``what`` (eval data, prior data)."""
     channels, height, width = input_shape
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[1] not in (1, 3, 4) and x.shape[3] in (1, 3, 4):
         x = x.transpose(0, 3, 1, 2)
     elif not (x.ndim == 4 and x.shape[1] in (1, 3, 4)):
-        raise DfkdError(f"eval data '{path}': 'x' has shape {list(x.shape)}; expected [N,H,W], [N,H,W,C] or [N,C,H,W] with C in 1, 3")
+        raise DfkdError(f"{what} '{path}': 'x' has shape {list(x.shape)}; expected [N,H,W], [N,H,W,C] or [N,C,H,W] with C in 1, 3")
     if np.issubdtype(x.dtype, np.integer):
         tensor = torch.from_numpy(np.ascontiguousarray(x).astype(np.float32)) / 255.0
     elif np.issubdtype(x.dtype, np.floating):
         tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     else:
-        raise DfkdError(f"eval data '{path}': 'x' has dtype {x.dtype}; store uint8 pixels or floats in [0, 1]")
+        raise DfkdError(f"{what} '{path}': 'x' has dtype {x.dtype}; store uint8 pixels or floats in [0, 1]")
     low, high = float(tensor.min()), float(tensor.max())
     if low < -_FLOAT_RANGE_SLACK or high > 1 + _FLOAT_RANGE_SLACK or not math.isfinite(low + high):
-        raise DfkdError(f"eval data '{path}': pixel values span {low:g}..{high:g}; store uint8 0..255 or floats in [0, 1], not normalised data")
+        raise DfkdError(f"{what} '{path}': pixel values span {low:g}..{high:g}; store uint8 0..255 or floats in [0, 1], not normalised data")
     return _fit_spatial(_match_channels(tensor, channels), height, width)
 
 
@@ -257,7 +258,7 @@ def _load_image_folder(
     if not folders:
         raise DfkdError(f"eval folder '{root}' has no class sub-folders; put each class's images in a sub-folder named after it")
     label_of, mapping = _folder_labels([f.name for f in folders], class_names)
-    per_class = [[(f, label_of[folder.name]) for f in sorted(folder.iterdir()) if _is_image(f)] for folder in folders]
+    per_class = [[(f, label_of[folder.name]) for f in sorted(folder.iterdir()) if is_image_file(f)] for folder in folders]
     # Round-robin over classes so that a limit still yields a class-balanced subset.
     files = [item for item in chain.from_iterable(zip_longest(*per_class)) if item is not None]
     if not files:
@@ -266,7 +267,7 @@ def _load_image_folder(
     for file, label in files:
         if limit is not None and len(images) >= limit:
             break
-        image = _read_image(file, input_shape)
+        image = read_image(file, input_shape)
         if image is None:
             skipped += 1
             continue
@@ -285,11 +286,11 @@ def _folder_labels(names: list[str], class_names: list[str] | None) -> tuple[dic
     return {name: index for index, name in enumerate(names)}, "sorted"
 
 
-def _is_image(path: Path) -> bool:
+def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
-def _read_image(path: Path, input_shape: tuple[int, int, int]) -> torch.Tensor | None:
+def read_image(path: Path, input_shape: tuple[int, int, int]) -> torch.Tensor | None:
     """``[C, H, W]`` float in [0, 1], or ``None`` when the file cannot be decoded."""
     from PIL import Image
 

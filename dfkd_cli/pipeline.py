@@ -19,14 +19,15 @@ import torch
 
 from dfkd_cli import __version__
 from dfkd_cli.archs import default_student
-from dfkd_cli.config import RecipeConfig, applicable_recipes, dump_toml
+from dfkd_cli.config import RecipeConfig, applicable_recipes, dump_toml, prior_recipes
 from dfkd_cli.errors import DfkdError, ExportError
 from dfkd_cli.evaluate import EvalData, load_eval_data
 from dfkd_cli.export import StudentMeta, export_onnx, save_student
 from dfkd_cli.measure import eval_data_warnings, gate_result, measure_models, real_data_report
+from dfkd_cli.prior import PriorData
 from dfkd_cli.report import SCHEMA_VERSION, save_sample_grid, write_report
 from dfkd_cli.runtime import Budget, Display, hardware_description, library_versions, resolve_device, seed_everything
-from dfkd_cli.selection import FixedHoldout, TrajectoryHoldout
+from dfkd_cli.selection import FixedHoldout, TrajectoryHoldout, stability
 from dfkd_cli.synth import synthesizer_class
 from dfkd_cli.teacher import Teacher, build_student, load_teacher
 from dfkd_cli.trainer import StudentTrainer, predict_classes
@@ -50,6 +51,7 @@ class CompressOptions:
     std: list[float] | None = None
     labels: Path | None = None
     eval_data: Path | None = None
+    prior: Path | None = None
     min_agreement: float | None = None
     device: str = "auto"
     seed: int = 0
@@ -99,7 +101,7 @@ def compress(opts: CompressOptions, recipe: RecipeConfig, display: Display) -> d
     check_out_dir(out, opts.overwrite)
     device = resolve_device(opts.device)
     seed_everything(opts.seed)  # before the student's random initialisation
-    teacher, student, eval_data = _prepare(opts, recipe, display)
+    teacher, student, eval_data, prior = _prepare(opts, recipe, display)
     display.log(f"recipe: {recipe.recipe.name} ({recipe.recipe.description})")
     watch.lap("load")
 
@@ -108,15 +110,16 @@ def compress(opts: CompressOptions, recipe: RecipeConfig, display: Display) -> d
     trainer = StudentTrainer(student, teacher.model, recipe.train, device, input_shape=teacher.input_shape)
     if recipe.train.attention:
         display.log(trainer.attention.note)
-    synth.student = trainer.student
-    holdout = _distill(synth, trainer, recipe, Budget(opts.time_budget_s), display)
+    synth.student, synth.prior = trainer.student, prior
+    holdout, curve = _distill(synth, trainer, recipe, Budget(opts.time_budget_s), display)
     student = trainer.restore_best().cpu()
     teacher.to(torch.device("cpu"))
     watch.lap("distill")
 
     run_info = {"started": started.isoformat(timespec="seconds"), "device": str(device),
                 "hardware": hardware_description(device), "steps": trainer.steps_done,
-                "best_step": trainer.best_step, "out": str(out)}
+                "best_step": trainer.best_step, "out": str(out), "prior": prior.describe() if prior else None,
+                "stability": stability(curve)}
     return _publish(out, opts, recipe, teacher, student, synth, holdout, eval_data, display, watch, run_info)
 
 
@@ -130,6 +133,7 @@ def _publish(out: Path, opts: CompressOptions, recipe: RecipeConfig, teacher: Te
     try:
         report = _write_artefacts(staging, opts, recipe, teacher, student, synth, holdout, eval_data, display, watch)
         report["run"].update(run_info)
+        report["warnings"] += _prior_warnings(run_info.get("prior"))
         write_report(staging, report)
         _move_into_place(staging, out)
     except ExportError as err:
@@ -143,7 +147,15 @@ def _publish(out: Path, opts: CompressOptions, recipe: RecipeConfig, teacher: Te
     return report
 
 
-def _prepare(opts: CompressOptions, recipe: RecipeConfig, display: Display) -> tuple[Teacher, torch.nn.Module, EvalData | None]:
+def _prior_warnings(prior: dict[str, Any] | None) -> list[str]:
+    if not prior or not prior["skipped_unreadable"]:
+        return []
+    return [f"{prior['skipped_unreadable']} of the {prior['images']} files in prior '{prior['path']}' could not be "
+            "decoded and were skipped"]
+
+
+def _prepare(opts: CompressOptions, recipe: RecipeConfig,
+             display: Display) -> tuple[Teacher, torch.nn.Module, EvalData | None, PriorData | None]:
     """Load and check every input before any long work starts."""
     teacher = load_teacher(opts.teacher, opts.arch, opts.input_shape, opts.normalize, opts.mean, opts.std,
                            opts.labels, trust_pickle=opts.trust_pickle)
@@ -159,13 +171,30 @@ def _prepare(opts: CompressOptions, recipe: RecipeConfig, display: Display) -> t
     eval_data = None
     if opts.eval_data is not None:
         eval_data = load_eval_data(opts.eval_data, teacher.input_shape, teacher.mean, teacher.std, teacher.class_names)
-    return teacher, student, eval_data
+    return teacher, student, eval_data, _open_prior(opts, recipe, teacher)
 
 
-def _distill(synth, trainer: StudentTrainer, recipe: RecipeConfig, budget: Budget, display: Display) -> torch.Tensor:
+def _open_prior(opts: CompressOptions, recipe: RecipeConfig, teacher: Teacher) -> PriorData | None:
+    """The ``--prior`` images for recipes that use them; an error for those that do not."""
+    cls, name = synthesizer_class(recipe.recipe.synthesizer), recipe.recipe.name
+    users = ", ".join(prior_recipes())
+    if opts.prior is not None and not cls.uses_prior:
+        raise DfkdError(f"recipe '{name}' does not use --prior; leave it out, or pick a recipe that does: {users}")
+    if opts.prior is None and cls.uses_prior:
+        raise DfkdError(f"recipe '{name}' needs --prior: a folder (or .npz) of unlabelled images from a related "
+                        "domain, e.g. USPS digits for an MNIST teacher")
+    if opts.prior is None:
+        return None
+    batch = max(recipe.train.batch_size, getattr(recipe.synth, "batch_size", 0))
+    reserve = recipe.train.holdout if cls.prior_holdout else 0
+    return PriorData(opts.prior, teacher.input_shape, teacher.mean, teacher.std, batch, reserve, seed=opts.seed)
+
+
+def _distill(synth, trainer: StudentTrainer, recipe: RecipeConfig, budget: Budget,
+             display: Display) -> tuple[torch.Tensor, list[float]]:
     """Alternate synthesize() and student steps until the step budget or the time budget ends,
     selecting the student on held-out synthetic samples. Returns the held-out samples (first
-    half: selection; second half: the report)."""
+    half: selection; second half: the report) and the agreement at each evaluation."""
     cfg = recipe.train
     trainer.time_progress = budget.fraction
     synth.run_progress = lambda: max(trainer.steps_done / max(cfg.steps, 1), budget.fraction())
@@ -177,14 +206,15 @@ def _distill(synth, trainer: StudentTrainer, recipe: RecipeConfig, budget: Budge
                                 lambda it, total, parts: display.advance(1, **parts))
     synth.on_step = lambda it, total, parts: budget.expired()
     display.stage("distill", total=cfg.steps)
-    agreement = 0.0
+    agreement, curve = 0.0, []
     while trainer.steps_done < cfg.steps and not budget.expired():
         synth.synthesize()
         for _ in range(min(cfg.steps_per_round, cfg.steps - trainer.steps_done)):
             loss = trainer.step(synth.sample(cfg.batch_size))
             if trainer.steps_done % cfg.eval_every == 0:
                 agreement = selector.evaluate()
-            display.advance(1, kd=loss, agreement=agreement, **synth.status())
+                curve.append(agreement)
+            display.advance(1, kd=loss, agreement=agreement, **trainer.last_parts, **synth.status())
             if budget.expired():
                 display.log(f"time budget reached after {trainer.steps_done} student steps")
                 break
@@ -192,7 +222,7 @@ def _distill(synth, trainer: StudentTrainer, recipe: RecipeConfig, budget: Budge
         raise DfkdError("the time budget ended before the first student step; give a longer --time-budget", exit_code=3)
     holdout, agreement = selector.finish()
     display.advance(0, agreement=agreement)
-    return holdout
+    return holdout, curve
 
 
 def _write_artefacts(run_dir: Path, opts: CompressOptions, recipe: RecipeConfig, teacher: Teacher, student,

@@ -124,6 +124,14 @@ def _summary_section(report: dict[str, Any]) -> str:
         for who in ("teacher", "student"):
             if f"{who}_accuracy" in real:
                 rows.append((f"{who.capitalize()} accuracy, eval data", _percent(real[f"{who}_accuracy"])))
+    curve = (report.get("run") or {}).get("stability")
+    if curve:
+        rows.append((f"Agreement along the run ({curve['evaluations']} evaluations, synthetic)",
+                     f"mean {curve['mean']:.2f}%, variance {curve['variance']:.2f}, max {curve['max']:.2f}%"))
+    prior = (report.get("run") or {}).get("prior")
+    if prior:
+        rows.append(("Prior images (--prior)", f"{prior['images']:,} in {_escape(prior['path'])}, "
+                     f"{prior['skipped_unreadable']:,} unreadable skipped"))
     ratio = (report.get("student") or {}).get("compression_ratio")
     rows.append(("Compression (teacher / student parameters)", f"{ratio:.1f}×" if isinstance(ratio, (int, float)) else "–"))
     rows.append(("ONNX parity", _parity_text(report.get("onnx_parity"))))

@@ -21,7 +21,7 @@ from dfkd_cli.measure import check_fraction
 from dfkd_cli.pipeline import CompressOptions
 from dfkd_cli.teacher import parse_input_shape
 
-_PATH_KEYS = ("teacher", "labels", "eval_data")
+_PATH_KEYS = ("teacher", "labels", "eval_data", "prior")
 _RUN_KEYS = [f.name for f in dataclasses.fields(CompressOptions) if f.name not in ("overwrite", "overrides", "out", "trust_pickle")]
 
 
@@ -52,6 +52,7 @@ def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: P
         std=_floats(run.get("std"), "--std"),
         labels=_path(run.get("labels")),
         eval_data=_path(run.get("eval_data")),
+        prior=_path(run.get("prior")),
         min_agreement=run.get("min_agreement"),
         device=run.get("device", "auto"),
         seed=int(run.get("seed", 0)),

@@ -23,6 +23,23 @@ from dfkd_cli.runtime import Budget
 from dfkd_cli.trainer import StudentTrainer, predict_classes
 
 
+def stability(curve: list[float]) -> dict[str, float | int] | None:
+    """Stability of learning over the run (Patel et al., CVPR 2023): the mean, variance and
+    maximum of the held-out synthetic agreement at each evaluation, in percent (variance in
+    percent squared); ``None`` before the first evaluation.
+
+    Example:
+        >>> stability([0.5, 0.7])
+        {'evaluations': 2, 'mean': 60.0, 'variance': 100.0, 'max': 70.0}
+    """
+    if not curve:
+        return None
+    values = torch.tensor(curve, dtype=torch.float64) * 100
+    variance = float(values.var(correction=0)) if len(values) > 1 else 0.0
+    return {"evaluations": len(curve), "mean": round(float(values.mean()), 4), "variance": round(variance, 4),
+            "max": round(float(values.max()), 4)}
+
+
 class Reservoir:
     """A uniform sample of fixed size over everything ever added (Vitter's algorithm R)."""
 

@@ -3,8 +3,9 @@
 The KD loss is KL(teacher || student) at temperature T scaled by T^2 (Hinton et al.), or the
 mean absolute logit difference where a paper says so (``train.loss = "l1"``), plus, with
 ``train.attention`` > 0, attention transfer between matching block stages (Zagoruyko & Komodakis,
-ICLR 2017; ZSKT's beta). The best student is selected on agreement with the teacher over held-out
-synthetic samples, never on real data.
+ICLR 2017; ZSKT's beta). ``train.update`` adds a retention term on a memory of earlier batches
+(``replay``, ``lra``: see :mod:`dfkd_cli.retention`). The best student is selected on agreement
+with the teacher over held-out synthetic samples, never on real data.
 
 Example:
     >>> trainer = StudentTrainer(student, teacher.model, TrainConfig(steps=100), torch.device("cpu"))
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd_cli.config import TrainConfig
+from dfkd_cli.retention import MemoryBank, lra_stepped_params, retention_loss
 
 # Stages whose outputs attention transfer compares: ``layer1..N`` (CIFAR and torchvision ResNets),
 # ``block1..N`` (WRN) or ``block0..N`` (CIFAR VGG), direct children of the model.
@@ -171,12 +173,18 @@ class StudentTrainer:
         # Fraction of the run's time budget used (set by the pipeline): with a time budget the
         # schedule follows whichever of steps and time runs out first.
         self.time_progress: Callable[[], float] = lambda: 0.0
+        # Earlier batches for the retention term (replay, lra); None for plain updates.
+        self.memory = MemoryBank(cfg.memory_size) if cfg.update != "plain" else None
+        # The last step's loss terms for the live display: {"acq", "ret"} with replay/lra ("ret" is
+        # 0.0 while the memory is empty), {} for plain updates.
+        self.last_parts: dict[str, float] = {}
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         cfg, params = self.cfg, self.student.parameters()
         if cfg.optimizer == "adam":
             return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               nesterov=cfg.nesterov)
 
     def _lr_at(self, step: int) -> float:
         if self.cfg.schedule == "constant":
@@ -185,23 +193,52 @@ class StudentTrainer:
         return 0.5 * self.cfg.lr * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     def step(self, x: torch.Tensor) -> float:
-        """One KD step on batch ``x``; returns the loss."""
+        """One KD step on batch ``x`` (augmented here); returns the total loss. With replay/lra the
+        augmented batch then joins the memory."""
         x = augment(x, self.cfg.crop_pad, self.cfg.flip)
-        with torch.no_grad(), self.attention.teacher_outputs() as teacher_blocks:
-            teacher_logits = self.teacher(x)
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr_at(self.steps_done)
+        loss = self.loss_for(x)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.memory is not None:
+            self.memory.add(x)
+        self.steps_done += 1
+        return float(loss.detach())
+
+    def loss_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's loss on the (already augmented) batch ``x``, before backward: L_acq, plus
+        the retention term of ``train.update`` once the memory holds samples. Updates nothing but
+        ``last_parts`` (and BatchNorm running stats in train mode)."""
+        acquisition = self._acquisition_loss(x)
+        if self.memory is None:
+            return acquisition
+        retention = self._retention_loss(acquisition) if len(self.memory) else acquisition.new_zeros(())
+        self.last_parts = {"acq": float(acquisition.detach()), "ret": float(retention.detach())}
+        return acquisition + retention
+
+    def _acquisition_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """KD (plus attention transfer) against the teacher on the fresh batch ``x``."""
+        with torch.no_grad(), self.attention.teacher_outputs() as teacher_blocks:
+            teacher_logits = self.teacher(x)
         with self.attention.student_outputs() as student_blocks:
             student_logits = self.student(x)
         loss = kd_loss(student_logits, teacher_logits, self.cfg.loss, self.cfg.temperature)
         attention = self.attention.loss(student_blocks, teacher_blocks)
-        if attention is not None:
-            loss = loss + attention
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.steps_done += 1
-        return float(loss.detach())
+        return loss if attention is None else loss + attention
+
+    def _retention_loss(self, acquisition: torch.Tensor) -> torch.Tensor:
+        """L_ret on a memory batch: at theta (replay) or after lra's inner step on ``acquisition``."""
+        assert self.memory is not None
+        cfg = self.cfg
+        x_memory = self.memory.sample(cfg.memory_batch or cfg.batch_size)
+        stepped = None
+        if cfg.update == "lra":
+            alpha = cfg.lra_inner_lr or self.optimizer.param_groups[0]["lr"]
+            stepped = lra_stepped_params(acquisition, dict(self.student.named_parameters()), alpha, cfg.lra_order)
+        return retention_loss(self.student, self.teacher, x_memory,
+                              lambda s, t: kd_loss(s, t, cfg.loss, cfg.temperature), stepped)
 
     @property
     def attention_note(self) -> str:

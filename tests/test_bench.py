@@ -144,14 +144,14 @@ def test_every_row_of_a_suite_gets_the_same_budget_and_huge_steps(tmp_path):
 
 
 @pytest.mark.parametrize("name,gpu", [("mnist-lenet", False), ("mnist-bn", False), ("cifar10", False),
-                                      ("cifar10", True)])
+                                      ("cifar10", True), ("mnist-update", False), ("cifar-split", False)])
 def test_suite_overrides_are_valid_settings_of_the_shipped_recipes(name, gpu):
     suite = run_bench.make_suite(name, gpu)
-    for recipe in sorted(set(suite.overrides) - {"*"} | {"noise"}):
-        if recipe not in list_recipes():
-            continue  # a recipe not shipped yet
+    for recipe in sorted(set(suite.overrides) - {"*"} | {"noise", "prior-kd"}):
         items = run_bench.overrides_for(suite, recipe, [])[1::2]
         load_recipe(recipe, items)  # raises DfkdError on an unknown key or a wrong type
+    for recipe, settings in suite.variants.values():
+        load_recipe(recipe, run_bench.overrides_for(suite, recipe, settings)[1::2])
     assert suite.teacher.name.endswith(".safetensors") and suite.eval_npz.parent == run_bench.OUT
 
 
@@ -173,3 +173,32 @@ def test_run_row_turns_a_failing_process_into_an_error_row():
     assert row["student acc"] is None and row["note"] == "exit 1: error: no such teacher"
     killed = run_bench.run_row("killed", [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"])
     assert killed["note"] == "killed by SIGTERM"
+
+
+def test_kd_like_baselines_train_like_the_kd_rows_and_prior_recipes_get_the_prior(tmp_path):
+    suite = run_bench.make_suite("mnist-lenet")
+    noise = run_bench.overrides_for(suite, "noise", [])[1::2]
+    dafl_train = load_recipe("dafl").train
+    assert 'train.optimizer="adam"' in noise and f"train.lr={dafl_train.lr}" in noise
+    assert load_recipe("noise", noise).train.optimizer == dafl_train.optimizer
+    avkd = run_bench.compress_cmd(suite, "avkd", "1m", 10, [], tmp_path)
+    assert avkd[avkd.index("--prior") + 1].endswith("usps_train_unlabelled.npz")
+    assert "--prior" not in run_bench.compress_cmd(suite, "dfad", "1m", 10, [], tmp_path)
+
+
+def test_variant_rows_carry_their_settings_and_a_split_suite_separates_classes():
+    update = run_bench.make_suite("mnist-update")
+    recipe, settings = update.variants["dafl+lra"]
+    assert recipe == "dafl" and load_recipe("dafl", settings).train.update == "lra"
+    assert update.variants["dfad"] == ("dfad", ['train.update="plain"'])
+    split = run_bench.make_suite("cifar-split")
+    assert "classes01234" in split.eval_npz.name and "other_than" in split.prior_npz.name
+    x, y = torch.arange(10).view(10, 1), torch.tensor([0, 5, 1, 6, 2, 7, 3, 8, 4, 9])
+    kept, labels = bench_data.class_subset(x, y, (5, 1))
+    assert kept.flatten().tolist() == [1, 2] and labels.tolist() == [0, 1]
+
+
+def test_update_merges_rerun_rows_into_an_earlier_table():
+    earlier = [{"run": "teacher"}, {"run": "noise", "v": 1}, {"run": "dafl", "v": 1}]
+    merged = run_bench.merge_rows(earlier, [{"run": "teacher"}, {"run": "dafl", "v": 2}, {"run": "avkd", "v": 2}])
+    assert [(r["run"], r.get("v")) for r in merged] == [("teacher", None), ("noise", 1), ("dafl", 2), ("avkd", 2)]

@@ -291,8 +291,9 @@ def test_each_recipe_distills_a_student_through_the_pipeline_loop(teacher, tiny_
     trainer = StudentTrainer(create_model("resnet8", 4, (1, 16, 16)), teacher.model, recipe.train, CPU,
                              input_shape=(1, 16, 16))
     synth.student = trainer.student
-    holdout = _distill(synth, trainer, recipe, Budget(None), Display())
+    holdout, curve = _distill(synth, trainer, recipe, Budget(None), Display())
     assert trainer.steps_done == 40 and holdout.shape[1:] == (1, 16, 16) and len(holdout) >= 16
+    assert len(curve) == 4 and all(0 <= a <= 1 for a in curve)  # an agreement per evaluation
     assert len(trainer._snapshots) >= 4 and 0 < trainer.best_step <= 40
     assert synth.preview(64).shape == (64, 1, 16, 16)
     real = load_eval_data(tiny_teacher["eval"], (1, 16, 16), [0.5], [0.5])

@@ -11,11 +11,13 @@ import difflib
 
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.synth.adversarial import DAFLSynthesizer, DFADSynthesizer, DFQSynthesizer, ZSKTSynthesizer
+from dfkd_cli.synth.avkd import AVKDSynthesizer
 from dfkd_cli.synth.base import Synthesizer
 from dfkd_cli.synth.cmi import CMISynthesizer
 from dfkd_cli.synth.deepinversion import DeepInversionSynthesizer
 from dfkd_cli.synth.fast import FastSynthesizer
 from dfkd_cli.synth.noise import NoiseSynthesizer
+from dfkd_cli.synth.prior_kd import PriorKDSynthesizer
 from dfkd_cli.synth.zskd import ZSKDSynthesizer
 
 SYNTHESIZERS: dict[str, type[Synthesizer]] = {
@@ -28,6 +30,8 @@ SYNTHESIZERS: dict[str, type[Synthesizer]] = {
     "dfad": DFADSynthesizer,
     "dfq": DFQSynthesizer,
     "zskd": ZSKDSynthesizer,
+    "avkd": AVKDSynthesizer,
+    "prior-kd": PriorKDSynthesizer,
 }
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 import torch
 
 if TYPE_CHECKING:
+    from dfkd_cli.prior import PriorData
     from dfkd_cli.teacher import Teacher
 
 # Called after each synthesis iteration with (iteration, total, loss parts); returns True to stop early.
@@ -86,6 +87,11 @@ class Synthesizer:
     # Online synthesizers (a generator trained alongside the student) make each batch fresh from
     # their current state, so held-out samples are drawn along the run, not once at the start.
     online: ClassVar[bool] = False
+    # Recipes that read unlabelled images from a related domain (``--prior``): the pipeline sets
+    # ``self.prior`` (a :class:`dfkd_cli.prior.PriorData`) before the first ``synthesize()``;
+    # ``prior_holdout``: the student is selected on prior images held out of the stream.
+    uses_prior: ClassVar[bool] = False
+    prior_holdout: ClassVar[bool] = False
 
     def __init__(self, teacher: "Teacher", config: Any, loss: dict[str, float], device: torch.device) -> None:
         self.teacher = teacher
@@ -99,6 +105,7 @@ class Synthesizer:
         self.run_progress: Callable[[], float] = lambda: 0.0
         # The student being trained, set by the pipeline for terms that need its feedback (``adv``).
         self.student: torch.nn.Module | None = None
+        self.prior: "PriorData | None" = None
 
     def student_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The live student's logits on ``x`` for adversarial terms, differentiable in ``x`` only
@@ -106,6 +113,12 @@ class Synthesizer:
         if self.student is None:
             raise RuntimeError("this recipe's adversarial term needs the student: set synthesizer.student first")
         return frozen_logits(self.student, x)
+
+    def prior_batch(self, n: int) -> torch.Tensor:
+        """``n`` prior images on the synthesizer's device (recipes with ``uses_prior``)."""
+        if self.prior is None:
+            raise RuntimeError("this recipe needs prior images: set synthesizer.prior first")
+        return self.prior.sample(n).to(self.device)
 
     def make_batch(self, n: int) -> torch.Tensor:
         """Synthesize ``n`` new inputs in the teacher's normalised input space."""

