@@ -90,6 +90,7 @@ def compress(
     labels: Annotated[Optional[Path], typer.Option(help="Text file with one class name per line.")] = None,
     eval_data: Annotated[Optional[Path], typer.Option(help="Labelled real data for the report: image folder or .npz.")] = None,
     prior: Annotated[Optional[Path], typer.Option(help="Unlabelled images from a related domain (folder or .npz with x) for the recipes that use them: avkd, prior-kd.")] = None,
+    quantize: Annotated[Optional[str], typer.Option(help="none (default) or int8: also write student.int8.onnx, calibrated on held-out synthetic samples; --min-agreement then gates it.")] = None,
     min_agreement: Annotated[Optional[float], typer.Option(help="Fail (exit 1) below this teacher-student agreement.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (CPU runs repeat exactly).")] = None,
@@ -109,7 +110,7 @@ def compress(
     flags = dict(teacher=teacher, arch=arch, student=student, recipe=recipe, out=out, steps=steps,
                  time_budget_s=parse_duration(time_budget) if time_budget else None, input_shape=input_shape,
                  normalize=normalize, mean=mean, std=std, labels=labels, eval_data=eval_data,
-                 prior=prior, min_agreement=min_agreement, device=device, seed=seed)
+                 prior=prior, quantize=quantize, min_agreement=min_agreement, device=device, seed=seed)
     opts, recipe_cfg = resolve_compress(flags, set_ or [], DEMO_DIR / "demo.toml" if demo else config,
                                         overwrite=overwrite, trust_pickle=trust_pickle)
     display = make_display(output_format.value)
@@ -161,7 +162,7 @@ def inspect(
 ) -> None:
     """What dfkd sees in a teacher: classes, input shape, BatchNorm layers, parameters, recipes."""
     from dfkd_cli.archs import get_arch
-    from dfkd_cli.config import applicable_recipes, auto_recipe
+    from dfkd_cli.config import applicable_recipes, auto_recipe, prior_recipes
     from dfkd_cli.render import render_inspect
     from dfkd_cli.teacher import load_teacher, parse_input_shape
 
@@ -171,7 +172,8 @@ def inspect(
     info = {"path": str(teacher), "arch": t.arch, "sha256": t.sha256, "num_classes": t.num_classes,
             "class_names": t.class_names, "input_shape": list(t.input_shape), "mean": list(t.mean), "std": list(t.std),
             "params": t.num_params, "bn_layers": t.bn_layers, "has_bn": t.has_bn,
-            "default_student": spec.default_student, "recipes": applicable_recipes(t), "recipe_auto": auto_recipe(t.has_bn)}
+            "default_student": spec.default_student, "recipes": applicable_recipes(t), "recipe_auto": auto_recipe(t.has_bn),
+            "recipes_needing_prior": [r for r in prior_recipes() if r in applicable_recipes(t)]}
     render_inspect(info, output_format.value)
 
 

@@ -116,9 +116,12 @@ def check_fraction(value: float | None, flag: str) -> None:
 
 
 def gate_result(min_agreement: float | None, report: dict[str, Any], use_onnx: bool = False) -> dict[str, Any] | None:
-    """Check ``--min-agreement`` on real data when given, else on the held-out synthetic samples."""
+    """Check ``--min-agreement`` on real data when given, else on the held-out synthetic samples;
+    on the int8 student when the report has one (it is then the deliverable)."""
     if min_agreement is None:
         return None
+    if report.get("int8"):
+        return _int8_gate(min_agreement, report["int8"])
     source = "eval_data" if report.get("eval_data") else "synthetic_holdout"
     section = report.get(source)
     if not section or "top1_agreement" not in section:
@@ -127,6 +130,13 @@ def gate_result(min_agreement: float | None, report: dict[str, Any], use_onnx: b
     measured = section[key]
     return {"min_agreement": min_agreement, "measured_on": source, "metric": key, "measured": measured,
             "passed": measured >= min_agreement}
+
+
+def _int8_gate(min_agreement: float, int8: dict[str, Any]) -> dict[str, Any]:
+    source = "eval_data" if int8.get("eval_data") else "synthetic"
+    measured = int8[source]["int8_top1_agreement"]
+    return {"min_agreement": min_agreement, "measured_on": f"int8 student, {source.replace('_', ' ')}",
+            "metric": "int8_top1_agreement", "measured": measured, "passed": measured >= min_agreement}
 
 
 def evaluate_student(student_path: Path, teacher_path: Path | None, arch: str | None, eval_data_path: Path | None,

@@ -52,6 +52,7 @@ class CompressOptions:
     labels: Path | None = None
     eval_data: Path | None = None
     prior: Path | None = None
+    quantize: str = "none"
     min_agreement: float | None = None
     device: str = "auto"
     seed: int = 0
@@ -139,7 +140,8 @@ def _publish(out: Path, opts: CompressOptions, recipe: RecipeConfig, teacher: Te
     except ExportError as err:
         failed = out.parent / f"{out.name}.failed"
         _clean(failed)
-        (staging / "student.onnx").unlink(missing_ok=True)
+        for onnx_file in ("student.onnx", "student.int8.onnx"):
+            (staging / onnx_file).unlink(missing_ok=True)
         staging.rename(failed)
         raise ExportError(f"{err.message} (the PyTorch student is kept in '{failed}')") from None
     finally:
@@ -236,6 +238,7 @@ def _write_artefacts(run_dir: Path, opts: CompressOptions, recipe: RecipeConfig,
     save_student(student, meta, run_dir / "student.safetensors")
     x_report = holdout[len(holdout) // 2 :].cpu()
     parity = export_onnx(student, run_dir / "student.onnx", teacher.input_shape, x_report[:16])
+    int8 = _quantize(opts, run_dir, teacher, holdout, eval_data, display)
     pool_sample = synth.preview(1024).cpu()
     save_sample_grid(pool_sample, predict_classes(teacher.model, pool_sample), teacher.mean, teacher.std,
                      teacher.class_names, run_dir / "samples.png")
@@ -249,12 +252,28 @@ def _write_artefacts(run_dir: Path, opts: CompressOptions, recipe: RecipeConfig,
     report["eval_data"] = real_data_report(teacher, student, eval_data) if eval_data else None
     report["warnings"] += eval_data_warnings(eval_data) if eval_data else []
     report["onnx_parity"] = parity.to_dict()
+    report["int8"] = int8
     report["gate"] = gate_result(opts.min_agreement, report)
     watch.lap("evaluate")
     watch.seconds["total"] = round(sum(watch.seconds.values()), 3)
     report["run"] = {"recipe": recipe.recipe.name, "seed": opts.seed, "wall_clock_s": dict(watch.seconds),
                      "config": config, "versions": library_versions()}
     return report
+
+
+def _quantize(opts: CompressOptions, run_dir: Path, teacher: Teacher, holdout: torch.Tensor,
+              eval_data: EvalData | None, display: Display) -> dict[str, Any] | None:
+    """``--quantize int8``: student.int8.onnx calibrated on the selection half of the held-out
+    synthetic samples, measured on the report half (and eval data)."""
+    if opts.quantize != "int8":
+        return None
+    from dfkd_cli.quantize import int8_report, quantize_int8  # onnxruntime.quantization is slow to import
+
+    display.log("quantizing the student to int8 (calibration: held-out synthetic samples)")
+    half = len(holdout) // 2
+    fp32, int8 = run_dir / "student.onnx", run_dir / "student.int8.onnx"
+    quantize_int8(fp32, int8, holdout[:half].cpu())
+    return int8_report(fp32, int8, teacher.model, teacher.input_shape, holdout[half:].cpu(), eval_data)
 
 
 def _move_into_place(staging: Path, out: Path) -> None:

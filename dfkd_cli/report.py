@@ -124,6 +124,7 @@ def _summary_section(report: dict[str, Any]) -> str:
         for who in ("teacher", "student"):
             if f"{who}_accuracy" in real:
                 rows.append((f"{who.capitalize()} accuracy, eval data", _percent(real[f"{who}_accuracy"])))
+    rows += _int8_rows(report.get("int8"))
     curve = (report.get("run") or {}).get("stability")
     if curve:
         rows.append((f"Agreement along the run ({curve['evaluations']} evaluations, synthetic)",
@@ -136,6 +137,21 @@ def _summary_section(report: dict[str, Any]) -> str:
     rows.append(("Compression (teacher / student parameters)", f"{ratio:.1f}×" if isinstance(ratio, (int, float)) else "–"))
     rows.append(("ONNX parity", _parity_text(report.get("onnx_parity"))))
     return "## Summary\n\n" + _table(("Metric", "Value"), rows)
+
+
+def _int8_rows(int8: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if not int8:
+        return []
+    rows = []
+    for source, title in (("synthetic", "synthetic hold-out"), ("eval_data", "eval data")):
+        part = int8.get(source)
+        if part:
+            rows.append((f"int8 ONNX top-1 agreement, {title} (n={part['n']})",
+                         f"{_percent(part['int8_top1_agreement'])} (fp32 ONNX {_percent(part['fp32_top1_agreement'])})"))
+    size, latency = int8["file_bytes"], int8["latency_ms"]
+    rows.append(("int8 ONNX size and latency (batch 1, CPU)",
+                 f"{_bytes(size['int8'])} vs {_bytes(size['fp32'])}; {_ms(latency['int8'])} vs {_ms(latency['fp32'])}"))
+    return rows
 
 
 def _gate_text(gate: dict[str, Any] | None) -> str:

@@ -53,6 +53,7 @@ def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: P
         labels=_path(run.get("labels")),
         eval_data=_path(run.get("eval_data")),
         prior=_path(run.get("prior")),
+        quantize=str(run.get("quantize", "none")),
         min_agreement=run.get("min_agreement"),
         device=run.get("device", "auto"),
         seed=int(run.get("seed", 0)),
@@ -60,6 +61,8 @@ def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: P
         overrides=list(overrides),
     )
     check_fraction(opts.min_agreement, "--min-agreement")
+    if opts.quantize not in ("none", "int8"):
+        raise DfkdError(f"--quantize must be none or int8, got {opts.quantize!r}")
     if opts.recipe == "auto":
         opts.recipe = auto_recipe(arch_has_bn(opts.arch))
     recipe = _build_recipe(opts, recipe_tables, overrides)
