@@ -90,6 +90,8 @@ def compress(
     labels: Annotated[Optional[Path], typer.Option(help="Text file with one class name per line.")] = None,
     eval_data: Annotated[Optional[Path], typer.Option(help="Labelled real data for the report: image folder or .npz.")] = None,
     prior: Annotated[Optional[Path], typer.Option(help="Unlabelled images from a related domain (folder or .npz with x) for the recipes that use them: avkd, prior-kd.")] = None,
+    save_synthetic: Annotated[bool, typer.Option("--save-synthetic", help="Also write the synthetic training set (float16 .npz shards with the teacher's soft labels, a manifest) to OUT/synthetic/.")] = False,
+    from_synthetic: Annotated[Optional[Path], typer.Option(help="Train on a saved synthetic set (a run's synthetic/ folder) instead of synthesizing; refused for another teacher.")] = None,
     quantize: Annotated[Optional[str], typer.Option(help="none (default) or int8: also write student.int8.onnx, calibrated on held-out synthetic samples; --min-agreement then gates it.")] = None,
     min_agreement: Annotated[Optional[float], typer.Option(help="Fail (exit 1) below this teacher-student agreement.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
@@ -110,7 +112,8 @@ def compress(
     flags = dict(teacher=teacher, arch=arch, student=student, recipe=recipe, out=out, steps=steps,
                  time_budget_s=parse_duration(time_budget) if time_budget else None, input_shape=input_shape,
                  normalize=normalize, mean=mean, std=std, labels=labels, eval_data=eval_data,
-                 prior=prior, quantize=quantize, min_agreement=min_agreement, device=device, seed=seed)
+                 prior=prior, quantize=quantize, save_synthetic=save_synthetic or None,
+                 from_synthetic=from_synthetic, min_agreement=min_agreement, device=device, seed=seed)
     opts, recipe_cfg = resolve_compress(flags, set_ or [], DEMO_DIR / "demo.toml" if demo else config,
                                         overwrite=overwrite, trust_pickle=trust_pickle)
     display = make_display(output_format.value)
@@ -146,6 +149,24 @@ def eval_(
 
     report = evaluate_student(student, teacher, arch, eval_data, onnx, min_agreement, trust_pickle)
     render_eval(report, output_format.value)
+    _check_gate(report)
+
+
+@app.command()
+@user_errors
+def quantize(
+    run: Annotated[Path, typer.Argument(help="A run folder made by `dfkd compress --save-synthetic`.")],
+    eval_data: Annotated[Optional[Path], typer.Option(help="Real data to measure the int8 student on too (never used to calibrate).")] = None,
+    min_agreement: Annotated[Optional[float], typer.Option(help="Fail (exit 1) when the int8 student agrees less with the teacher.")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="DANGEROUS: allow a teacher checkpoint that runs pickled code.")] = False,
+    output_format: FormatOption = OutputFormat.human,
+) -> None:
+    """Write RUN/student.int8.onnx, calibrated on the run's saved held-out synthetic samples."""
+    from dfkd_cli.quantize import quantize_run
+    from dfkd_cli.render import render_quantize
+
+    report = quantize_run(run, eval_data, min_agreement, trust_pickle)
+    render_quantize(report, output_format.value)
     _check_gate(report)
 
 

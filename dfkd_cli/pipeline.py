@@ -27,8 +27,10 @@ from dfkd_cli.measure import eval_data_warnings, gate_result, measure_models, re
 from dfkd_cli.prior import PriorData
 from dfkd_cli.report import SCHEMA_VERSION, save_sample_grid, write_report
 from dfkd_cli.runtime import Budget, Display, hardware_description, library_versions, resolve_device, seed_everything
-from dfkd_cli.selection import FixedHoldout, TrajectoryHoldout, stability
-from dfkd_cli.synth import synthesizer_class
+from dfkd_cli.selection import FixedHoldout, Reservoir, TrajectoryHoldout, stability
+from dfkd_cli.synth import Synthesizer, synthesizer_class
+from dfkd_cli.synth.from_synthetic import FromSyntheticSynthesizer
+from dfkd_cli.synthetic_set import SyntheticSet, load_synthetic_set, record_capacity, save_synthetic_set
 from dfkd_cli.teacher import Teacher, build_student, load_teacher
 from dfkd_cli.trainer import StudentTrainer, predict_classes
 
@@ -53,6 +55,8 @@ class CompressOptions:
     eval_data: Path | None = None
     prior: Path | None = None
     quantize: str = "none"
+    save_synthetic: bool = False
+    from_synthetic: Path | None = None
     min_agreement: float | None = None
     device: str = "auto"
     seed: int = 0
@@ -83,6 +87,19 @@ class Stopwatch:
         self._start = now
 
 
+@dataclass
+class Distilled:
+    """What the distillation produced, for the artefacts and the report."""
+
+    teacher: Teacher
+    student: torch.nn.Module
+    synth: Synthesizer
+    holdout: torch.Tensor  # first half selected the student, second half is reported
+    eval_data: EvalData | None
+    training_set: tuple[torch.Tensor, str] | None  # (inputs, how they were sampled) for --save-synthetic
+    run_info: dict[str, Any]
+
+
 def default_out_dir(opts: CompressOptions) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{opts.teacher.stem}-{opts.recipe}-{stamp}"
@@ -102,17 +119,18 @@ def compress(opts: CompressOptions, recipe: RecipeConfig, display: Display) -> d
     check_out_dir(out, opts.overwrite)
     device = resolve_device(opts.device)
     seed_everything(opts.seed)  # before the student's random initialisation
-    teacher, student, eval_data, prior = _prepare(opts, recipe, display)
+    teacher, student, eval_data, prior, synthetic = _prepare(opts, recipe, display)
     display.log(f"recipe: {recipe.recipe.name} ({recipe.recipe.description})")
     watch.lap("load")
 
     teacher.to(device)
-    synth = synthesizer_class(recipe.recipe.synthesizer)(teacher, recipe.synth, recipe.loss, device)
+    synth = _make_synthesizer(recipe, teacher, device, synthetic)
     trainer = StudentTrainer(student, teacher.model, recipe.train, device, input_shape=teacher.input_shape)
     if recipe.train.attention:
         display.log(trainer.attention.note)
     synth.student, synth.prior = trainer.student, prior
-    holdout, curve = _distill(synth, trainer, recipe, Budget(opts.time_budget_s), display)
+    recorder = Reservoir(record_capacity(teacher.input_shape)) if opts.save_synthetic and not synth.keeps_pool else None
+    holdout, curve = _distill(synth, trainer, recipe, Budget(opts.time_budget_s), display, recorder)
     student = trainer.restore_best().cpu()
     teacher.to(torch.device("cpu"))
     watch.lap("distill")
@@ -120,21 +138,40 @@ def compress(opts: CompressOptions, recipe: RecipeConfig, display: Display) -> d
     run_info = {"started": started.isoformat(timespec="seconds"), "device": str(device),
                 "hardware": hardware_description(device), "steps": trainer.steps_done,
                 "best_step": trainer.best_step, "out": str(out), "prior": prior.describe() if prior else None,
+                "from_synthetic": str(opts.from_synthetic.resolve()) if opts.from_synthetic else None,
                 "stability": stability(curve)}
-    return _publish(out, opts, recipe, teacher, student, synth, holdout, eval_data, display, watch, run_info)
+    result = Distilled(teacher, student, synth, holdout, eval_data, _training_set(opts, synth, recorder), run_info)
+    return _publish(out, opts, recipe, result, display, watch)
 
 
-def _publish(out: Path, opts: CompressOptions, recipe: RecipeConfig, teacher: Teacher, student: torch.nn.Module,
-             synth, holdout: torch.Tensor, eval_data: EvalData | None, display: Display, watch: Stopwatch,
-             run_info: dict[str, Any]) -> dict[str, Any]:
+def _make_synthesizer(recipe: RecipeConfig, teacher: Teacher, device: torch.device,
+                      synthetic: SyntheticSet | None) -> Synthesizer:
+    if synthetic is None:
+        return synthesizer_class(recipe.recipe.synthesizer)(teacher, recipe.synth, recipe.loss, device)
+    synth = FromSyntheticSynthesizer(teacher, FromSyntheticSynthesizer.Config(), {}, device)
+    synth.load(synthetic)
+    return synth
+
+
+def _training_set(opts: CompressOptions, synth: Synthesizer,
+                  recorder: Reservoir | None) -> tuple[torch.Tensor, str] | None:
+    if not opts.save_synthetic:
+        return None
+    if recorder is None:
+        return synth.pool.tensor(), "the recipe's synthetic pool"
+    return recorder.tensor(), f"a uniform sample of the {recorder.seen:,} training inputs (the recipe makes every batch fresh)"
+
+
+def _publish(out: Path, opts: CompressOptions, recipe: RecipeConfig, result: Distilled, display: Display,
+             watch: Stopwatch) -> dict[str, Any]:
     """Write every artefact into a staging folder, then rename it to ``out`` in one step."""
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     _clean(staging)
     staging.mkdir(parents=True)
     try:
-        report = _write_artefacts(staging, opts, recipe, teacher, student, synth, holdout, eval_data, display, watch)
-        report["run"].update(run_info)
-        report["warnings"] += _prior_warnings(run_info.get("prior"))
+        report = _write_artefacts(staging, opts, recipe, result, display, watch)
+        report["run"].update(result.run_info)
+        report["warnings"] += _prior_warnings(result.run_info.get("prior"))
         write_report(staging, report)
         _move_into_place(staging, out)
     except ExportError as err:
@@ -156,13 +193,13 @@ def _prior_warnings(prior: dict[str, Any] | None) -> list[str]:
             "decoded and were skipped"]
 
 
-def _prepare(opts: CompressOptions, recipe: RecipeConfig,
-             display: Display) -> tuple[Teacher, torch.nn.Module, EvalData | None, PriorData | None]:
+def _prepare(opts: CompressOptions, recipe: RecipeConfig, display: Display
+             ) -> tuple[Teacher, torch.nn.Module, EvalData | None, PriorData | None, SyntheticSet | None]:
     """Load and check every input before any long work starts."""
     teacher = load_teacher(opts.teacher, opts.arch, opts.input_shape, opts.normalize, opts.mean, opts.std,
                            opts.labels, trust_pickle=opts.trust_pickle)
     cls = synthesizer_class(recipe.recipe.synthesizer)
-    if (recipe.recipe.requires_bn or cls.requires_bn) and not teacher.has_bn:
+    if (recipe.recipe.requires_bn or cls.requires_bn) and not teacher.has_bn and opts.from_synthetic is None:
         usable = ", ".join(applicable_recipes(teacher)) or "none"
         raise DfkdError(f"recipe '{recipe.recipe.name}' needs a teacher with BatchNorm layers and {teacher.arch} has none; "
                         f"recipes that apply: {usable}")
@@ -173,13 +210,18 @@ def _prepare(opts: CompressOptions, recipe: RecipeConfig,
     eval_data = None
     if opts.eval_data is not None:
         eval_data = load_eval_data(opts.eval_data, teacher.input_shape, teacher.mean, teacher.std, teacher.class_names)
-    return teacher, student, eval_data, _open_prior(opts, recipe, teacher)
+    synthetic = load_synthetic_set(opts.from_synthetic, teacher) if opts.from_synthetic is not None else None
+    return teacher, student, eval_data, _open_prior(opts, recipe, teacher), synthetic
 
 
 def _open_prior(opts: CompressOptions, recipe: RecipeConfig, teacher: Teacher) -> PriorData | None:
     """The ``--prior`` images for recipes that use them; an error for those that do not."""
     cls, name = synthesizer_class(recipe.recipe.synthesizer), recipe.recipe.name
     users = ", ".join(prior_recipes())
+    if opts.from_synthetic is not None and opts.prior is not None:
+        raise DfkdError("--from-synthetic trains on a saved set without synthesizing, so --prior has no use; leave it out")
+    if opts.from_synthetic is not None:
+        return None
     if opts.prior is not None and not cls.uses_prior:
         raise DfkdError(f"recipe '{name}' does not use --prior; leave it out, or pick a recipe that does: {users}")
     if opts.prior is None and cls.uses_prior:
@@ -192,11 +234,12 @@ def _open_prior(opts: CompressOptions, recipe: RecipeConfig, teacher: Teacher) -
     return PriorData(opts.prior, teacher.input_shape, teacher.mean, teacher.std, batch, reserve, seed=opts.seed)
 
 
-def _distill(synth, trainer: StudentTrainer, recipe: RecipeConfig, budget: Budget,
-             display: Display) -> tuple[torch.Tensor, list[float]]:
+def _distill(synth: Synthesizer, trainer: StudentTrainer, recipe: RecipeConfig, budget: Budget, display: Display,
+             recorder: Reservoir | None = None) -> tuple[torch.Tensor, list[float]]:
     """Alternate synthesize() and student steps until the step budget or the time budget ends,
     selecting the student on held-out synthetic samples. Returns the held-out samples (first
-    half: selection; second half: the report) and the agreement at each evaluation."""
+    half: selection; second half: the report) and the agreement at each evaluation. ``recorder``
+    keeps a uniform sample of the training batches (``--save-synthetic`` for fresh-batch recipes)."""
     cfg = recipe.train
     trainer.time_progress = budget.fraction
     synth.run_progress = lambda: max(trainer.steps_done / max(cfg.steps, 1), budget.fraction())
@@ -212,7 +255,10 @@ def _distill(synth, trainer: StudentTrainer, recipe: RecipeConfig, budget: Budge
     while trainer.steps_done < cfg.steps and not budget.expired():
         synth.synthesize()
         for _ in range(min(cfg.steps_per_round, cfg.steps - trainer.steps_done)):
-            loss = trainer.step(synth.sample(cfg.batch_size))
+            batch = synth.sample(cfg.batch_size)
+            if recorder is not None:
+                recorder.add(batch)
+            loss = trainer.step(batch)
             if trainer.steps_done % cfg.eval_every == 0:
                 agreement = selector.evaluate()
                 curve.append(agreement)
@@ -227,9 +273,9 @@ def _distill(synth, trainer: StudentTrainer, recipe: RecipeConfig, budget: Budge
     return holdout, curve
 
 
-def _write_artefacts(run_dir: Path, opts: CompressOptions, recipe: RecipeConfig, teacher: Teacher, student,
-                     synth, holdout: torch.Tensor, eval_data: EvalData | None, display: Display,
-                     watch: Stopwatch) -> dict[str, Any]:
+def _write_artefacts(run_dir: Path, opts: CompressOptions, recipe: RecipeConfig, result: Distilled,
+                     display: Display, watch: Stopwatch) -> dict[str, Any]:
+    teacher, student, holdout, eval_data = result.teacher, result.student, result.holdout, result.eval_data
     display.stage("export", total=None)
     meta = StudentMeta(arch=opts.student, num_classes=teacher.num_classes, input_shape=teacher.input_shape,
                        mean=teacher.mean, std=teacher.std, class_names=teacher.class_names,
@@ -239,7 +285,10 @@ def _write_artefacts(run_dir: Path, opts: CompressOptions, recipe: RecipeConfig,
     x_report = holdout[len(holdout) // 2 :].cpu()
     parity = export_onnx(student, run_dir / "student.onnx", teacher.input_shape, x_report[:16])
     int8 = _quantize(opts, run_dir, teacher, holdout, eval_data, display)
-    pool_sample = synth.preview(1024).cpu()
+    if result.training_set is not None:
+        x_train, sampling = result.training_set
+        save_synthetic_set(run_dir / "synthetic", x_train, holdout, teacher, recipe.recipe.name, sampling)
+    pool_sample = result.synth.preview(1024).cpu()
     save_sample_grid(pool_sample, predict_classes(teacher.model, pool_sample), teacher.mean, teacher.std,
                      teacher.class_names, run_dir / "samples.png")
     config = {"run": opts.to_dict(), **recipe.to_dict()}

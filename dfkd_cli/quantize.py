@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -93,3 +94,39 @@ def int8_report(fp32_path: Path, int8_path: Path, teacher_model: torch.nn.Module
             "file_bytes": {"fp32": file_size_bytes(fp32_path), "int8": file_size_bytes(int8_path)},
             "latency_ms": {"fp32": onnx_latency_ms(fp32_path, input_shape),
                            "int8": onnx_latency_ms(int8_path, input_shape)}}
+
+
+def quantize_run(run_dir: Path, eval_data_path: Path | None = None, min_agreement: float | None = None,
+                 trust_pickle: bool = False) -> dict[str, Any]:
+    """``dfkd quantize RUN``: int8 for a finished run made with ``--save-synthetic``, calibrated on
+    its saved held-out samples; adds the int8 section (and the gate) to RUN's report."""
+    from dfkd_cli.errors import DfkdError
+    from dfkd_cli.evaluate import load_eval_data
+    from dfkd_cli.export import load_student
+    from dfkd_cli.measure import check_fraction, gate_result
+    from dfkd_cli.report import write_report
+    from dfkd_cli.synthetic_set import load_synthetic_set
+    from dfkd_cli.teacher import load_teacher
+
+    check_fraction(min_agreement, "--min-agreement")
+    run_dir = Path(run_dir)
+    needed = ["student.onnx", "student.safetensors", "report.json", "synthetic/manifest.json"]
+    missing = [name for name in needed if not (run_dir / name).is_file()]
+    if missing:
+        hint = " (make the run with --save-synthetic, or use compress --quantize int8)" if "synthetic/manifest.json" in missing else ""
+        raise DfkdError(f"'{run_dir}' is not a finished dfkd run with a saved synthetic set: it lacks {', '.join(missing)}{hint}")
+    _, meta = load_student(run_dir / "student.safetensors")
+    report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+    teacher = load_teacher(Path(report["teacher"]["path"]), meta.teacher_arch, meta.input_shape, mean=list(meta.mean),
+                           std=list(meta.std), trust_pickle=trust_pickle)
+    holdout = load_synthetic_set(run_dir / "synthetic", teacher).holdout
+    eval_data = None
+    if eval_data_path is not None:
+        eval_data = load_eval_data(eval_data_path, meta.input_shape, meta.mean, meta.std, list(meta.class_names))
+    half = len(holdout) // 2
+    quantize_int8(run_dir / "student.onnx", run_dir / "student.int8.onnx", holdout[:half])
+    report["int8"] = int8_report(run_dir / "student.onnx", run_dir / "student.int8.onnx", teacher.model,
+                                 teacher.input_shape, holdout[half:], eval_data)
+    report["gate"] = gate_result(min_agreement, report)
+    write_report(run_dir, report)
+    return report

@@ -123,6 +123,23 @@ def _human_eval(console: Console, report: dict[str, Any]) -> None:
     _warnings(console, report)
 
 
+def render_quantize(report: dict[str, Any], output_format: str) -> None:
+    """The int8 section of a run's report (JSON: the whole updated report)."""
+    _emit(report, output_format, _human_quantize)
+
+
+def _human_quantize(console: Console, report: dict[str, Any]) -> None:
+    int8 = report["int8"]
+    for source, title in (("synthetic", "held-out synthetic"), ("eval_data", "eval data")):
+        part = int8.get(source)
+        if part:
+            console.print(f"int8 agreement with the teacher on {title} (n={part['n']}): "
+                          f"{_pct(part['int8_top1_agreement'])} (fp32 {_pct(part['fp32_top1_agreement'])})")
+    size, latency = int8["file_bytes"], int8["latency_ms"]
+    console.print(f"size {size['int8']:,} bytes (fp32 {size['fp32']:,}); latency {latency['int8']:.3g} ms "
+                  f"(fp32 {latency['fp32']:.3g} ms), batch 1 on the CPU")
+
+
 def render_inspect(info: dict[str, Any], output_format: str) -> None:
     """What dfkd sees in a teacher checkpoint."""
     _emit(info, output_format, _human_inspect)

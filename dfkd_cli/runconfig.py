@@ -21,7 +21,7 @@ from dfkd_cli.measure import check_fraction
 from dfkd_cli.pipeline import CompressOptions
 from dfkd_cli.teacher import parse_input_shape
 
-_PATH_KEYS = ("teacher", "labels", "eval_data", "prior")
+_PATH_KEYS = ("teacher", "labels", "eval_data", "prior", "from_synthetic")
 _RUN_KEYS = [f.name for f in dataclasses.fields(CompressOptions) if f.name not in ("overwrite", "overrides", "out", "trust_pickle")]
 
 
@@ -41,7 +41,7 @@ def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: P
         teacher=Path(run["teacher"]),
         arch=run["arch"],
         student=run.get("student"),
-        recipe=str(run.get("recipe", "auto")),
+        recipe=str(run.get("recipe") or _synthetic_set_recipe(run.get("from_synthetic")) or "auto"),
         out=run.get("out"),
         overwrite=overwrite,
         steps=run.get("steps"),
@@ -54,6 +54,8 @@ def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: P
         eval_data=_path(run.get("eval_data")),
         prior=_path(run.get("prior")),
         quantize=str(run.get("quantize", "none")),
+        save_synthetic=bool(run.get("save_synthetic", False)),
+        from_synthetic=_path(run.get("from_synthetic")),
         min_agreement=run.get("min_agreement"),
         device=run.get("device", "auto"),
         seed=int(run.get("seed", 0)),
@@ -67,6 +69,13 @@ def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: P
         opts.recipe = auto_recipe(arch_has_bn(opts.arch))
     recipe = _build_recipe(opts, recipe_tables, overrides)
     return opts, recipe
+
+
+def _synthetic_set_recipe(folder: Any) -> str | None:
+    """``--from-synthetic`` without ``--recipe`` trains with the [train] table of the set's own recipe."""
+    from dfkd_cli.synthetic_set import read_manifest
+
+    return str(read_manifest(Path(folder))["recipe"]) if folder is not None else None
 
 
 def _build_recipe(opts: CompressOptions, tables: dict[str, Any], overrides: list[str]) -> RecipeConfig:

@@ -48,17 +48,19 @@ class Reservoir:
         self.seen = 0
         self.data: torch.Tensor | None = None
 
+    @torch.no_grad()
     def add(self, batch: torch.Tensor) -> None:
-        for x in batch.detach():
-            if self.data is None:
-                self.data = x.new_empty(self.capacity, *x.shape)
-            if self.seen < self.capacity:
-                self.data[self.seen] = x
-            else:
-                slot = int(torch.randint(self.seen + 1, ()))
-                if slot < self.capacity:
-                    self.data[slot] = x
-            self.seen += 1
+        """Algorithm R for each sample of ``batch``, vectorised: sample t (0-based over everything
+        seen) takes slot t while the reservoir fills, else a slot drawn from 0..t if it is < capacity."""
+        if len(batch) == 0:
+            return
+        if self.data is None:
+            self.data = batch.new_empty(self.capacity, *batch.shape[1:])
+        t = self.seen + torch.arange(len(batch))
+        slots = torch.where(t < self.capacity, t, (torch.rand(len(batch)) * (t + 1)).long())
+        keep = slots < self.capacity
+        self.data[slots[keep].to(self.data.device)] = batch.detach()[keep.to(batch.device)]
+        self.seen += len(batch)
 
     def tensor(self) -> torch.Tensor:
         if self.data is None:

@@ -92,3 +92,24 @@ def test_min_agreement_gates_the_int8_student(tiny_teacher, tmp_path, with_eval)
     assert report["gate"]["measured"] == measured
     assert result.exit_code == (0 if measured >= 1.0 else 1)
 
+
+
+def test_quantize_command_adds_int8_to_a_saved_run(tiny_teacher, tmp_path):
+    made = compress(tiny_teacher, tmp_path, "--save-synthetic")
+    assert made.exit_code == 0, (made.stderr, made.exception)
+    result = CliRunner().invoke(app, ["quantize", str(tmp_path / "run"), "--format", "json", "--min-agreement", "0.0",
+                                      "--eval-data", str(tiny_teacher["eval"])])
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert (tmp_path / "run" / "student.int8.onnx").is_file()
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["int8"]["synthetic"]["n"] == 32 and saved["int8"]["eval_data"]["n"] == 256
+    assert saved["gate"]["metric"] == "int8_top1_agreement"
+    human = CliRunner().invoke(app, ["quantize", str(tmp_path / "run")])
+    assert human.exit_code == 0 and "int8 agreement with the teacher" in human.stdout
+
+
+def test_quantize_command_needs_a_saved_synthetic_set(tiny_teacher, tmp_path):
+    assert compress(tiny_teacher, tmp_path).exit_code == 0
+    result = CliRunner().invoke(app, ["quantize", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "--save-synthetic" in result.stderr
+    assert not (tmp_path / "run" / "student.int8.onnx").exists()

@@ -90,6 +90,9 @@ class Synthesizer:
     # Recipes that read unlabelled images from a related domain (``--prior``): the pipeline sets
     # ``self.prior`` (a :class:`dfkd_cli.prior.PriorData`) before the first ``synthesize()``;
     # ``prior_holdout``: the student is selected on prior images held out of the stream.
+    # Whether the training data is ``self.pool`` (what ``--save-synthetic`` then saves); recipes that
+    # make every batch fresh set it False and the pipeline records a sample of their batches instead.
+    keeps_pool: ClassVar[bool] = True
     uses_prior: ClassVar[bool] = False
     prior_holdout: ClassVar[bool] = False
 

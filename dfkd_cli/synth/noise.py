@@ -16,6 +16,8 @@ class NoiseSynthesizer(Synthesizer):
     class Config:
         batch_size: int = 256  # holdout samples drawn per call
 
+    keeps_pool = False
+
     def make_batch(self, n: int) -> torch.Tensor:
         return torch.randn(n, *self.teacher.input_shape, device=self.device)
 

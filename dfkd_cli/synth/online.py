@@ -78,6 +78,7 @@ class OnlineGeneratorSynthesizer(Synthesizer):
 
     Config: ClassVar[type] = OnlineConfig
     online = True
+    keeps_pool = False
     # DAFL trains the student on the very batch of the generator update; ZSKT, DFAD and DFQ draw
     # a fresh batch for every student step.
     student_on_generator_batch: ClassVar[bool] = False

@@ -22,6 +22,7 @@ class PriorKDSynthesizer(Synthesizer):
         batch_size: int = 256  # images the prior loader decodes per batch
 
     uses_prior = True
+    keeps_pool = False
     prior_holdout = True
 
     def synthesize(self) -> None:

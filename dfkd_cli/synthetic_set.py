@@ -1,0 +1,113 @@
+"""The synthetic set as an artefact: ``--save-synthetic`` writes it, ``--from-synthetic`` trains on it.
+
+A set is a folder: ``train-NNNNN.npz`` shards (``x``: float16 inputs in the teacher's normalised
+input space, ``probs``: float16 teacher softmax), ``holdout.npz`` (held-out samples, never trained
+on: half selected the student, half were reported) and ``manifest.json`` (recipe, teacher sha256,
+input shape, normalisation, classes, counts). Pool recipes save their pool; recipes that make
+every batch fresh save a uniform sample of the batches the student trained on.
+
+Example:
+    >>> save_synthetic_set(Path("runs/x/synthetic"), pool, holdout, teacher, "cmi")
+    >>> data = load_synthetic_set(Path("runs/x/synthetic"), teacher)
+    >>> data.train.shape, data.manifest["recipe"]
+    (torch.Size([50000, 3, 32, 32]), 'cmi')
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dfkd_cli import __version__
+from dfkd_cli.errors import DfkdError
+from dfkd_cli.evaluate import predict
+from dfkd_cli.teacher import Teacher
+
+FORMAT = 1
+SHARD_SAMPLES = 8192
+# Fresh-batch recipes keep at most this much of the training stream in memory (float32) for saving.
+RECORD_BYTES = 2**30
+
+
+@dataclass
+class SyntheticSet:
+    train: torch.Tensor
+    holdout: torch.Tensor
+    manifest: dict[str, Any]
+
+
+def record_capacity(input_shape: tuple[int, int, int], limit: int = 50_000) -> int:
+    """How many training samples a fresh-batch recipe keeps for ``--save-synthetic``."""
+    return max(1, min(limit, RECORD_BYTES // (4 * int(np.prod(input_shape)))))
+
+
+def _write_npz(path: Path, x: torch.Tensor, probs: torch.Tensor) -> None:
+    np.savez(path, x=x.cpu().numpy().astype(np.float16), probs=probs.cpu().numpy().astype(np.float16))
+
+
+def save_synthetic_set(folder: Path, train: torch.Tensor, holdout: torch.Tensor, teacher: Teacher, recipe: str,
+                       sampling: str) -> dict[str, Any]:
+    """Write the set into ``folder`` (created); returns the manifest."""
+    folder.mkdir(parents=True)
+    shards = []
+    for index, start in enumerate(range(0, len(train), SHARD_SAMPLES)):
+        chunk = train[start : start + SHARD_SAMPLES].cpu()
+        name = f"train-{index:05d}.npz"
+        _write_npz(folder / name, chunk, F.softmax(predict(teacher.model, chunk), dim=1))
+        shards.append(name)
+    _write_npz(folder / "holdout.npz", holdout.cpu(), F.softmax(predict(teacher.model, holdout.cpu()), dim=1))
+    manifest = {"format": FORMAT, "dfkd_version": __version__, "recipe": recipe, "sampling": sampling,
+                "teacher_sha256": teacher.sha256, "teacher_arch": teacher.arch,
+                "input_shape": list(teacher.input_shape), "mean": list(teacher.mean), "std": list(teacher.std),
+                "num_classes": teacher.num_classes, "class_names": teacher.class_names,
+                "space": "normalised teacher inputs", "dtype": "float16",
+                "train_samples": len(train), "holdout_samples": len(holdout), "shards": shards}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The set's manifest; a one-line error when ``folder`` is not a synthetic set."""
+    path = Path(folder) / "manifest.json"
+    if not Path(folder).is_dir():
+        raise DfkdError(f"synthetic set '{folder}' not found; pass the synthetic/ folder of a run made with --save-synthetic")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DfkdError(f"'{folder}' has no manifest.json; pass the synthetic/ folder of a run made with --save-synthetic") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DfkdError(f"'{path}' is not valid JSON; the synthetic set is damaged") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DfkdError(f"'{path}' is not a dfkd synthetic set of format {FORMAT}")
+    return manifest
+
+
+def load_synthetic_set(folder: Path, teacher: Teacher) -> SyntheticSet:
+    """Load a set made for ``teacher``; a set made for another teacher or input is refused."""
+    manifest = read_manifest(folder)
+    if manifest.get("teacher_sha256") != teacher.sha256:
+        raise DfkdError(f"synthetic set '{folder}' was made for another teacher (sha256 "
+                        f"{str(manifest.get('teacher_sha256'))[:12]}, this one {teacher.sha256[:12]}); "
+                        "synthesize again for this teacher")
+    if list(manifest.get("input_shape", [])) != list(teacher.input_shape):
+        raise DfkdError(f"synthetic set '{folder}' holds {manifest.get('input_shape')} inputs but the teacher "
+                        f"takes {list(teacher.input_shape)}; pass the same --input-shape as when it was made")
+    shards = [_read_x(Path(folder) / name) for name in manifest.get("shards", [])]
+    train = torch.cat(shards) if shards else torch.empty(0, *teacher.input_shape)
+    if len(train) == 0:
+        raise DfkdError(f"synthetic set '{folder}' holds no training samples")
+    return SyntheticSet(train, _read_x(Path(folder) / "holdout.npz"), manifest)
+
+
+def _read_x(path: Path) -> torch.Tensor:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return torch.from_numpy(archive["x"].astype(np.float32))
+    except (OSError, ValueError, KeyError) as error:
+        raise DfkdError(f"synthetic set file '{path}' is missing or damaged ({error}); save the set again") from None
