@@ -116,7 +116,7 @@ def overrides_for(suite: Suite, recipe: str, extra: list[str], train_only: bool 
     if recipe in suite.kd_like and not train_only:
         items = kd_trainer(suite.kd_train_from) + items
     if suite.digits:  # digits are not mirror-symmetric
-        mirror = not train_only and "flip" in synth_keys(recipe)
+        mirror = not train_only and recipe != "auto" and "flip" in synth_keys(recipe)
         items = ["train.flip=false"] + (["synth.flip=false"] if mirror else []) + items
     for item in extra:
         target, sep, rest = item.partition(":")
@@ -152,6 +152,12 @@ def prior_recipes() -> list[str]:
     from dfkd_cli.config import prior_recipes as shipped
 
     return shipped()
+
+
+def split_settings(settings: list[str]) -> tuple[list[str], list[str]]:
+    """A variant's settings as (-s overrides, dfkd compress flags): flags start at the first "--" item."""
+    first = next((i for i, item in enumerate(settings) if item.startswith("--")), len(settings))
+    return settings[:first], settings[first:]
 
 
 def compress_cmd(suite: Suite, recipe: str, budget: str, steps: int, extra: list[str], out: Path) -> list[str]:
@@ -212,10 +218,17 @@ def row_from_report(name: str, report: dict[str, Any]) -> dict[str, Any]:
     synthetic = (report.get("synthetic_holdout") or {}).get("top1_agreement")
     selection = run_info.get("selection")
     note = f"selected on {selection['n']} held-out train images" if selection else ""
-    return {"run": name, "student acc": real.get("student_accuracy"), "agreement (real)": real.get("top1_agreement"),
+    row = {"run": name, "student acc": real.get("student_accuracy"), "agreement (real)": real.get("top1_agreement"),
             "agreement (synthetic holdout)": synthetic, "steps": run_info["steps"],
             "total s": run_info["wall_clock_s"]["total"], "hardware": run_info["hardware"], "note": note,
             "teacher acc": real.get("teacher_accuracy")}
+    if run_info.get("race"):
+        row["note"] = f"race winner: {run_info['race']['winner']}"
+    int8 = report.get("int8")
+    if int8 and int8.get("eval_data"):
+        row[INT8] = int8["eval_data"]["int8_top1_agreement"]
+        row[LATENCY] = f"{int8['latency_ms']['fp32']:.3g} / {int8['latency_ms']['int8']:.3g}"
+    return row
 
 
 def teacher_row(suite: Suite) -> dict[str, Any]:
@@ -232,10 +245,13 @@ def teacher_row(suite: Suite) -> dict[str, Any]:
     return row
 
 
-PERCENT_COLUMNS = ("teacher acc", "student acc", "agreement (real)", "agreement (synthetic holdout)")
+PERCENT_COLUMNS = ("teacher acc", "student acc", "agreement (real)", "agreement (synthetic holdout)",
+                   "int8 agreement (real)")
 STABILITY = "synthetic agreement along the run (mean / variance / max)"
-TABLE_COLUMNS = ("run", "student acc", "agreement (real)", "agreement (synthetic holdout)", STABILITY, "steps",
-                 "total s", "published", "hardware", "note")
+INT8 = "int8 agreement (real)"
+LATENCY = "ONNX latency ms fp32 / int8"
+TABLE_COLUMNS = ("run", "student acc", "agreement (real)", INT8, LATENCY, "agreement (synthetic holdout)", STABILITY,
+                 "steps", "total s", "published", "hardware", "note")
 PUBLISHED_HEADER = "published (GPU, far larger budgets)"
 
 
@@ -301,7 +317,8 @@ def run_suite(suite: Suite, budget: str, steps: int, only: list[str] | None, ext
             cmd, title = kd_cmd(suite, data, budget, steps, extra, out, kd_train_from), KD_TITLES[data]
         elif name in suite.variants:
             recipe, settings = suite.variants[name]
-            cmd, title = compress_cmd(suite, recipe, budget, steps, [*settings, *extra], out), name
+            overrides, flags = split_settings(settings)
+            cmd, title = compress_cmd(suite, recipe, budget, steps, [*overrides, *extra], out) + flags, name
         else:
             cmd, title = compress_cmd(suite, name, budget, steps, extra, out), name
         log(f"[{index}/{len(names)}] {title}: {' '.join(cmd)}")

@@ -39,7 +39,8 @@ class Suite:
     # Rows that are plain KD on inputs nobody optimises: they train like the KD rows (the trainer of
     # kd_train_from), so these baselines differ from the KD rows only in their inputs.
     kd_like: tuple[str, ...] = ("noise", "prior-kd")
-    # Extra rows: name -> (recipe, overrides), e.g. "dfad+lra" -> ("dfad", ['train.update="lra"']).
+    # Extra rows: name -> (recipe, settings), e.g. "dfad+lra" -> ("dfad", ['train.update="lra"']); settings
+    # starting with "--" are dfkd compress flags (with their values), e.g. ["--quantize", "int8"].
     variants: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
     only_variants: bool = False  # rows are the variants alone (no KD rows, no plain recipe rows)
     show_stability: bool = False  # a column with the agreement's mean / variance / max along the run
@@ -84,6 +85,8 @@ _PAPER_CIFAR = {
 }
 _UPDATE_VARIANTS = {f"{recipe}{'' if update == 'plain' else '+' + update}": (recipe, [f'train.update="{update}"'])
                     for recipe in ("dfad", "dafl") for update in ("plain", "replay", "lra")}
+# The recipe race at the suite's budget, and the int8 student of the recipe auto falls back on.
+_RACE_AND_INT8 = {"auto (race)": ("auto", []), "dfad + int8": ("dfad", ["--quantize", "int8"])}
 _MNIST_TEACHER = ["--dataset", "mnist", "--arch", "lenet5", "--epochs", "5", "--lr", "0.05"]
 _DAFL_TABLE_1 = {"kd-mnist": "98.91% (DAFL)", "kd-usps": "94.56% (DAFL)", "noise": "88.01% (DAFL)",
                  "dafl": "98.20% (DAFL)", "dfad": "98.3% (DFAD)", "zskd": "98.77% (ZSKD)"}
@@ -94,7 +97,8 @@ def make_suite(name: str, gpu: bool = False) -> Suite:
     if name == "mnist-lenet":
         return Suite(name, "MNIST, DAFL Table 1 setting: LeNet-5 -> LeNet-5-half", OUT / "mnist_lenet5.safetensors",
                      "lenet5", "lenet5_half", "1x32x32", "mnist", ("mnist", 10_000), _MNIST_TEACHER,
-                     ("mnist", "usps"), "dafl", "10m", digits=True, prior="usps", published=_DAFL_TABLE_1)
+                     ("mnist", "usps"), "dafl", "10m", digits=True, prior="usps", published=_DAFL_TABLE_1,
+                     variants=_RACE_AND_INT8)
     if name == "mnist-bn":
         return Suite(name, "MNIST with a BatchNorm teacher: resnet8 -> LeNet-5-half",
                      ROOT / "dfkd_cli" / "demo" / "mnist_resnet8.safetensors", "resnet8", "lenet5_half", "1x32x32",
@@ -126,7 +130,8 @@ def make_suite(name: str, gpu: bool = False) -> Suite:
                      "resnet8", "3x32x32", "cifar10", ("cifar10", 2_000),
                      ["--dataset", "cifar10", "--arch", "resnet20", "--epochs", "10", "--crop-pad", "4", "--flip"],
                      ("cifar10",), "deepinversion", "5m",
-                     overrides={"deepinversion": _CPU_CIFAR_PIXEL_OPT, "adi": _CPU_CIFAR_PIXEL_OPT})
+                     overrides={"deepinversion": _CPU_CIFAR_PIXEL_OPT, "adi": _CPU_CIFAR_PIXEL_OPT},
+                     variants={"auto (race)": ("auto", []), "dfq + int8": ("dfq", ["--quantize", "int8"])})
     raise SystemExit(f"unknown suite '{name}'; choose one of: {', '.join(SUITE_NAMES)}")
 
 

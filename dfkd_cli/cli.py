@@ -92,6 +92,7 @@ def compress(
     prior: Annotated[Optional[Path], typer.Option(help="Unlabelled images from a related domain (folder or .npz with x) for the recipes that use them: avkd, prior-kd.")] = None,
     save_synthetic: Annotated[bool, typer.Option("--save-synthetic", help="Also write the synthetic training set (float16 .npz shards with the teacher's soft labels, a manifest) to OUT/synthetic/.")] = False,
     from_synthetic: Annotated[Optional[Path], typer.Option(help="Train on a saved synthetic set (a run's synthetic/ folder) instead of synthesizing; refused for another teacher.")] = None,
+    race_share: Annotated[Optional[float], typer.Option(help="With --recipe auto: the budget's share the race takes (default 0.15); the leader gets the rest.")] = None,
     quantize: Annotated[Optional[str], typer.Option(help="none (default) or int8: also write student.int8.onnx, calibrated on held-out synthetic samples; --min-agreement then gates it.")] = None,
     min_agreement: Annotated[Optional[float], typer.Option(help="Fail (exit 1) below this teacher-student agreement.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
@@ -113,12 +114,12 @@ def compress(
                  time_budget_s=parse_duration(time_budget) if time_budget else None, input_shape=input_shape,
                  normalize=normalize, mean=mean, std=std, labels=labels, eval_data=eval_data,
                  prior=prior, quantize=quantize, save_synthetic=save_synthetic or None,
-                 from_synthetic=from_synthetic, min_agreement=min_agreement, device=device, seed=seed)
-    opts, recipe_cfg = resolve_compress(flags, set_ or [], DEMO_DIR / "demo.toml" if demo else config,
+                 from_synthetic=from_synthetic, race_share=race_share, min_agreement=min_agreement, device=device, seed=seed)
+    opts, recipes = resolve_compress(flags, set_ or [], DEMO_DIR / "demo.toml" if demo else config,
                                         overwrite=overwrite, trust_pickle=trust_pickle)
     display = make_display(output_format.value)
     try:
-        report = run_compress(opts, recipe_cfg, display)
+        report = run_compress(opts, recipes, display)
     finally:
         display.close()
     render_compress(report, output_format.value)
@@ -183,7 +184,8 @@ def inspect(
 ) -> None:
     """What dfkd sees in a teacher: classes, input shape, BatchNorm layers, parameters, recipes."""
     from dfkd_cli.archs import get_arch
-    from dfkd_cli.config import applicable_recipes, auto_recipe, prior_recipes
+    from dfkd_cli.config import applicable_recipes, prior_recipes
+    from dfkd_cli.race import race_entrants
     from dfkd_cli.render import render_inspect
     from dfkd_cli.teacher import load_teacher, parse_input_shape
 
@@ -193,7 +195,7 @@ def inspect(
     info = {"path": str(teacher), "arch": t.arch, "sha256": t.sha256, "num_classes": t.num_classes,
             "class_names": t.class_names, "input_shape": list(t.input_shape), "mean": list(t.mean), "std": list(t.std),
             "params": t.num_params, "bn_layers": t.bn_layers, "has_bn": t.has_bn,
-            "default_student": spec.default_student, "recipes": applicable_recipes(t), "recipe_auto": auto_recipe(t.has_bn),
+            "default_student": spec.default_student, "recipes": applicable_recipes(t), "race": race_entrants(t.has_bn),
             "recipes_needing_prior": [r for r in prior_recipes() if r in applicable_recipes(t)]}
     render_inspect(info, output_format.value)
 

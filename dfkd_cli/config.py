@@ -292,21 +292,6 @@ def recipe_info(name: str) -> RecipeInfo:
     return info
 
 
-# ``--recipe auto`` takes the first of these that applies to the teacher: strongest first, from the
-# published CIFAR-10 tables (CMI > Fast > ADI > DeepInversion > DFQ > ZSKT/DFAD > DAFL > ZSKD) and
-# the MNIST rows of bench/ for teachers without BatchNorm.
-AUTO_PREFERENCE = ("cmi", "fast", "adi", "deepinversion", "dfq", "dfad", "zskt", "dafl", "zskd", "noise")
-
-
-def auto_recipe(has_bn: bool) -> str:
-    """The strongest shipped recipe for a teacher with (or without) BatchNorm layers."""
-    shipped = set(list_recipes())
-    for name in AUTO_PREFERENCE:
-        if name in shipped and (has_bn or not recipe_info(name).requires_bn):
-            return name
-    raise RuntimeError("no shipped recipe applies to this teacher")  # noise always applies
-
-
 def prior_recipes() -> list[str]:
     """Shipped recipes that read ``--prior`` images."""
     from dfkd_cli.synth import synthesizer_class

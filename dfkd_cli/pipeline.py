@@ -27,7 +27,9 @@ from dfkd_cli.measure import eval_data_warnings, gate_result, measure_models, re
 from dfkd_cli.prior import PriorData
 from dfkd_cli.report import SCHEMA_VERSION, save_sample_grid, write_report
 from dfkd_cli.runtime import Budget, Display, hardware_description, library_versions, resolve_device, seed_everything
-from dfkd_cli.selection import FixedHoldout, Reservoir, TrajectoryHoldout, stability
+from dfkd_cli.distill import Run, distill, finish
+from dfkd_cli.race import RACE_SHARE, run_race
+from dfkd_cli.selection import Reservoir, stability
 from dfkd_cli.synth import Synthesizer, synthesizer_class
 from dfkd_cli.synth.from_synthetic import FromSyntheticSynthesizer
 from dfkd_cli.synthetic_set import SyntheticSet, load_synthetic_set, record_capacity, save_synthetic_set
@@ -57,6 +59,7 @@ class CompressOptions:
     quantize: str = "none"
     save_synthetic: bool = False
     from_synthetic: Path | None = None
+    race_share: float = RACE_SHARE
     min_agreement: float | None = None
     device: str = "auto"
     seed: int = 0
@@ -112,36 +115,62 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise DfkdError(f"output path '{out}' is a file, not a folder; pick another --out")
 
 
-def compress(opts: CompressOptions, recipe: RecipeConfig, display: Display) -> dict[str, Any]:
-    """Run a whole compression and return the report (also written to ``opts.out``)."""
+def compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Display) -> dict[str, Any]:
+    """Run a whole compression and return the report (also written to ``opts.out``). One recipe
+    distils alone; several race for a share of the budget first (``--recipe auto``)."""
     watch, started = Stopwatch(), datetime.now(timezone.utc)
     out = opts.out or default_out_dir(opts)
     check_out_dir(out, opts.overwrite)
     device = resolve_device(opts.device)
     seed_everything(opts.seed)  # before the student's random initialisation
-    teacher, student, eval_data, prior, synthetic = _prepare(opts, recipe, display)
-    display.log(f"recipe: {recipe.recipe.name} ({recipe.recipe.description})")
+    teacher, student, eval_data, prior, synthetic = _prepare(opts, recipes[0], display)
+    _log_recipes(recipes, display)
     watch.lap("load")
 
     teacher.to(device)
-    synth = _make_synthesizer(recipe, teacher, device, synthetic)
-    trainer = StudentTrainer(student, teacher.model, recipe.train, device, input_shape=teacher.input_shape)
-    if recipe.train.attention:
-        display.log(trainer.attention.note)
-    synth.student, synth.prior = trainer.student, prior
-    recorder = Reservoir(record_capacity(teacher.input_shape)) if opts.save_synthetic and not synth.keeps_pool else None
-    holdout, curve = _distill(synth, trainer, recipe, Budget(opts.time_budget_s), display, recorder)
-    student = trainer.restore_best().cpu()
+    students = iter([student])  # the first run gets the student made above; race entrants a fresh one each
+
+    def make_run(recipe: RecipeConfig) -> Run:
+        model = next(students, None)
+        if model is None:
+            seed_everything(opts.seed)  # every entrant starts from the same initialisation
+            model = build_student(opts.student, teacher)
+        synth = _make_synthesizer(recipe, teacher, device, synthetic)
+        trainer = StudentTrainer(model, teacher.model, recipe.train, device, input_shape=teacher.input_shape)
+        if recipe.train.attention:
+            display.log(trainer.attention.note)
+        synth.student, synth.prior = trainer.student, prior
+        keep = opts.save_synthetic and not synth.keeps_pool
+        recorder = Reservoir(record_capacity(teacher.input_shape)) if keep else None
+        return Run(recipe.recipe.name, recipe, synth, trainer, recorder=recorder)
+
+    budget, race = Budget(opts.time_budget_s), None
+    if len(recipes) > 1:
+        run, race = run_race(recipes, make_run, budget, display, opts.race_share)
+        holdout = finish(run, display)
+        opts.recipe = run.name  # config.toml repeats the winner, not the race
+    else:
+        run = make_run(recipes[0])
+        holdout = distill(run, budget, display)
+    student = run.trainer.restore_best().cpu()
     teacher.to(torch.device("cpu"))
     watch.lap("distill")
 
     run_info = {"started": started.isoformat(timespec="seconds"), "device": str(device),
-                "hardware": hardware_description(device), "steps": trainer.steps_done,
-                "best_step": trainer.best_step, "out": str(out), "prior": prior.describe() if prior else None,
+                "hardware": hardware_description(device), "steps": run.trainer.steps_done,
+                "best_step": run.trainer.best_step, "out": str(out), "prior": prior.describe() if prior else None,
                 "from_synthetic": str(opts.from_synthetic.resolve()) if opts.from_synthetic else None,
-                "stability": stability(curve)}
-    result = Distilled(teacher, student, synth, holdout, eval_data, _training_set(opts, synth, recorder), run_info)
-    return _publish(out, opts, recipe, result, display, watch)
+                "stability": stability(run.curve), "race": race}
+    result = Distilled(teacher, student, run.synth, holdout, eval_data, _training_set(opts, run), run_info)
+    return _publish(out, opts, run.recipe, result, display, watch)
+
+
+def _log_recipes(recipes: list[RecipeConfig], display: Display) -> None:
+    if len(recipes) == 1:
+        display.log(f"recipe: {recipes[0].recipe.name} ({recipes[0].recipe.description})")
+    else:
+        display.log(f"recipe: auto, a race of {', '.join(r.recipe.name for r in recipes)}; the leader on pooled "
+                    "held-out synthetic agreement gets the rest of the budget")
 
 
 def _make_synthesizer(recipe: RecipeConfig, teacher: Teacher, device: torch.device,
@@ -153,13 +182,13 @@ def _make_synthesizer(recipe: RecipeConfig, teacher: Teacher, device: torch.devi
     return synth
 
 
-def _training_set(opts: CompressOptions, synth: Synthesizer,
-                  recorder: Reservoir | None) -> tuple[torch.Tensor, str] | None:
+def _training_set(opts: CompressOptions, run: Run) -> tuple[torch.Tensor, str] | None:
     if not opts.save_synthetic:
         return None
-    if recorder is None:
-        return synth.pool.tensor(), "the recipe's synthetic pool"
-    return recorder.tensor(), f"a uniform sample of the {recorder.seen:,} training inputs (the recipe makes every batch fresh)"
+    if run.recorder is None:
+        return run.synth.pool.tensor(), "the recipe's synthetic pool"
+    seen = run.recorder.seen
+    return run.recorder.tensor(), f"a uniform sample of the {seen:,} training inputs (the recipe makes every batch fresh)"
 
 
 def _publish(out: Path, opts: CompressOptions, recipe: RecipeConfig, result: Distilled, display: Display,
@@ -232,45 +261,6 @@ def _open_prior(opts: CompressOptions, recipe: RecipeConfig, teacher: Teacher) -
     batch = max(recipe.train.batch_size, getattr(recipe.synth, "batch_size", 0))
     reserve = recipe.train.holdout if cls.prior_holdout else 0
     return PriorData(opts.prior, teacher.input_shape, teacher.mean, teacher.std, batch, reserve, seed=opts.seed)
-
-
-def _distill(synth: Synthesizer, trainer: StudentTrainer, recipe: RecipeConfig, budget: Budget, display: Display,
-             recorder: Reservoir | None = None) -> tuple[torch.Tensor, list[float]]:
-    """Alternate synthesize() and student steps until the step budget or the time budget ends,
-    selecting the student on held-out synthetic samples. Returns the held-out samples (first
-    half: selection; second half: the report) and the agreement at each evaluation. ``recorder``
-    keeps a uniform sample of the training batches (``--save-synthetic`` for fresh-batch recipes)."""
-    cfg = recipe.train
-    trainer.time_progress = budget.fraction
-    synth.run_progress = lambda: max(trainer.steps_done / max(cfg.steps, 1), budget.fraction())
-    if synth.online:
-        selector = TrajectoryHoldout(synth, trainer, cfg.holdout)
-    else:
-        display.stage("holdout", total=None)
-        selector = FixedHoldout(synth, trainer, cfg.holdout, budget,
-                                lambda it, total, parts: display.advance(1, **parts))
-    synth.on_step = lambda it, total, parts: budget.expired()
-    display.stage("distill", total=cfg.steps)
-    agreement, curve = 0.0, []
-    while trainer.steps_done < cfg.steps and not budget.expired():
-        synth.synthesize()
-        for _ in range(min(cfg.steps_per_round, cfg.steps - trainer.steps_done)):
-            batch = synth.sample(cfg.batch_size)
-            if recorder is not None:
-                recorder.add(batch)
-            loss = trainer.step(batch)
-            if trainer.steps_done % cfg.eval_every == 0:
-                agreement = selector.evaluate()
-                curve.append(agreement)
-            display.advance(1, kd=loss, agreement=agreement, **trainer.last_parts, **synth.status())
-            if budget.expired():
-                display.log(f"time budget reached after {trainer.steps_done} student steps")
-                break
-    if trainer.steps_done == 0:
-        raise DfkdError("the time budget ended before the first student step; give a longer --time-budget", exit_code=3)
-    holdout, agreement = selector.finish()
-    display.advance(0, agreement=agreement)
-    return holdout, curve
 
 
 def _write_artefacts(run_dir: Path, opts: CompressOptions, recipe: RecipeConfig, result: Distilled,

@@ -155,6 +155,7 @@ def _human_inspect(console: Console, info: dict[str, Any]) -> None:
     console.print(f"parameters    {info['params']:,}")
     console.print(f"BatchNorm     {len(bn)} layers" + (f" ({', '.join(bn[:4])}, ...)" if bn else ""))
     console.print(f"student       default {info['default_student'] or '- (pass --student)'}")
-    console.print(f"recipes       {', '.join(info['recipes'])} (auto: {info['recipe_auto']})")
+    console.print(f"recipes       {', '.join(info['recipes'])}")
+    console.print(f"              --recipe auto races: {', '.join(info['race'])}")
     if info.get("recipes_needing_prior"):
         console.print(f"              with --prior images only: {', '.join(info['recipes_needing_prior'])}")

@@ -95,6 +95,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         _summary_section(report),
         _models_section(teacher, student),
         _warnings_section(report.get("warnings") or []),
+        _race_section((report.get("run") or {}).get("race")),
         _per_class_section(report.get("synthetic_holdout"), report.get("eval_data")),
         _timings_section((report.get("run") or {}).get("wall_clock_s") or {}),
         _config_section((report.get("run") or {}).get("config")),
@@ -186,6 +187,17 @@ def _models_section(teacher: dict[str, Any], student: dict[str, Any]) -> str:
 def _student_sizes(files: dict[str, Any]) -> str:
     sizes = [f"{_bytes(size)} ({kind})" for kind, size in files.items() if size is not None]
     return ", ".join(sizes) or "–"
+
+
+def _race_section(race: dict[str, Any] | None) -> str:
+    if not race:
+        return ""
+    rows = [(f"**{row['recipe']}**" if row["recipe"] == race["winner"] else row["recipe"], str(row["steps"]),
+             f"{row['seconds']:.1f}", _percent(row["pooled_agreement"]), _percent(row["own_agreement"]))
+            for row in race["entrants"]]
+    return (f"## Race (--recipe auto, {race['share']:.0%} of the budget)\n\nThe leader on {race['pooled_samples']} "
+            "pooled held-out synthetic samples (an equal share from every entrant) trained on with the rest.\n\n"
+            + _table(("recipe", "steps", "seconds", "pooled agreement", "own held-out agreement"), rows))
 
 
 def _warnings_section(warnings: Sequence[str]) -> str:

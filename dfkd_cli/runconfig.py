@@ -15,19 +15,21 @@ from pathlib import Path
 from typing import Any
 
 from dfkd_cli.archs import arch_has_bn
-from dfkd_cli.config import RecipeConfig, auto_recipe, build_recipe, read_toml, recipe_path
+from dfkd_cli.config import RecipeConfig, build_recipe, read_toml, recipe_path
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.measure import check_fraction
 from dfkd_cli.pipeline import CompressOptions
+from dfkd_cli.race import RACE_SHARE, race_entrants
 from dfkd_cli.teacher import parse_input_shape
 
 _PATH_KEYS = ("teacher", "labels", "eval_data", "prior", "from_synthetic")
 _RUN_KEYS = [f.name for f in dataclasses.fields(CompressOptions) if f.name not in ("overwrite", "overrides", "out", "trust_pickle")]
 
 
-def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: Path | None,
-                     overwrite: bool = False, trust_pickle: bool = False) -> tuple[CompressOptions, RecipeConfig]:
-    """Merge flags (None = not given) over the config file and build the options and recipe."""
+def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: Path | None, overwrite: bool = False,
+                     trust_pickle: bool = False) -> tuple[CompressOptions, list[RecipeConfig]]:
+    """Merge flags (None = not given) over the config file and build the options and the recipe,
+    or with ``--recipe auto`` the recipes that race."""
     run, recipe_tables = _read_config(config_path) if config_path else ({}, {})
     if flags.get("recipe") is not None and flags["recipe"] != run.get("recipe"):
         # [synth] and [recipe] belong to the config's own recipe; [train] fits every recipe.
@@ -54,6 +56,7 @@ def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: P
         eval_data=_path(run.get("eval_data")),
         prior=_path(run.get("prior")),
         quantize=str(run.get("quantize", "none")),
+        race_share=float(run.get("race_share", RACE_SHARE)),
         save_synthetic=bool(run.get("save_synthetic", False)),
         from_synthetic=_path(run.get("from_synthetic")),
         min_agreement=run.get("min_agreement"),
@@ -63,12 +66,28 @@ def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: P
         overrides=list(overrides),
     )
     check_fraction(opts.min_agreement, "--min-agreement")
+    if not 0 < opts.race_share < 1:
+        raise DfkdError(f"--race-share must be between 0 and 1 (the budget's share for the race), got {opts.race_share}")
     if opts.quantize not in ("none", "int8"):
         raise DfkdError(f"--quantize must be none or int8, got {opts.quantize!r}")
     if opts.recipe == "auto":
-        opts.recipe = auto_recipe(arch_has_bn(opts.arch))
-    recipe = _build_recipe(opts, recipe_tables, overrides)
-    return opts, recipe
+        return opts, _race_recipes(opts, recipe_tables, overrides)
+    return opts, [_build_recipe(opts, recipe_tables, overrides)]
+
+
+def _race_recipes(opts: CompressOptions, tables: dict[str, Any], overrides: list[str]) -> list[RecipeConfig]:
+    """The recipes ``--recipe auto`` races: every one that applies to the architecture."""
+    synth_keys = [item for item in overrides if item.strip().startswith(("synth.", "recipe."))]
+    if synth_keys:
+        raise DfkdError(f"-s {synth_keys[0]} names a setting of one recipe, but --recipe auto races several; "
+                        "pick the recipe with --recipe NAME")
+    names = race_entrants(arch_has_bn(opts.arch))
+    recipes = []
+    for name in names:
+        opts.recipe = name
+        recipes.append(_build_recipe(opts, {k: v for k, v in tables.items() if k == "train"}, overrides))
+    opts.recipe = "auto"
+    return recipes
 
 
 def _synthetic_set_recipe(folder: Any) -> str | None:

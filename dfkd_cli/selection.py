@@ -88,6 +88,10 @@ class FixedHoldout:
     def evaluate(self) -> float:
         return self.trainer.select(self.x_select, self.t_select)
 
+    def selection_samples(self) -> torch.Tensor:
+        """The held-out samples that select the student (the other half is reported)."""
+        return self.x_select
+
     def finish(self) -> tuple[torch.Tensor, float]:
         return self.holdout, self.evaluate()
 
@@ -111,6 +115,12 @@ class TrajectoryHoldout:
         x = split(self.reservoir.tensor())[0] if self.reservoir.seen >= 2 else self.reservoir.tensor()
         teacher = predict_classes(self.synth.teacher.model, x)
         return float((predict_classes(self.trainer.student, x) == teacher).float().mean())
+
+    def selection_samples(self) -> torch.Tensor:
+        """The selection half of the samples drawn so far (at least one draw: the current student's)."""
+        if self.reservoir.seen < 2:
+            self._draw()
+        return split(self.reservoir.tensor())[0]
 
     def finish(self) -> tuple[torch.Tensor, float]:
         self._draw()

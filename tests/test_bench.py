@@ -14,6 +14,7 @@ from conftest import quadrant_task
 from dfkd_cli.config import list_recipes, load_recipe
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.evaluate import load_eval_data
+from dfkd_cli.race import race_entrants
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -151,7 +152,10 @@ def test_suite_overrides_are_valid_settings_of_the_shipped_recipes(name, gpu):
         items = run_bench.overrides_for(suite, recipe, [])[1::2]
         load_recipe(recipe, items)  # raises DfkdError on an unknown key or a wrong type
     for recipe, settings in suite.variants.values():
-        load_recipe(recipe, run_bench.overrides_for(suite, recipe, settings)[1::2])
+        overrides, flags = run_bench.split_settings(settings)
+        assert all(not item.startswith("-s") for item in flags)
+        for name in race_entrants(False) if recipe == "auto" else [recipe]:
+            load_recipe(name, run_bench.overrides_for(suite, recipe, overrides)[1::2])
     assert suite.teacher.name.endswith(".safetensors") and suite.eval_npz.parent == run_bench.OUT
 
 
@@ -202,3 +206,13 @@ def test_update_merges_rerun_rows_into_an_earlier_table():
     earlier = [{"run": "teacher"}, {"run": "noise", "v": 1}, {"run": "dafl", "v": 1}]
     merged = run_bench.merge_rows(earlier, [{"run": "teacher"}, {"run": "dafl", "v": 2}, {"run": "avkd", "v": 2}])
     assert [(r["run"], r.get("v")) for r in merged] == [("teacher", None), ("noise", 1), ("dafl", 2), ("avkd", 2)]
+
+
+def test_variant_flags_reach_the_command_line_and_rows_show_int8(tmp_path):
+    assert run_bench.split_settings(['train.lr=0.1', "--quantize", "int8"]) == (["train.lr=0.1"], ["--quantize", "int8"])
+    report = {"eval_data": {"student_accuracy": 0.9, "top1_agreement": 0.91},
+              "int8": {"eval_data": {"int8_top1_agreement": 0.905}, "latency_ms": {"fp32": 0.5, "int8": 0.25}},
+              "run": {"steps": 10, "hardware": "CPU", "wall_clock_s": {"total": 3.0}, "race": {"winner": "dfad"}}}
+    row = run_bench.row_from_report("auto (race)", report)
+    assert row[run_bench.INT8] == 0.905 and row["note"] == "race winner: dfad"
+    assert "90.50%" in run_bench.table([row]) and "0.5 / 0.25" in run_bench.table([row])

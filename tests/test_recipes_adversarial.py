@@ -281,7 +281,7 @@ def test_torchvision_resnets_have_matching_blocks():
 def test_each_recipe_distills_a_student_through_the_pipeline_loop(teacher, tiny_teacher, name):
     """The pipeline's own distillation loop (synthesize, student steps, trajectory selection)."""
     from dfkd_cli.evaluate import load_eval_data
-    from dfkd_cli.pipeline import _distill
+    from dfkd_cli.distill import Run, distill
     from dfkd_cli.runtime import Budget, Display
 
     torch.manual_seed(0)
@@ -291,7 +291,8 @@ def test_each_recipe_distills_a_student_through_the_pipeline_loop(teacher, tiny_
     trainer = StudentTrainer(create_model("resnet8", 4, (1, 16, 16)), teacher.model, recipe.train, CPU,
                              input_shape=(1, 16, 16))
     synth.student = trainer.student
-    holdout, curve = _distill(synth, trainer, recipe, Budget(None), Display())
+    run = Run(name, recipe, synth, trainer)
+    holdout, curve = distill(run, Budget(None), Display()), run.curve
     assert trainer.steps_done == 40 and holdout.shape[1:] == (1, 16, 16) and len(holdout) >= 16
     assert len(curve) == 4 and all(0 <= a <= 1 for a in curve)  # an agreement per evaluation
     assert len(trainer._snapshots) >= 4 and 0 < trainer.best_step <= 40

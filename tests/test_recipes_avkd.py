@@ -71,7 +71,7 @@ def test_the_discriminator_learns_generated_from_prior(teacher, prior_npz):
         synth.d_optimizer.zero_grad()
         loss.backward()
         synth.d_optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0]
     with torch.no_grad():
         assert float(synth.discriminator(fake, y).mean()) > float(synth.discriminator(synth.prior_batch(32), y).mean())

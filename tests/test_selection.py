@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dfkd_cli.archs import arch_has_bn
-from dfkd_cli.config import TrainConfig, applicable_recipes, auto_recipe, list_recipes, recipe_info
+from dfkd_cli.config import TrainConfig, applicable_recipes, recipe_info
 from dfkd_cli.selection import Reservoir, TrajectoryHoldout, split
 from dfkd_cli.trainer import StudentTrainer, predict_classes
 
@@ -99,22 +99,16 @@ def test_trajectory_holdout_draws_along_the_run_and_selects_at_the_end():
     assert best == trainer.best_agreement
 
 
-def test_auto_recipe_takes_the_strongest_recipe_that_applies():
-    assert not recipe_info(auto_recipe(False)).requires_bn
-    with_bn = auto_recipe(True)
-    assert with_bn in list_recipes() and with_bn != "noise"
-
-
 @pytest.mark.parametrize("arch, expected", [("lenet5", False), ("resnet8", True), ("vgg11", False), ("vgg11_bn", True)])
 def test_arch_has_bn(arch: str, expected: bool):
     assert arch_has_bn(arch) is expected
 
 
-def test_applicable_recipes_agree_with_auto(tiny_teacher):
+def test_applicable_recipes_leave_out_batchnorm_recipes_without_batchnorm(tiny_teacher):
     @dataclass
     class NoBn:
         has_bn: bool = False
 
     names = applicable_recipes(NoBn())
-    assert "noise" in names and auto_recipe(False) in names
+    assert "noise" in names and "dfad" in names and "cmi" not in names
     assert all(not recipe_info(n).requires_bn for n in names)

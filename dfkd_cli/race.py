@@ -1,0 +1,84 @@
+"""``--recipe auto``: a recipe race. Every recipe that applies to the teacher distils for an equal
+slice of ``--race-share`` (default 15%) of the budget; the leader then gets the rest.
+
+The leader is chosen on held-out synthetic agreement, but not each entrant's own: agreement on a
+recipe's own samples is not comparable across recipes (noise inputs are easy to agree on). Every
+student is scored on the same pool, an equal number of selection samples from every entrant, so a
+student wins by agreeing with the teacher on all of the kinds of inputs the recipes make. The
+report samples of each entrant stay unseen, and real data is never used.
+
+Example:
+    >>> winner, table = run_race(recipes, make_run, Budget(600), display)
+    >>> table["winner"], [row["recipe"] for row in table["entrants"]]
+    ('dfad', ['dafl', 'dfad', 'zskd', 'zskt'])
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from dfkd_cli.config import RecipeConfig, list_recipes, recipe_info
+from dfkd_cli.distill import Run, start, train, wire
+from dfkd_cli.runtime import Budget, Display
+from dfkd_cli.trainer import predict_classes
+
+RACE_SHARE = 0.15
+# Not entered: the noise baseline (the floor, not a method) and recipes that need --prior.
+NOT_RACED = ("noise",)
+
+
+def race_entrants(has_bn: bool) -> list[str]:
+    """The shipped recipes a teacher with (or without) BatchNorm races."""
+    from dfkd_cli.synth import synthesizer_class
+
+    names = []
+    for name in list_recipes():
+        info = recipe_info(name)
+        if name in NOT_RACED or synthesizer_class(info.synthesizer).uses_prior or (info.requires_bn and not has_bn):
+            continue
+        names.append(name)
+    return names
+
+
+def pooled_samples(runs: list[Run]) -> torch.Tensor:
+    """An equal number of selection samples from every run's held-out set."""
+    parts = [run.selector.selection_samples() for run in runs]  # type: ignore[union-attr]
+    per_run = min(len(part) for part in parts)
+    return torch.cat([part[:per_run] for part in parts])
+
+
+def run_race(recipes: list[RecipeConfig], make_run: Callable[[RecipeConfig], Run], budget: Budget, display: Display,
+             share: float = RACE_SHARE) -> tuple[Run, dict]:
+    """Race ``recipes`` for ``share`` of ``budget`` (and of each recipe's ``train.steps``), then
+    train the leader to the end of the budget. Returns the leader's run (started, not finished)
+    and the race table for the report."""
+    runs, seconds = [], []
+    for recipe in recipes:
+        slice_budget = Budget(budget.seconds * share / len(recipes) if budget.seconds else None)
+        run = make_run(recipe)
+        run.stage_prefix = f"race {run.name}: "
+        began = time.monotonic()
+        start(run, slice_budget, display)
+        display.stage(f"{run.stage_prefix}distill", total=None)
+        train(run, slice_budget, display, max(1, round(recipe.train.steps * share / len(recipes))))
+        runs.append(run)
+        seconds.append(time.monotonic() - began)
+    pooled = pooled_samples(runs)
+    teacher_classes = predict_classes(runs[0].trainer.teacher, pooled)
+    scores = [float((predict_classes(run.trainer.student, pooled) == teacher_classes).float().mean()) for run in runs]
+    winner = runs[max(range(len(runs)), key=lambda i: scores[i])]
+    table = {"share": share, "pooled_samples": len(pooled), "winner": winner.name,
+             "entrants": [{"recipe": run.name, "steps": run.trainer.steps_done, "seconds": round(sec, 2),
+                           "pooled_agreement": score, "own_agreement": run.agreement}
+                          for run, sec, score in zip(runs, seconds, scores)]}
+    display.log(f"race: {winner.name} leads ({', '.join(f'{r.name} {s:.1%}' for r, s in zip(runs, scores))}) "
+                "on the pooled held-out synthetic samples; it gets the rest of the budget")
+    winner.stage_prefix = ""
+    wire(winner, budget)
+    display.stage("distill", total=winner.recipe.train.steps)
+    display.advance(winner.trainer.steps_done)  # the leader's race steps count towards its run
+    train(winner, budget, display, winner.recipe.train.steps)
+    return winner, table
