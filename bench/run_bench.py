@@ -285,8 +285,10 @@ def footer(suite: Suite, budget: str, steps: int) -> str:
             f"Every row but the teacher's: `--time-budget {budget}` for distillation, ended by {stop}; \"total s\" "
             "is the row's whole wall clock (loading, distillation, export, evaluation) on the hardware named.")
     kd_like = [name for name in suite.kd_like if suite.prior or name != "prior-kd"]
-    text += (f" {' and '.join(kd_like)} train with the optimiser settings of the {suite.kd_train_from} recipe (those "
-             "of the KD rows), so they differ from KD on real images in their inputs only.")
+    verb = "train" if len(kd_like) > 1 else "trains"
+    text += (f" {' and '.join(kd_like)} {verb} with the optimiser settings of the {suite.kd_train_from} recipe (those "
+             f"of the KD rows), so {'they differ' if len(kd_like) > 1 else 'it differs'} from KD on real images in "
+             f"{'their' if len(kd_like) > 1 else 'its'} inputs only.")
     if suite.prior:
         others = " of the other classes" if suite.classes else ""
         text += f" avkd and prior-kd get the {DATA_NAMES[suite.prior]} training images{others}, without labels, as --prior."
