@@ -160,7 +160,7 @@ def compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displa
                 "hardware": hardware_description(device), "steps": run.trainer.steps_done,
                 "best_step": run.trainer.best_step, "out": str(out), "prior": prior.describe() if prior else None,
                 "from_synthetic": str(opts.from_synthetic.resolve()) if opts.from_synthetic else None,
-                "stability": stability(run.curve), "race": race}
+                "stability": stability(run.curve), "race": race, "synthetic_saved": opts.save_synthetic}
     result = Distilled(teacher, student, run.synth, holdout, eval_data, _training_set(opts, run), run_info)
     return _publish(out, opts, run.recipe, result, display, watch)
 

@@ -100,9 +100,18 @@ def _human_compress(console: Console, report: dict[str, Any]) -> None:
     ratio = report["student"].get("compression_ratio")
     if ratio:
         console.print(f"compression: {ratio:.2f}x fewer parameters")
+    if run.get("race"):
+        rows = ", ".join(f"{row['recipe']} {_pct(row['pooled_agreement'])}" for row in run["race"]["entrants"])
+        console.print(f"race: {run['race']['winner']} led on pooled held-out synthetic agreement ({rows})")
+    int8 = report.get("int8")
+    if int8:
+        part = int8.get("eval_data") or int8["synthetic"]
+        console.print(f"int8 student: agreement {_pct(part['int8_top1_agreement'])} (fp32 {_pct(part['fp32_top1_agreement'])}), "
+                      f"{int8['file_bytes']['int8']:,} bytes (fp32 {int8['file_bytes']['fp32']:,})")
     _warnings(console, report)
+    extras = [name for name, present in (("student.int8.onnx", int8), ("synthetic/", run.get("synthetic_saved"))) if present]
     console.print(f"artefacts: {run.get('out')}/ (student.safetensors, student.onnx, report.json, report.md, "
-                  "samples.png, config.toml)")
+                  f"samples.png, config.toml{''.join(', ' + e for e in extras)})")
 
 
 def render_eval(report: dict[str, Any], output_format: str) -> None:
