@@ -63,6 +63,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from dfkd_cli.config import prior_recipes
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import IMAGES, class_subset, save_eval_npz  # noqa: E402
 from suites import BENCH, DATA_NAMES, HUGE_STEPS, KD_TITLES, OUT, ROOT, SUITE_NAMES, Suite, make_suite  # noqa: E402,F401
@@ -146,12 +148,6 @@ def synth_keys(recipe: str) -> set[str]:
     from dfkd_cli.synth import synthesizer_class
 
     return {f.name for f in fields(synthesizer_class(recipe_info(recipe).synthesizer).Config)}
-
-
-def prior_recipes() -> list[str]:
-    from dfkd_cli.config import prior_recipes as shipped
-
-    return shipped()
 
 
 def split_settings(settings: list[str]) -> tuple[list[str], list[str]]:

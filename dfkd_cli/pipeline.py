@@ -246,13 +246,12 @@ def _prepare(opts: CompressOptions, recipe: RecipeConfig, display: Display
 def _open_prior(opts: CompressOptions, recipe: RecipeConfig, teacher: Teacher) -> PriorData | None:
     """The ``--prior`` images for recipes that use them; an error for those that do not."""
     cls, name = synthesizer_class(recipe.recipe.synthesizer), recipe.recipe.name
-    users = ", ".join(prior_recipes())
     if opts.from_synthetic is not None and opts.prior is not None:
         raise DfkdError("--from-synthetic trains on a saved set without synthesizing, so --prior has no use; leave it out")
     if opts.from_synthetic is not None:
         return None
     if opts.prior is not None and not cls.uses_prior:
-        raise DfkdError(f"recipe '{name}' does not use --prior; leave it out, or pick a recipe that does: {users}")
+        raise DfkdError(f"recipe '{name}' does not use --prior; leave it out, or pick a recipe that does: {', '.join(prior_recipes())}")
     if opts.prior is None and cls.uses_prior:
         raise DfkdError(f"recipe '{name}' needs --prior: a folder (or .npz) of unlabelled images from a related "
                         "domain, e.g. USPS digits for an MNIST teacher")
@@ -306,13 +305,10 @@ def _quantize(opts: CompressOptions, run_dir: Path, teacher: Teacher, holdout: t
     synthetic samples, measured on the report half (and eval data)."""
     if opts.quantize != "int8":
         return None
-    from dfkd_cli.quantize import int8_report, quantize_int8  # onnxruntime.quantization is slow to import
+    from dfkd_cli.quantize import quantize_and_measure  # onnxruntime.quantization is slow to import
 
     display.log("quantizing the student to int8 (calibration: held-out synthetic samples)")
-    half = len(holdout) // 2
-    fp32, int8 = run_dir / "student.onnx", run_dir / "student.int8.onnx"
-    quantize_int8(fp32, int8, holdout[:half].cpu())
-    return int8_report(fp32, int8, teacher.model, teacher.input_shape, holdout[half:].cpu(), eval_data)
+    return quantize_and_measure(run_dir, teacher.model, teacher.input_shape, holdout, eval_data)
 
 
 def _move_into_place(staging: Path, out: Path) -> None:

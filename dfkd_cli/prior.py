@@ -113,7 +113,7 @@ class PriorData:
     def _read_reserve(self, files: list[Path], reserve: int) -> tuple[torch.Tensor, int | None]:
         """Decode the first ``reserve`` readable files as held-out images; returns them and the index
         of the first file left for the stream (``None`` when no file at all could be read)."""
-        images, index = [], 0
+        images: list[torch.Tensor] = []
         for index, file in enumerate(files):
             image = read_image(file, self.input_shape)
             if image is None:

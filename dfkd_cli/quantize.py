@@ -96,6 +96,16 @@ def int8_report(fp32_path: Path, int8_path: Path, teacher_model: torch.nn.Module
                            "int8": onnx_latency_ms(int8_path, input_shape)}}
 
 
+def quantize_and_measure(run_dir: Path, teacher_model: torch.nn.Module, input_shape: tuple[int, int, int],
+                         holdout: torch.Tensor, eval_data: EvalData | None) -> dict[str, Any]:
+    """RUN/student.int8.onnx from RUN/student.onnx, calibrated on the selection half of ``holdout``
+    and measured on the report half (and ``eval_data``); returns the report's int8 section."""
+    half = len(holdout) // 2
+    fp32, int8 = run_dir / "student.onnx", run_dir / "student.int8.onnx"
+    quantize_int8(fp32, int8, holdout[:half].cpu())
+    return int8_report(fp32, int8, teacher_model, input_shape, holdout[half:].cpu(), eval_data)
+
+
 def quantize_run(run_dir: Path, eval_data_path: Path | None = None, min_agreement: float | None = None,
                  trust_pickle: bool = False) -> dict[str, Any]:
     """``dfkd quantize RUN``: int8 for a finished run made with ``--save-synthetic``, calibrated on
@@ -123,10 +133,7 @@ def quantize_run(run_dir: Path, eval_data_path: Path | None = None, min_agreemen
     eval_data = None
     if eval_data_path is not None:
         eval_data = load_eval_data(eval_data_path, meta.input_shape, meta.mean, meta.std, list(meta.class_names))
-    half = len(holdout) // 2
-    quantize_int8(run_dir / "student.onnx", run_dir / "student.int8.onnx", holdout[:half])
-    report["int8"] = int8_report(run_dir / "student.onnx", run_dir / "student.int8.onnx", teacher.model,
-                                 teacher.input_shape, holdout[half:], eval_data)
+    report["int8"] = quantize_and_measure(run_dir, teacher.model, teacher.input_shape, holdout, eval_data)
     report["gate"] = gate_result(min_agreement, report)
     write_report(run_dir, report)
     return report
