@@ -131,7 +131,7 @@ def make_suite(name: str, gpu: bool = False) -> Suite:
                      ["--dataset", "cifar10", "--arch", "resnet20", "--epochs", "10", "--crop-pad", "4", "--flip"],
                      ("cifar10",), "deepinversion", "5m",
                      overrides={"deepinversion": _CPU_CIFAR_PIXEL_OPT, "adi": _CPU_CIFAR_PIXEL_OPT},
-                     variants={"auto (race)": ("auto", []), "dfq + int8": ("dfq", ["--quantize", "int8"])})
+                     variants={"auto (race)": ("auto", []), "fast + int8": ("fast", ["--quantize", "int8"])})
     raise SystemExit(f"unknown suite '{name}'; choose one of: {', '.join(SUITE_NAMES)}")
 
 
