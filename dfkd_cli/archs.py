@@ -173,6 +173,8 @@ def _forward_problem(model: nn.Module, input_shape: tuple[int, int, int], num_cl
             out = model(torch.zeros(1, *input_shape))
     except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        if "allocate" in lines[0]:  # torch's allocator message is long and names C++ sources
+            return "one sample of this shape does not fit in memory"
         return lines[0][:160]
     finally:
         model.train(was_training)

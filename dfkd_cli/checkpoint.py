@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import os
 import pickletools
 import warnings
 import zipfile
@@ -33,6 +34,15 @@ from dfkd_cli.errors import DfkdError
 NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+# Leading bytes of files that get passed for weights by mistake, and what to call them.
+_FOREIGN_MAGIC = (
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF8", "a GIF image"),
+    (b"\x89HDF", "an HDF5 file (Keras or TensorFlow weights?)"),
+    (b"\x1f\x8b", "a gzip archive (unpack it first)"),
+    (b"version https://git-lfs", "a Git LFS pointer (run git lfs pull to fetch the weights)"),
+)
 
 
 def sha256_file(path: Path) -> str:
@@ -80,15 +90,21 @@ def _check_file(path: Path) -> None:
         raise DfkdError(f"checkpoint '{path}' not found; check the path")
     if path.stat().st_size == 0:
         raise DfkdError(f"checkpoint '{path}' is empty (0 bytes); re-save or re-download it")
+    if not os.access(path, os.R_OK):
+        raise DfkdError(f"checkpoint '{path}' is not readable (permission denied); check its permissions")
 
 
 def _looks_like_safetensors(path: Path) -> bool:
-    """safetensors files start with a little-endian u64 header length and a JSON object."""
+    """safetensors files start with a little-endian u64 header length and a JSON object.
+
+    A damaged ``.safetensors`` file goes to the safetensors reader too (its errors say more), but
+    not a PyTorch file under that name: a zip, or a legacy pickle (PROTO opcode first).
+    """
     with open(path, "rb") as handle:
         head = handle.read(9)
-    if len(head) < 9 or head[8:9] != b"{":
-        return path.suffix == ".safetensors" and not zipfile.is_zipfile(path)
-    return int.from_bytes(head[:8], "little") < path.stat().st_size
+    if head[8:9] == b"{":
+        return True
+    return path.suffix == ".safetensors" and not head.startswith((b"PK", b"\x80"))
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -116,9 +132,11 @@ def _data_only_globals() -> list[Any]:
 
 def _load_torch(path: Path, trust_pickle: bool) -> Any:
     try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(_data_only_globals()):
+        # A file object, not the path: torch.load reads any path ending in .safetensors as safetensors.
+        with open(path, "rb") as handle, warnings.catch_warnings(), \
+                torch.serialization.safe_globals(_data_only_globals()):
             warnings.simplefilter("ignore")  # torch warns about the very cases reported below
-            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+            return torch.load(handle, map_location="cpu", weights_only=not trust_pickle)
     except Exception as exc:  # torch.load raises many types on foreign or damaged files
         text = str(exc)
         if "TorchScript" in text:
@@ -136,6 +154,10 @@ def _load_torch(path: Path, trust_pickle: bool) -> Any:
 
 
 def _unreadable(path: Path, exc: BaseException) -> str:
+    foreign = _foreign_content(path)
+    if foreign:
+        return (f"checkpoint '{path}' is {foreign}, not a PyTorch or safetensors checkpoint; "
+                "pass the model's weights file (.pt, .pth, .bin or .safetensors)")
     text = str(exc).strip()
     reason = text.split(". ")[0].splitlines()[0][:100] if text else ""
     if "Weights only load failed" in text or isinstance(exc, KeyError) or len(reason) < 12:
@@ -146,20 +168,45 @@ def _unreadable(path: Path, exc: BaseException) -> str:
     )
 
 
+def _foreign_content(path: Path) -> str | None:
+    """What the file is when its first bytes say it is no checkpoint at all (an image, text, ...)."""
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    for magic, name in _FOREIGN_MAGIC:
+        if head.startswith(magic):
+            return name
+    try:
+        text = head.decode("utf-8").lstrip()
+    except UnicodeDecodeError:  # binary, or a multi-byte character cut at 512 bytes: say nothing
+        return None
+    if not all(c.isprintable() or c.isspace() for c in text):
+        return None
+    if text.lower().startswith(("<!doctype html", "<html")):
+        return "an HTML page (a failed download?)"
+    return "JSON text" if text.startswith(("{", "[")) else "a text file"
+
+
 def _holds_valid_pickle(path: Path) -> bool:
     """Whether the file is a well-formed pickle (legacy torch) or a torch zip with one inside.
 
     Tells a checkpoint that ``weights_only`` refuses apart from random or damaged bytes.
     """
-    if zipfile.is_zipfile(path):
+    if _is_zip(path):
         try:
             with zipfile.ZipFile(path) as archive:
                 member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
                 return member is not None and _is_pickle(archive.read(member))
-        except (zipfile.BadZipFile, OSError):
+        except Exception:  # a damaged zip raises BadZipFile, UnicodeDecodeError, zlib.error, EOFError, ...
             return False
     with open(path, "rb") as handle:
         return _is_pickle(handle.read(1 << 20))
+
+
+def _is_zip(path: Path) -> bool:
+    try:
+        return zipfile.is_zipfile(path)
+    except Exception:  # is_zipfile itself raises BadZipFile on some damaged end records
+        return False
 
 
 def _is_pickle(data: bytes) -> bool:
@@ -205,9 +252,15 @@ def _find_tensors(obj: Any) -> dict[str, torch.Tensor]:
 
 def _describe_keys(obj: Any) -> str:
     if isinstance(obj, Mapping) and obj:
-        keys = [str(k) for k in list(obj)[:5]]
+        keys = [_printable(str(k)) for k in list(obj)[:5]]
         return f" (top-level keys: {', '.join(keys)}{', ...' if len(obj) > 5 else ''})"
     return f" (it holds a {type(obj).__name__})"
+
+
+def _printable(text: str, limit: int = 40) -> str:
+    """``text`` fit for a one-line message: quoted and escaped when it holds newlines or the like, cut when long."""
+    text = text if text.isprintable() else repr(text)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _strip_prefixes(key: str) -> str:

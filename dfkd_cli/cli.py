@@ -14,11 +14,44 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from dfkd_cli import __version__
-from dfkd_cli.errors import EXIT_INTERRUPTED, DfkdError
+from dfkd_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DfkdError
+
+# Typer vendors click in recent versions and uses the click package in older ones: take the
+# exception classes from Typer's own BadParameter.
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+_CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (a bad option value, an unknown option) as one ``error:`` line, exit 2, like
+    every other dfkd error, instead of click's usage box."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _USAGE_ERROR as err:
+            if type(err).__name__ == "NoArgsIsHelpError":  # plain `dfkd`: the help, as usual
+                return super().main(args, prog_name, complete_var, standalone_mode=standalone_mode, **extra)
+            where = f"; see `{err.ctx.command_path} --help`" if err.ctx is not None else ""
+            _print_error(f"{err.format_message()}{where}")
+            sys.exit(2)
+        except typer.Abort:
+            _print_error("interrupted")
+            sys.exit(EXIT_INTERRUPTED)
+        except _CLICK_EXCEPTION as err:
+            _print_error(err.format_message())
+            sys.exit(err.exit_code)
+        if standalone_mode:
+            sys.exit(result if isinstance(result, int) else 0)
+        return result
+
 
 app = typer.Typer(
+    cls=OneLineErrors,
     name="dfkd",
     help="Data-free knowledge distillation: compress a teacher network into a small student without its data.",
     no_args_is_help=True,
@@ -40,8 +73,29 @@ class OutputFormat(str, Enum):
 FormatOption = Annotated[OutputFormat, typer.Option("--format", "-f", help="human, json (results on stdout) or quiet.")]
 
 
+def _print_error(message: str) -> None:
+    from dfkd_cli.runtime import distributed_env  # imports torch: only when there is an error to print
+
+    one_line = " ".join(message.split("\n"))
+    rank = distributed_env()[0]
+    print(f"error: {f'rank {rank}: ' if rank else ''}{one_line}", file=sys.stderr)
+
+
+def _without_nproc(args: list[str]) -> list[str]:
+    """The command line for each process of ``--nproc N``: the same, less ``--nproc``."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
+
+
 def _fail(message: str, code: int) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    _print_error(message)
     raise typer.Exit(code)
 
 
@@ -56,8 +110,20 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             _fail(err.message, err.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", EXIT_INTERRUPTED)
+        except (MemoryError, RuntimeError) as err:
+            if not _out_of_memory(err):
+                raise
+            _fail("out of memory (" + (str(err).split("\n")[0][:120] or type(err).__name__) + "); lower "
+                  "train.batch_size or synth.batch_size (-s train.batch_size=64), or use a smaller student", EXIT_RUNTIME)
 
     return wrapper
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """CUDA and CPU allocation failures (torch raises both as RuntimeError subclasses)."""
+    text = str(err)
+    return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text or "out of memory" in text)
 
 
 def _version(value: bool) -> None:
@@ -99,29 +165,44 @@ def compress(
     seed: Annotated[Optional[int], typer.Option(help="Random seed (CPU runs repeat exactly).")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="DANGEROUS: allow checkpoints that run pickled code when loaded.")] = False,
     config: Annotated[Optional[Path], typer.Option(help="Repeat a run from its config.toml (flags given here win).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the unfinished run in this folder from its last checkpoint (its own settings; only --device may change).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (default: bf16 on GPUs that have it, fp32 on CPUs), fp32 or bf16: autocast for synthesis and student steps.")] = None,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the student and generator (pays off on long GPU runs; off by default).")] = False,
+    nproc: Annotated[Optional[int], typer.Option(help="Train with N processes on this machine (gloo on CPU, NCCL on GPUs), as torchrun --standalone --nproc-per-node N would.", min=1)] = None,
     demo: Annotated[bool, typer.Option(help="Run on the bundled MNIST teacher and real held-out digits.")] = False,
     output_format: FormatOption = OutputFormat.human,
 ) -> None:
     """Compress TEACHER into a student with a data-free recipe; writes student, ONNX and report."""
     from dfkd_cli.pipeline import compress as run_compress
     from dfkd_cli.render import render_compress
-    from dfkd_cli.runconfig import resolve_compress
+    from dfkd_cli.runconfig import resolve_compress, resolve_resume
     from dfkd_cli.runtime import make_display, parse_duration
 
     if demo and config:
         raise DfkdError("--demo and --config both name a run config; pass only one")
+    if nproc is not None and nproc > 1:
+        from dfkd_cli.distributed import launch
+
+        raise typer.Exit(launch(nproc, _without_nproc(sys.argv[1:])))
     flags = dict(teacher=teacher, arch=arch, student=student, recipe=recipe, out=out, steps=steps,
                  time_budget_s=parse_duration(time_budget) if time_budget else None, input_shape=input_shape,
                  normalize=normalize, mean=mean, std=std, labels=labels, eval_data=eval_data,
                  prior=prior, quantize=quantize, save_synthetic=save_synthetic or None,
-                 from_synthetic=from_synthetic, race_share=race_share, min_agreement=min_agreement, device=device, seed=seed)
-    opts, recipes = resolve_compress(flags, set_ or [], DEMO_DIR / "demo.toml" if demo else config,
-                                        overwrite=overwrite, trust_pickle=trust_pickle)
+                 from_synthetic=from_synthetic, race_share=race_share, min_agreement=min_agreement, device=device, seed=seed,
+                 precision=precision, compile=compile_ or None)
+    if resume is not None:
+        others = {**flags, "set_": set_ or None, "config": config, "demo": demo or None, "overwrite": overwrite or None}
+        opts, recipes = resolve_resume(resume, others, trust_pickle=trust_pickle)
+    else:
+        opts, recipes = resolve_compress(flags, set_ or [], DEMO_DIR / "demo.toml" if demo else config,
+                                         overwrite=overwrite, trust_pickle=trust_pickle)
     display = make_display(output_format.value)
     try:
         report = run_compress(opts, recipes, display)
     finally:
         display.close()
+    if report is None:  # a distributed run's other ranks: rank 0 reports
+        return
     render_compress(report, output_format.value)
     _check_gate(report)
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -63,6 +65,9 @@ class TrainConfig:
     memory_batch: int = 0  # memory samples per retention step; 0 = train.batch_size
     lra_inner_lr: float = 0.0  # alpha of lra's inner SGD step; 0 = the student's current learning rate
     lra_order: str = "exact"  # exact (second order, through the inner step) | first (first-order approximation)
+    checkpoint_every: int = 2000  # student steps between resumable checkpoints in OUT/checkpoints; 0 = off
+    checkpoint_minutes: float = 10.0  # ... and minutes between them, whichever comes first; 0 = off
+    max_retries: int = 3  # rollbacks to the last good state (at a lower learning rate) before a diverging run aborts
 
     def __post_init__(self) -> None:
         for key in ("update", "lra_order"):
@@ -77,6 +82,9 @@ class TrainConfig:
             raise DfkdError(f"'train.memory_batch' must be 0 (train.batch_size) or positive, got {self.memory_batch}")
         if self.lra_inner_lr < 0:
             raise DfkdError(f"'train.lra_inner_lr' must be 0 (the student's lr) or positive, got {self.lra_inner_lr}")
+        for key in ("checkpoint_every", "checkpoint_minutes", "max_retries"):
+            if not getattr(self, key) >= 0:  # also refuses NaN
+                raise DfkdError(f"'train.{key}' must be 0 (off) or positive, got {getattr(self, key)}")
 
 
 _CHOICES = {
@@ -86,6 +94,13 @@ _CHOICES = {
     "train.update": ("plain", "replay", "lra"),
     "train.lra_order": ("exact", "first"),
 }
+# Every number in a recipe is a count, a rate, a weight or a scale: finite and not negative. These
+# must also be above zero (a zero batch, step count or learning rate stalls or divides by zero).
+_POSITIVE = frozenset({
+    "train.steps", "train.steps_per_round", "train.batch_size", "train.eval_every", "train.lr", "train.temperature",
+    "synth.batch_size", "synth.lr", "synth.latent_dim", "synth.ngf",
+})
+_INT64_MAX = 2**63 - 1  # what torch can hold; TOML integers are 64-bit too
 
 
 @dataclass
@@ -127,18 +142,41 @@ def recipe_path(name: str) -> Path:
         names = list_recipes()
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
         hint = f"did you mean: {', '.join(close)}? " if close else ""
-        raise DfkdError(f"unknown recipe '{name}'; {hint}available: {', '.join(names)} (see `dfkd recipes`)")
+        raise DfkdError(f"unknown recipe {_shown(name)}; {hint}available: {', '.join(names)} (see `dfkd recipes`)")
     return path
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """Parse a TOML file; a syntax error is a one-line DfkdError."""
+    """Parse a TOML file; a missing or unreadable file or a syntax error is a one-line DfkdError."""
+    path = Path(path)
+    if path.is_dir():
+        raise DfkdError(f"config file '{path}' is a folder; pass the .toml file inside it")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DfkdError(f"config file '{path}' not found; check the path") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
         raise DfkdError(f"'{path}' is not valid TOML ({err}); fix the file") from None
+    except OSError as err:
+        raise DfkdError(f"cannot read config file '{path}' ({err.strerror}); check its permissions") from None
+    return parse_toml(text, str(path))
+
+
+def parse_toml(text: str, source: str) -> dict[str, Any]:
+    """Parse TOML ``text`` read from ``source`` (named in errors); a syntax error is a one-line DfkdError.
+
+    Example:
+        >>> parse_toml("[train]\\nlr = 0.1", "mine.toml")
+        {'train': {'lr': 0.1}}
+    """
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise DfkdError(f"'{source}' is not valid TOML ({err}); fix the file") from None
+    except ValueError:  # Python refuses integers of over 4300 digits
+        raise DfkdError(f"'{source}' is not valid TOML (a number is too long); fix the file") from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise DfkdError(f"'{source}' is not valid TOML (arrays or tables nested too deeply); fix the file") from None
 
 
 def load_recipe(name: str, overrides: list[str] | None = None) -> RecipeConfig:
@@ -160,7 +198,10 @@ def build_recipe(data: dict[str, Any], overrides: list[str], default_name: str =
     info = _typed(RecipeInfo, data.get("recipe", {}), "recipe")
     info.name = info.name or default_name
     synth_cls = synthesizer_class(info.synthesizer)
-    synth_data = dict(data.get("synth", {}))
+    synth_data = data.get("synth", {})
+    if not isinstance(synth_data, dict):
+        raise DfkdError("[synth] must be a table of key = value settings")
+    synth_data = dict(synth_data)
     loss = _loss_weights(synth_data.pop("loss", {}), synth_cls.loss_terms)
     synth = _typed(synth_cls.Config, synth_data, "synth")
     train = _typed(TrainConfig, data.get("train", {}), "train")
@@ -177,10 +218,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise DfkdError(f"override '{item}' is not key=value; write it like -s train.lr=0.01")
+        raise DfkdError(f"override {_shown(item)} is not key=value; write it like -s train.lr=0.01")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):  # TOMLDecodeError is a ValueError
         value = raw.strip()
     return key, value
 
@@ -188,12 +229,12 @@ def parse_override(item: str) -> tuple[str, Any]:
 def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     if parts[0] not in ("recipe", "synth", "train") or len(parts) < 2:
-        raise DfkdError(f"override key '{key}' must start with recipe., synth. or train. (e.g. train.lr=0.01)")
+        raise DfkdError(f"override key {_shown(key)} must start with recipe., synth. or train. (e.g. train.lr=0.01)")
     node = data
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise DfkdError(f"override key '{key}': '{part}' is a value, not a table")
+            raise DfkdError(f"override key {_shown(key)}: {_shown(part)} is a value, not a table")
     node[parts[-1]] = value
 
 
@@ -208,9 +249,13 @@ def _typed(cls: type, values: dict[str, Any], table: str) -> Any:
         if key not in hints:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f"did you mean '{table}.{close[0]}'? " if close else ""
-            raise DfkdError(f"unknown key '{table}.{key}'; {hint}valid keys: {', '.join(f'{table}.{k}' for k in valid)}")
+            raise DfkdError(f"unknown key {_shown(f'{table}.{key}')}; {hint}valid keys: {', '.join(f'{table}.{k}' for k in valid)}")
         kwargs[key] = _coerce(value, hints[key], f"{table}.{key}")
-    return cls(**kwargs)
+    config = cls(**kwargs)  # the dataclass's own checks first: their messages are the more specific
+    for item in fields(config):
+        default = f"the default is {item.default!r}" if item.default is not dataclasses.MISSING else "see the shipped recipes"
+        _check_number(getattr(config, item.name), f"{table}.{item.name}", default)
+    return config
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -221,16 +266,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        value = float(value) if ok and abs(value) <= _INT64_MAX else value  # _check_number refuses the rest
     elif kind is str:
         ok = isinstance(value, str)
     else:
         ok = True
     if not ok:
-        raise DfkdError(f"'{key}' must be {kind.__name__ if kind else hint}, got {value!r}")
+        raise DfkdError(f"'{key}' must be {kind.__name__ if kind else hint}, got {_shown(value)}")
     choices = _CHOICES.get(key)
     if choices and value not in choices:
-        raise DfkdError(f"'{key}' must be one of {', '.join(choices)}, got {value!r}")
+        raise DfkdError(f"'{key}' must be one of {', '.join(choices)}, got {_shown(value)}")
     return value
 
 
@@ -240,9 +285,30 @@ def _loss_weights(values: dict[str, Any], terms: tuple[str, ...]) -> dict[str, f
     weights = {}
     for term, weight in values.items():
         if term not in terms:
-            raise DfkdError(f"unknown loss term 'synth.loss.{term}' for this synthesizer; valid terms: {', '.join(terms)}")
+            raise DfkdError(f"unknown loss term {_shown(f'synth.loss.{term}')} for this synthesizer; valid terms: {', '.join(terms)}")
         weights[term] = _coerce(weight, float, f"synth.loss.{term}")
+        _check_number(weights[term], f"synth.loss.{term}", "0 turns the term off")
     return weights
+
+
+def _check_number(value: Any, key: str, hint: str) -> None:
+    """Refuse NaN, infinities, negative numbers, integers beyond 64 bits and zero where ``_POSITIVE`` says so."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DfkdError(f"'{key}' must be a finite number, got {value}; set a number ({hint})")
+    if abs(value) > _INT64_MAX:
+        raise DfkdError(f"'{key}' is too large (more than 64 bits); set a smaller number ({hint})")
+    if key in _POSITIVE and value <= 0:
+        raise DfkdError(f"'{key}' must be positive, got {value}; set a number above 0 ({hint})")
+    if value < 0:
+        raise DfkdError(f"'{key}' must not be negative, got {value}; set 0 or more ({hint})")
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """``value`` quoted for a one-line message: repr escapes newlines; long values are cut."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
@@ -281,8 +347,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+    # JSON's string escapes are TOML's; TOML also refuses a raw DEL, which JSON leaves alone.
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def recipe_info(name: str) -> RecipeInfo:

@@ -216,6 +216,8 @@ def to_unit_nchw(x: np.ndarray, input_shape: tuple[int, int, int], path: Path, w
         x = x.transpose(0, 3, 1, 2)
     elif not (x.ndim == 4 and x.shape[1] in (1, 3, 4)):
         raise DfkdError(f"{what} '{path}': 'x' has shape {list(x.shape)}; expected [N,H,W], [N,H,W,C] or [N,C,H,W] with C in 1, 3")
+    if x.size == 0:
+        raise DfkdError(f"{what} '{path}': 'x' has shape {list(x.shape)}, which holds no pixels; store images of at least 1x1")
     if np.issubdtype(x.dtype, np.integer):
         tensor = torch.from_numpy(np.ascontiguousarray(x).astype(np.float32)) / 255.0
     elif np.issubdtype(x.dtype, np.floating):
@@ -297,7 +299,7 @@ def read_image(path: Path, input_shape: tuple[int, int, int]) -> torch.Tensor | 
     channels, height, width = input_shape
     try:
         with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
+            image = _to_8bit(image).convert("L" if channels == 1 else "RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # PIL's decode failures
         return None
     scale = max(height / image.height, width / image.width)
@@ -309,6 +311,21 @@ def read_image(path: Path, input_shape: tuple[int, int, int]) -> torch.Tensor | 
     array = np.asarray(image, dtype=np.float32).reshape(height, width, -1) / 255.0
     tensor = torch.from_numpy(array).permute(2, 0, 1)
     return tensor.expand(channels, -1, -1).contiguous() if tensor.shape[0] != channels else tensor.contiguous()
+
+
+def _to_8bit(image: Any) -> Any:
+    """16-bit grey images (modes I;16*, and I as older Pillow reads 16-bit PNGs) scaled to 8-bit L.
+
+    PIL's own conversion clips them at 255 instead, which turns most 16-bit images white.
+    """
+    from PIL import Image
+
+    if not image.mode.startswith("I"):
+        return image
+    pixels = np.asarray(image, dtype=np.float64)
+    if pixels.size and pixels.max() > 255:
+        pixels = pixels / 257.0  # 65535 -> 255
+    return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))  # 2-D uint8: mode L
 
 
 def count_params(model: nn.Module) -> int:

@@ -167,6 +167,9 @@ def evaluate_student(student_path: Path, teacher_path: Path | None, arch: str | 
     data = None
     if eval_data_path is not None:
         data = load_eval_data(eval_data_path, meta.input_shape, meta.mean, meta.std, list(meta.class_names))
+        if data.y is None and teacher is None:
+            raise DfkdError(f"eval data '{eval_data_path}' has no labels, so without a teacher there is nothing to "
+                            "measure; add labels (y in the .npz, a sub-folder per class) or pass --teacher")
     report: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "dfkd_version": __version__, "kind": "eval",
         "run": {"versions": library_versions()},

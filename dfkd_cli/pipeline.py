@@ -26,11 +26,15 @@ from dfkd_cli.export import StudentMeta, export_onnx, save_student
 from dfkd_cli.measure import eval_data_warnings, gate_result, measure_models, real_data_report
 from dfkd_cli.prior import PriorData
 from dfkd_cli.report import SCHEMA_VERSION, save_sample_grid, write_report
-from dfkd_cli.runtime import Budget, Display, hardware_description, library_versions, resolve_device, seed_everything
+from dfkd_cli.runtime import (Budget, Display, StopRequest, autocast, hardware_description, library_versions,
+                              peak_memory_mb, resolve_device, resolve_precision, seed_everything)
 from dfkd_cli.distill import Run, distill, finish
+from dfkd_cli.distributed import World
 from dfkd_cli.race import RACE_SHARE, run_race
+from dfkd_cli.resume import CheckpointDir
 from dfkd_cli.selection import Reservoir, stability
 from dfkd_cli.synth import Synthesizer, synthesizer_class
+from dfkd_cli.supervise import Supervisor
 from dfkd_cli.synth.from_synthetic import FromSyntheticSynthesizer
 from dfkd_cli.synthetic_set import SyntheticSet, load_synthetic_set, record_capacity, save_synthetic_set
 from dfkd_cli.teacher import Teacher, build_student, load_teacher
@@ -62,14 +66,17 @@ class CompressOptions:
     race_share: float = RACE_SHARE
     min_agreement: float | None = None
     device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16: autocast for synthesis and student steps
+    compile: bool = False  # torch.compile the student and generator
     seed: int = 0
     trust_pickle: bool = False
     overrides: list[str] = field(default_factory=list)
+    resume: bool = False  # continue the run in ``out`` from its last checkpoint
 
     def to_dict(self) -> dict[str, Any]:
         """The ``[run]`` table of config.toml: absolute paths, no output folder or trust flags."""
         data = dataclasses.asdict(self)
-        for key in ("overwrite", "overrides", "out", "trust_pickle"):
+        for key in ("overwrite", "overrides", "out", "trust_pickle", "resume"):
             data.pop(key)
         if self.recipe.endswith(".toml"):
             data["recipe"] = Path(self.recipe)
@@ -79,14 +86,17 @@ class CompressOptions:
 
 @dataclass
 class Stopwatch:
-    """Wall-clock seconds per stage."""
+    """Wall-clock seconds and peak memory per stage."""
 
+    device: torch.device = torch.device("cpu")
     seconds: dict[str, float] = field(default_factory=dict)
+    memory_mb: dict[str, dict[str, float | None]] = field(default_factory=dict)
     _start: float = field(default_factory=time.perf_counter)
 
     def lap(self, stage: str) -> None:
         now = time.perf_counter()
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._start, 3)
+        self.memory_mb[stage] = peak_memory_mb(self.device)
         self._start = now
 
 
@@ -108,23 +118,58 @@ def default_out_dir(opts: CompressOptions) -> Path:
     return Path("runs") / f"{opts.teacher.stem}-{opts.recipe}-{stamp}"
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise DfkdError(f"output folder '{out}' already exists; pick another --out or pass --overwrite")
+def check_out_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
+    """Refuse an output folder the run cannot write, or would replace without ``--overwrite``."""
+    if resume:
+        return
     if out.exists() and not out.is_dir():
         raise DfkdError(f"output path '{out}' is a file, not a folder; pick another --out")
+    if out.exists() and not overwrite and CheckpointDir(out).exists():
+        raise DfkdError(f"output folder '{out}' holds an unfinished run; continue it with --resume {out} "
+                        "or start over with --overwrite")
+    if out.exists() and not overwrite:
+        raise DfkdError(f"output folder '{out}' already exists; pick another --out or pass --overwrite")
+    _check_writable(out.parent)
 
 
-def compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Display) -> dict[str, Any]:
+def _check_writable(folder: Path) -> None:
+    """Fail now, not after hours of training, when the run folder cannot be created."""
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise DfkdError(f"cannot create the run folder under '{folder}': '{existing}' is a file; pick another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DfkdError(f"cannot write the run folder: '{existing}' is not writable; pick another --out")
+
+
+def compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Display) -> dict[str, Any] | None:
     """Run a whole compression and return the report (also written to ``opts.out``). One recipe
-    distils alone; several race for a share of the budget first (``--recipe auto``)."""
-    watch, started = Stopwatch(), datetime.now(timezone.utc)
+    distils alone; several race for a share of the budget first (``--recipe auto``). In a
+    distributed run every rank trains and rank 0 alone writes and returns the report (the others
+    return None)."""
+    world = World.from_env()
     out = opts.out or default_out_dir(opts)
-    check_out_dir(out, opts.overwrite)
-    device = resolve_device(opts.device)
+    if world.is_main:  # the other ranks write nothing (and may see another file system)
+        check_out_dir(out, opts.overwrite, opts.resume)
+    if opts.resume and world.active:
+        raise DfkdError("--resume continues single-process runs; distributed runs do not checkpoint yet")
+    device = world.device(resolve_device(opts.device))
+    world.start(device)
+    try:
+        return _compress(opts, recipes, display, out, device, world)
+    finally:
+        world.stop()
+
+
+def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Display, out: Path, device: torch.device,
+              world: World) -> dict[str, Any] | None:
+    watch, started = Stopwatch(device), datetime.now(timezone.utc)
+    precision = resolve_precision(opts.precision, device)
+    if precision != "fp32" and device.type == "cpu":
+        display.log("precision bf16 on a CPU: autocast there is often slower than fp32 (6x on the CPU dfkd is developed on)")
     seed_everything(opts.seed)  # before the student's random initialisation
-    teacher, student, eval_data, prior, synthetic = _prepare(opts, recipes[0], display)
-    _log_recipes(recipes, display)
+    teacher, student, eval_data, prior, synthetic = _prepare(opts, recipes[0], display, world.rank)
+    resume = _resume_state(out, teacher, recipes[0], device) if opts.resume else None
+    _log_recipes(recipes, display, world)
     watch.lap("load")
 
     teacher.to(device)
@@ -139,33 +184,70 @@ def compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displa
         trainer = StudentTrainer(model, teacher.model, recipe.train, device, input_shape=teacher.input_shape)
         if recipe.train.attention:
             display.log(trainer.attention.note)
-        synth.student, synth.prior = trainer.student, prior
+        synth.student, synth.prior, synth.world, trainer.world = trainer.student, prior, world, world
+        if world.active:
+            seed_everything(opts.seed + world.rank)  # same models on every rank, each its own samples
         keep = opts.save_synthetic and not synth.keeps_pool
         recorder = Reservoir(record_capacity(teacher.input_shape)) if keep else None
-        return Run(recipe.recipe.name, recipe, synth, trainer, recorder=recorder)
+        if opts.compile:
+            _compile(trainer.student, getattr(synth, "generator", None))
+        return Run(recipe.recipe.name, recipe, synth, trainer, recorder=recorder,
+                   autocast=lambda: autocast(device, precision))
 
-    budget, race = Budget(opts.time_budget_s), None
-    if len(recipes) > 1:
-        run, race = run_race(recipes, make_run, budget, display, opts.race_share)
-        holdout = finish(run, display)
-        opts.recipe = run.name  # config.toml repeats the winner, not the race
-    else:
-        run = make_run(recipes[0])
-        holdout = distill(run, budget, display)
-    student = run.trainer.restore_best().cpu()
+    def settings(run: Run) -> str:  # checkpoints/run.toml: what --resume repeats (a race's winner)
+        return dump_toml({"run": {**opts.to_dict(), "recipe": run.name}, **run.recipe.to_dict()})
+
+    with StopRequest() as stop:
+        budget = Budget(opts.time_budget_s, resume["elapsed"] if resume else 0.0, stop, world)
+        supervisor = Supervisor(out, recipes[0].train, budget, display, teacher.sha256, settings, resume)
+        if len(recipes) > 1:
+            run, race = run_race(recipes, make_run, budget, display, opts.race_share, supervisor)
+            holdout = finish(run, display)
+            opts.recipe = run.name  # config.toml repeats the winner, not the race
+        else:
+            run, race = make_run(recipes[0]), None
+            holdout = distill(run, budget, display, supervisor)
+    student = run.trainer.restore_best()
+    processes = {"count": world.size, "identical_students": world.identical(student)} if world.active else None
+    student = student.cpu()
     teacher.to(torch.device("cpu"))
     watch.lap("distill")
+    if not world.is_main:
+        return None
 
     run_info = {"started": started.isoformat(timespec="seconds"), "device": str(device),
                 "hardware": hardware_description(device), "steps": run.trainer.steps_done,
                 "best_step": run.trainer.best_step, "out": str(out), "prior": prior.describe() if prior else None,
                 "from_synthetic": str(opts.from_synthetic.resolve()) if opts.from_synthetic else None,
-                "stability": stability(run.curve), "race": race, "synthetic_saved": opts.save_synthetic}
+                "stability": stability(run.curve), "race": race, "synthetic_saved": opts.save_synthetic,
+                "resumed_from_step": resume["run"]["trainer"]["steps_done"] if resume else None,
+                "precision": precision, "compiled": opts.compile, "throughput": run.meter.to_dict(), "processes": processes, "health": {**supervisor.report(), "warnings": supervisor.warnings}}
     result = Distilled(teacher, student, run.synth, holdout, eval_data, _training_set(opts, run), run_info)
     return _publish(out, opts, run.recipe, result, display, watch)
 
 
-def _log_recipes(recipes: list[RecipeConfig], display: Display) -> None:
+def _compile(*models: torch.nn.Module | None) -> None:
+    """``--compile``: torch.compile the student and the generator in place (state dict names unchanged)."""
+    for model in models:
+        if model is not None:
+            model.compile()
+
+
+def _resume_state(out: Path, teacher: Teacher, recipe: RecipeConfig, device: torch.device) -> dict[str, Any]:
+    """The newest checkpoint in ``out``, checked against the teacher and recipe it continues."""
+    state = CheckpointDir(out).read_latest(device)
+    if state["teacher_sha256"] != teacher.sha256:
+        raise DfkdError(f"the checkpoint in '{out}' was made for another teacher file (sha256 "
+                        f"{state['teacher_sha256'][:12]}, this one {teacher.sha256[:12]}); resume with the original teacher")
+    if state["recipe"] != recipe.recipe.name:
+        raise DfkdError(f"the checkpoint in '{out}' belongs to recipe '{state['recipe']}', not "
+                        f"'{recipe.recipe.name}'; its checkpoints/run.toml was changed")
+    return state
+
+
+def _log_recipes(recipes: list[RecipeConfig], display: Display, world: World) -> None:
+    if world.active:
+        display.log(f"{world.size} processes: each synthesizes its own samples, gradients are averaged over all")
     if len(recipes) == 1:
         display.log(f"recipe: {recipes[0].recipe.name} ({recipes[0].recipe.description})")
     else:
@@ -200,7 +282,7 @@ def _publish(out: Path, opts: CompressOptions, recipe: RecipeConfig, result: Dis
     try:
         report = _write_artefacts(staging, opts, recipe, result, display, watch)
         report["run"].update(result.run_info)
-        report["warnings"] += _prior_warnings(result.run_info.get("prior"))
+        report["warnings"] += _prior_warnings(result.run_info.get("prior")) + result.run_info["health"]["warnings"]
         write_report(staging, report)
         _move_into_place(staging, out)
     except ExportError as err:
@@ -209,10 +291,18 @@ def _publish(out: Path, opts: CompressOptions, recipe: RecipeConfig, result: Dis
         for onnx_file in ("student.onnx", "student.int8.onnx"):
             (staging / onnx_file).unlink(missing_ok=True)
         staging.rename(failed)
+        _drop_checkpoints(out)  # resuming would end in the same failed export
         raise ExportError(f"{err.message} (the PyTorch student is kept in '{failed}')") from None
     finally:
         _clean(staging)
     return report
+
+
+def _drop_checkpoints(out: Path) -> None:
+    """Remove the run's checkpoints, and ``out`` itself when nothing else is in it."""
+    CheckpointDir(out).remove()
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _prior_warnings(prior: dict[str, Any] | None) -> list[str]:
@@ -222,7 +312,7 @@ def _prior_warnings(prior: dict[str, Any] | None) -> list[str]:
             "decoded and were skipped"]
 
 
-def _prepare(opts: CompressOptions, recipe: RecipeConfig, display: Display
+def _prepare(opts: CompressOptions, recipe: RecipeConfig, display: Display, rank: int = 0
              ) -> tuple[Teacher, torch.nn.Module, EvalData | None, PriorData | None, SyntheticSet | None]:
     """Load and check every input before any long work starts."""
     teacher = load_teacher(opts.teacher, opts.arch, opts.input_shape, opts.normalize, opts.mean, opts.std,
@@ -240,10 +330,10 @@ def _prepare(opts: CompressOptions, recipe: RecipeConfig, display: Display
     if opts.eval_data is not None:
         eval_data = load_eval_data(opts.eval_data, teacher.input_shape, teacher.mean, teacher.std, teacher.class_names)
     synthetic = load_synthetic_set(opts.from_synthetic, teacher) if opts.from_synthetic is not None else None
-    return teacher, student, eval_data, _open_prior(opts, recipe, teacher), synthetic
+    return teacher, student, eval_data, _open_prior(opts, recipe, teacher, rank), synthetic
 
 
-def _open_prior(opts: CompressOptions, recipe: RecipeConfig, teacher: Teacher) -> PriorData | None:
+def _open_prior(opts: CompressOptions, recipe: RecipeConfig, teacher: Teacher, rank: int = 0) -> PriorData | None:
     """The ``--prior`` images for recipes that use them; an error for those that do not."""
     cls, name = synthesizer_class(recipe.recipe.synthesizer), recipe.recipe.name
     if opts.from_synthetic is not None and opts.prior is not None:
@@ -259,7 +349,7 @@ def _open_prior(opts: CompressOptions, recipe: RecipeConfig, teacher: Teacher) -
         return None
     batch = max(recipe.train.batch_size, getattr(recipe.synth, "batch_size", 0))
     reserve = recipe.train.holdout if cls.prior_holdout else 0
-    return PriorData(opts.prior, teacher.input_shape, teacher.mean, teacher.std, batch, reserve, seed=opts.seed)
+    return PriorData(opts.prior, teacher.input_shape, teacher.mean, teacher.std, batch, reserve, seed=opts.seed + rank)
 
 
 def _write_artefacts(run_dir: Path, opts: CompressOptions, recipe: RecipeConfig, result: Distilled,
@@ -295,7 +385,7 @@ def _write_artefacts(run_dir: Path, opts: CompressOptions, recipe: RecipeConfig,
     watch.lap("evaluate")
     watch.seconds["total"] = round(sum(watch.seconds.values()), 3)
     report["run"] = {"recipe": recipe.recipe.name, "seed": opts.seed, "wall_clock_s": dict(watch.seconds),
-                     "config": config, "versions": library_versions()}
+                     "peak_memory_mb": dict(watch.memory_mb), "config": config, "versions": library_versions()}
     return report
 
 

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,12 @@ def _stack_readable(items: list[tuple[int, torch.Tensor | None]]) -> tuple[torch
     """A DataLoader batch: the decoded images stacked, and the indices of files that were not."""
     images = [image for _, image in items if image is not None]
     return (torch.stack(images) if images else None), [index for index, image in items if image is None]
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """Ctrl-C reaches the loader's workers too (one process group); only the main process acts on
+    it, stopping the run cleanly at the end of its step, while the workers keep serving batches."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def default_workers() -> int:
@@ -178,7 +185,7 @@ class PriorData:
         workers = self.workers if folder else 0
         return DataLoader(self._dataset, batch_size=self.batch_size, shuffle=True, generator=self._rng,
                           num_workers=workers, collate_fn=_stack_readable if folder else None,
-                          persistent_workers=workers > 0, drop_last=False)
+                          persistent_workers=workers > 0, drop_last=False, worker_init_fn=_ignore_interrupts)
 
     @property
     def skipped(self) -> int:

@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 
 from dfkd_cli.config import RecipeConfig, list_recipes, recipe_info
-from dfkd_cli.distill import Run, start, train, wire
+from dfkd_cli.distill import Run, StepWatch, start, train, wire
+from dfkd_cli.errors import EXIT_INTERRUPTED, DfkdError
 from dfkd_cli.runtime import Budget, Display
 from dfkd_cli.trainer import predict_classes
 
@@ -51,13 +52,16 @@ def pooled_samples(runs: list[Run]) -> torch.Tensor:
 
 
 def run_race(recipes: list[RecipeConfig], make_run: Callable[[RecipeConfig], Run], budget: Budget, display: Display,
-             share: float = RACE_SHARE) -> tuple[Run, dict]:
+             share: float = RACE_SHARE, watch: StepWatch | None = None) -> tuple[Run, dict]:
     """Race ``recipes`` for ``share`` of ``budget`` (and of each recipe's ``train.steps``), then
-    train the leader to the end of the budget. Returns the leader's run (started, not finished)
-    and the race table for the report."""
+    train the leader to the end of the budget (``watch`` follows the leader only). Returns the
+    leader's run (started, not finished) and the race table for the report."""
     runs, seconds = [], []
     for recipe in recipes:
-        slice_budget = Budget(budget.seconds * share / len(recipes) if budget.seconds else None)
+        if budget.stop_requested:
+            raise DfkdError(f"stopped by {budget.stop_requested} during the recipe race, before the first checkpoint; "
+                            "nothing to resume: run again", EXIT_INTERRUPTED)
+        slice_budget = budget.part(budget.seconds * share / len(recipes) if budget.seconds else None)
         run = make_run(recipe)
         run.stage_prefix = f"race {run.name}: "
         began = time.monotonic()
@@ -68,7 +72,8 @@ def run_race(recipes: list[RecipeConfig], make_run: Callable[[RecipeConfig], Run
         seconds.append(time.monotonic() - began)
     pooled = pooled_samples(runs)
     teacher_classes = predict_classes(runs[0].trainer.teacher, pooled)
-    scores = [float((predict_classes(run.trainer.student, pooled) == teacher_classes).float().mean()) for run in runs]
+    scores = [run.trainer.world.mean(float((predict_classes(run.trainer.student, pooled) == teacher_classes).float().mean()))
+              for run in runs]
     winner = runs[max(range(len(runs)), key=lambda i: scores[i])]
     table = {"share": share, "pooled_samples": len(pooled), "winner": winner.name,
              "entrants": [{"recipe": run.name, "steps": run.trainer.steps_done, "seconds": round(sec, 2),
@@ -80,5 +85,9 @@ def run_race(recipes: list[RecipeConfig], make_run: Callable[[RecipeConfig], Run
     wire(winner, budget)
     display.stage("distill", total=winner.recipe.train.steps)
     display.advance(winner.trainer.steps_done)  # the leader's race steps count towards its run
-    train(winner, budget, display, winner.recipe.train.steps)
+    if watch is not None:
+        watch.begin(winner)
+    train(winner, budget, display, winner.recipe.train.steps, watch)
+    if watch is not None:
+        watch.end(winner)
     return winner, table

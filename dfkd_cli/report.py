@@ -97,7 +97,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         _warnings_section(report.get("warnings") or []),
         _race_section((report.get("run") or {}).get("race")),
         _per_class_section(report.get("synthetic_holdout"), report.get("eval_data")),
-        _timings_section((report.get("run") or {}).get("wall_clock_s") or {}),
+        _timings_section(report.get("run") or {}),
         _config_section((report.get("run") or {}).get("config")),
         _versions_section(report),
     ]
@@ -236,12 +236,21 @@ def _sort_key(agreement: float | None) -> float:
     return agreement if isinstance(agreement, (int, float)) else math.inf
 
 
-def _timings_section(wall_clock: dict[str, Any]) -> str:
+def _timings_section(run: dict[str, Any]) -> str:
+    """Seconds and peak memory per stage, and the distillation's throughput."""
+    wall_clock, memory = run.get("wall_clock_s") or {}, run.get("peak_memory_mb") or {}
     if not wall_clock:
         return ""
     ordered = [stage for stage in STAGES if stage in wall_clock] + [stage for stage in wall_clock if stage not in STAGES]
-    rows = [(stage, _number(wall_clock[stage], ".1f")) for stage in ordered]
-    return "## Timings\n\n" + _table(("Stage", "Seconds"), rows)
+    rows = [(stage, _number(wall_clock[stage], ".1f"), _number((memory.get(stage) or {}).get("rss"), ".0f"),
+             _number((memory.get(stage) or {}).get("cuda_allocated"), ".0f")) for stage in ordered]
+    text = "## Timings\n\n" + _table(("Stage", "Seconds", "Peak RSS MiB", "Peak CUDA MiB"), rows)
+    meter = run.get("throughput")
+    if meter:
+        text += (f"\n\nDistillation: {_number(meter['synthetic_samples_per_s'], ',.0f')} synthetic samples/s over "
+                 f"{_number(meter['synthesis_s'], '.1f')} s of synthesis, {_number(meter['student_samples_per_s'], ',.0f')} "
+                 f"student samples/s over {_number(meter['student_s'], '.1f')} s of student steps.")
+    return text
 
 
 def _config_section(config: Any) -> str:

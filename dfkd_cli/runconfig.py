@@ -20,10 +20,12 @@ from dfkd_cli.errors import DfkdError
 from dfkd_cli.measure import check_fraction
 from dfkd_cli.pipeline import CompressOptions
 from dfkd_cli.race import RACE_SHARE, race_entrants
+from dfkd_cli.resume import CheckpointDir
+from dfkd_cli.runtime import PRECISIONS
 from dfkd_cli.teacher import parse_input_shape
 
 _PATH_KEYS = ("teacher", "labels", "eval_data", "prior", "from_synthetic")
-_RUN_KEYS = [f.name for f in dataclasses.fields(CompressOptions) if f.name not in ("overwrite", "overrides", "out", "trust_pickle")]
+_RUN_KEYS = [f.name for f in dataclasses.fields(CompressOptions) if f.name not in ("overwrite", "overrides", "out", "trust_pickle", "resume")]
 
 
 def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: Path | None, overwrite: bool = False,
@@ -61,6 +63,8 @@ def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: P
         from_synthetic=_path(run.get("from_synthetic")),
         min_agreement=run.get("min_agreement"),
         device=run.get("device", "auto"),
+        precision=str(run.get("precision", "auto")),
+        compile=bool(run.get("compile", False)),
         seed=int(run.get("seed", 0)),
         trust_pickle=trust_pickle,
         overrides=list(overrides),
@@ -68,11 +72,29 @@ def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: P
     check_fraction(opts.min_agreement, "--min-agreement")
     if not 0 < opts.race_share < 1:
         raise DfkdError(f"--race-share must be between 0 and 1 (the budget's share for the race), got {opts.race_share}")
+    if opts.precision not in PRECISIONS:
+        raise DfkdError(f"--precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}")
     if opts.quantize not in ("none", "int8"):
         raise DfkdError(f"--quantize must be none or int8, got {opts.quantize!r}")
     if opts.recipe == "auto":
         return opts, _race_recipes(opts, recipe_tables, overrides)
     return opts, [_build_recipe(opts, recipe_tables, overrides)]
+
+
+def resolve_resume(run_dir: Path, flags: dict[str, Any], trust_pickle: bool = False
+                   ) -> tuple[CompressOptions, list[RecipeConfig]]:
+    """``--resume RUN``: the options and recipe of the run in ``RUN`` (its checkpoints/run.toml);
+    only ``--device`` may change."""
+    given = [name for name, value in flags.items() if value is not None and name != "device"]
+    if given:
+        flag = {"time_budget_s": "time-budget", "set_": "set"}.get(given[0], given[0].replace("_", "-"))
+        raise DfkdError(f"--resume continues a run with the settings it started with; leave out --{flag}")
+    if not Path(run_dir).is_dir():
+        raise DfkdError(f"nothing to resume: '{run_dir}' is not a folder; give the --out folder of an unfinished run")
+    run_flags = {"device": flags.get("device")}
+    opts, recipes = resolve_compress(run_flags, [], CheckpointDir(run_dir).settings(), trust_pickle=trust_pickle)
+    opts.out, opts.resume = Path(run_dir), True
+    return opts, recipes
 
 
 def _race_recipes(opts: CompressOptions, tables: dict[str, Any], overrides: list[str]) -> list[RecipeConfig]:

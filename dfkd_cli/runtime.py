@@ -5,18 +5,25 @@ Nothing else in dfkd reads environment variables or writes to the terminal's std
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
 import re
+import signal
 import sys
+import threading
 import time
 from importlib import metadata
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from dfkd_cli.errors import DfkdError
+
+if TYPE_CHECKING:
+    from dfkd_cli.distributed import World
 
 
 def resolve_device(name: str) -> torch.device:
@@ -32,6 +39,42 @@ def resolve_device(name: str) -> torch.device:
         if index >= torch.cuda.device_count():
             raise DfkdError(f"device '{name}' does not exist: {torch.cuda.device_count()} CUDA device(s); pick one below that")
     return torch.device(name)
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto``: bf16 on GPUs that have it, else fp32 (on CPUs bf16 autocast is usually slower:
+    6x on the 2-core AMD EPYC dfkd is developed on). fp16 is refused: it needs loss scaling, which
+    the pixel-optimising synthesizers do not implement."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16":
+        raise DfkdError("--precision fp16 needs loss scaling that dfkd's synthesizers do not implement; "
+                        "use bf16 (GPUs from Ampere on) or fp32")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise DfkdError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16 support; use fp32")
+    return name
+
+
+def autocast(device: torch.device, precision: str) -> Any:
+    """The autocast context for ``precision`` (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) outside a distributed launch."""
+    values = []
+    for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
+        text = os.environ.get(name, str(default))
+        if not text.isdigit():
+            raise DfkdError(f"environment variable {name}={text!r} is not a number; launch with torchrun or --nproc N")
+        values.append(int(text))
+    rank, size, local_rank = values
+    return rank, max(size, 1), local_rank
 
 
 def seed_everything(seed: int) -> None:
@@ -69,6 +112,19 @@ def hardware_description(device: torch.device) -> str:
     return f"CPU: {cpu} ({torch.get_num_threads()} threads)"
 
 
+def peak_memory_mb(device: torch.device) -> dict[str, float | None]:
+    """Peak resident memory of this process so far and, on CUDA, the peak allocated by torch
+    since the last call (which resets it), in MiB."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    cuda = None
+    if device.type == "cuda":
+        cuda = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        torch.cuda.reset_peak_memory_stats(device)
+    return {"rss": round(rss, 1), "cuda_allocated": cuda}
+
+
 def parse_duration(text: str) -> float:
     """Seconds from '90', '90s', '10m' or '2h'.
 
@@ -83,22 +139,82 @@ def parse_duration(text: str) -> float:
 
 
 class Budget:
-    """Wall-clock budget for a run; ``expired()`` is checked between optimisation steps."""
+    """Wall-clock budget for a run; ``expired()`` is checked between optimisation steps. It also
+    ends early when ``stop`` (Ctrl-C, SIGTERM) asks the run to stop."""
 
-    def __init__(self, seconds: float | None) -> None:
+    def __init__(self, seconds: float | None, elapsed: float = 0.0, stop: "StopRequest | None" = None,
+                 world: "World | None" = None) -> None:
         self.seconds = seconds
-        self.start = time.monotonic()
+        self.start = time.monotonic() - elapsed  # a resumed run continues its budget
+        self.stop = stop
+        # With several processes the budget ends for all of them at the same student step: the
+        # decision is all-reduced in settle() and expired() returns it.
+        self.world = world if world is not None and world.active else None
+        self._settled, self._settled_elapsed = False, elapsed
+
+    def part(self, seconds: float | None, shared: bool = True) -> "Budget":
+        """A budget of ``seconds`` from now that the same stop request ends (``shared``: settled
+        across processes too; a local part must only bound work without collectives)."""
+        return Budget(seconds, stop=self.stop, world=self.world if shared else None)
+
+    def settle(self) -> None:
+        """Agree across processes whether the budget ended and how much of it is used (once per
+        student step), so schedules that follow the budget stay the same on every rank."""
+        if self.world is not None:
+            expired, elapsed = self.world.maximum([float(self._expired_here()), self.elapsed])
+            self._settled, self._settled_elapsed = expired > 0, elapsed
 
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
+    @property
+    def stop_requested(self) -> str | None:
+        """The name of the signal that asked the run to stop, if one did."""
+        return self.stop.requested if self.stop is not None else None
+
     def expired(self) -> bool:
-        return self.seconds is not None and self.elapsed >= self.seconds
+        return self._settled if self.world is not None else self._expired_here()
+
+    def _expired_here(self) -> bool:
+        return bool(self.stop_requested) or (self.seconds is not None and self.elapsed >= self.seconds)
 
     def fraction(self) -> float:
-        """Share of the budget used so far, in [0, 1]; 0 without a budget."""
-        return min(self.elapsed / self.seconds, 1.0) if self.seconds else 0.0
+        """Share of the budget used so far, in [0, 1]; 0 without a budget. With several processes,
+        the share agreed at the last student step."""
+        elapsed = self._settled_elapsed if self.world is not None else self.elapsed
+        return min(elapsed / self.seconds, 1.0) if self.seconds else 0.0
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) and SIGTERM, while active, ask the run to stop at the end of its current
+    step instead of killing it; a second signal stops at once (``KeyboardInterrupt``).
+
+    Example:
+        >>> with StopRequest() as stop:
+        ...     while not stop.requested:
+        ...         train_one_step()
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested: str | None = None  # the signal's name once one arrived
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def is_ci() -> bool:
@@ -201,8 +317,9 @@ class RichDisplay(Display):
 
 
 def make_display(output_format: str) -> Display:
-    """Rich live display on an interactive terminal, plain lines in CI or logs, nothing when quiet."""
-    if output_format == "quiet":
+    """Rich live display on an interactive terminal, plain lines in CI or logs, nothing when quiet
+    (and nothing on the ranks of a distributed run but rank 0)."""
+    if output_format == "quiet" or distributed_env()[0] != 0:
         return Display()
     if output_format == "human" and sys.stderr.isatty() and not is_ci():
         return RichDisplay()

@@ -17,6 +17,8 @@ the report measures, so the reported agreement is not the one that was maximised
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from dfkd_cli.runtime import Budget
@@ -67,6 +69,12 @@ class Reservoir:
             raise RuntimeError("the reservoir is empty")
         return self.data[: min(self.seen, self.capacity)]
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": self.seen, "data": self.data}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen, self.data = int(state["seen"]), state["data"]
+
 
 def split(holdout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(selection half, report half) of the held-out samples."""
@@ -77,13 +85,26 @@ def split(holdout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class FixedHoldout:
     """Held-out samples made once up front, using at most a quarter of the time budget."""
 
-    def __init__(self, synth, trainer: StudentTrainer, size: int, budget: Budget, on_step) -> None:
-        quarter = Budget(budget.seconds / 4 if budget.seconds else None)
-        synth.on_step = lambda it, total, parts: on_step(it, total, parts) or quarter.expired()
-        self.holdout = synth.holdout(max(size, 2))
+    def __init__(self, synth, trainer: StudentTrainer, holdout: torch.Tensor) -> None:
+        self.holdout = holdout
         self.trainer = trainer
         self.x_select = split(self.holdout)[0]
         self.t_select = predict_classes(synth.teacher.model, self.x_select)
+
+    @classmethod
+    def make(cls, synth, trainer: StudentTrainer, size: int, budget: Budget, on_step) -> "FixedHoldout":
+        """Synthesize ``size`` held-out samples now, stopping at a quarter of ``budget``."""
+        quarter = budget.part(budget.seconds / 4 if budget.seconds else None, shared=False)
+        synth.on_step = lambda it, total, parts: on_step(it, total, parts) or quarter.expired()
+        return cls(synth, trainer, synth.holdout(max(size, 2)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"holdout": self.holdout}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.holdout = state["holdout"]
+        self.x_select = split(self.holdout)[0]
+        self.t_select = predict_classes(self.trainer.teacher, self.x_select)
 
     def evaluate(self) -> float:
         return self.trainer.select(self.x_select, self.t_select)
@@ -114,7 +135,13 @@ class TrajectoryHoldout:
         self._draw()
         x = split(self.reservoir.tensor())[0] if self.reservoir.seen >= 2 else self.reservoir.tensor()
         teacher = predict_classes(self.synth.teacher.model, x)
-        return float((predict_classes(self.trainer.student, x) == teacher).float().mean())
+        return self.trainer.world.mean(float((predict_classes(self.trainer.student, x) == teacher).float().mean()))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reservoir": self.reservoir.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reservoir.load_state_dict(state["reservoir"])
 
     def selection_samples(self) -> torch.Tensor:
         """The selection half of the samples drawn so far (at least one draw: the current student's)."""

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,11 +99,19 @@ def load_synthetic_set(folder: Path, teacher: Teacher) -> SyntheticSet:
     if list(manifest.get("input_shape", [])) != list(teacher.input_shape):
         raise DfkdError(f"synthetic set '{folder}' holds {manifest.get('input_shape')} inputs but the teacher "
                         f"takes {list(teacher.input_shape)}; pass the same --input-shape as when it was made")
-    shards = [_read_x(Path(folder) / name) for name in manifest.get("shards", [])]
+    shards = [_read_x(Path(folder) / _shard_name(name, folder)) for name in manifest.get("shards", [])]
     train = torch.cat(shards) if shards else torch.empty(0, *teacher.input_shape)
     if len(train) == 0:
         raise DfkdError(f"synthetic set '{folder}' holds no training samples")
     return SyntheticSet(train, _read_x(Path(folder) / "holdout.npz"), manifest)
+
+
+def _shard_name(name: Any, folder: Path) -> str:
+    """A shard's file name from the manifest, which must name a file in the set's own folder."""
+    if not isinstance(name, str) or not re.fullmatch(r"train-\d{5}\.npz", name):
+        raise DfkdError(f"synthetic set '{folder}' lists a shard {name!r} that is not a train-NNNNN.npz file "
+                        "of its folder; the manifest is damaged or was edited")
+    return name
 
 
 def _read_x(path: Path) -> torch.Tensor:

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,9 @@ def resolve_normalization(
         preset_mean, channels, f"preset {name} mean")
     out_std = _per_channel(std, channels, "--std") if std is not None else _preset_values(
         preset_std, channels, f"preset {name} std")
+    if not all(math.isfinite(v) for v in out_mean + out_std):
+        raise DfkdError(f"--mean and --std must be finite numbers, got {list(out_mean)} and {list(out_std)}; "
+                        "pass the training mean and std")
     if min(out_std) <= 0:
         raise DfkdError(f"--std values must be positive, got {list(out_std)}; pass the training std")
     return out_mean, out_std
@@ -146,9 +150,14 @@ def read_labels(path: Path, num_classes: int) -> list[str]:
         ['airplane', 'automobile']
     """
     path = Path(path)
+    if path.is_dir():
+        raise DfkdError(f"labels file '{path}' is a folder; pass a text file with one class name per line")
     if not path.is_file():
         raise DfkdError(f"labels file '{path}' not found; pass a text file with one class name per line")
-    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    except UnicodeDecodeError:
+        raise DfkdError(f"labels file '{path}' is not UTF-8 text; pass a text file with one class name per line") from None
     while names and not names[-1]:
         names.pop()
     if "" in names:

@@ -18,13 +18,14 @@ import copy
 import math
 import re
 from contextlib import nullcontext
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dfkd_cli.config import TrainConfig
+from dfkd_cli.distributed import World
 from dfkd_cli.retention import MemoryBank, lra_stepped_params, retention_loss
 
 # Stages whose outputs attention transfer compares: ``layer1..N`` (CIFAR and torchvision ResNets),
@@ -143,7 +144,7 @@ class AttentionTransfer:
         return self.weight * attention_loss(student.outputs, teacher.outputs)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_classes(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Top-1 predictions of ``model`` (in eval mode) on ``x``, batched."""
     was_training = model.training
@@ -178,6 +179,11 @@ class StudentTrainer:
         # The last step's loss terms for the live display: {"acq", "ret"} with replay/lra ("ret" is
         # 0.0 while the memory is empty), {} for plain updates.
         self.last_parts: dict[str, float] = {}
+        # Multiplies the learning rate; lowered by the divergence guard after a non-finite loss.
+        self.lr_scale = 1.0
+        # Share of the last batch the teacher put in its most frequent class (collapse watch).
+        self.last_majority = 0.0
+        self.world = World()  # the processes of a distributed run (set by the pipeline)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         cfg, params = self.cfg, self.student.parameters()
@@ -187,10 +193,11 @@ class StudentTrainer:
                                nesterov=cfg.nesterov)
 
     def _lr_at(self, step: int) -> float:
+        lr = self.cfg.lr * self.lr_scale
         if self.cfg.schedule == "constant":
-            return self.cfg.lr
+            return lr
         progress = max(step / max(self.cfg.steps, 1), self.time_progress())
-        return 0.5 * self.cfg.lr * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return 0.5 * lr * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     def step(self, x: torch.Tensor) -> float:
         """One KD step on batch ``x`` (augmented here); returns the total loss. With replay/lra the
@@ -201,11 +208,13 @@ class StudentTrainer:
         loss = self.loss_for(x)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self.world.average_gradients(self.student.parameters())
         self.optimizer.step()
+        self.world.share_buffers(self.student)
         if self.memory is not None:
             self.memory.add(x)
         self.steps_done += 1
-        return float(loss.detach())
+        return self.world.mean(float(loss.detach()))
 
     def loss_for(self, x: torch.Tensor) -> torch.Tensor:
         """The student's loss on the (already augmented) batch ``x``, before backward: L_acq, plus
@@ -222,6 +231,7 @@ class StudentTrainer:
         """KD (plus attention transfer) against the teacher on the fresh batch ``x``."""
         with torch.no_grad(), self.attention.teacher_outputs() as teacher_blocks:
             teacher_logits = self.teacher(x)
+            self.last_majority = float(teacher_logits.argmax(1).bincount().max()) / len(x)
         with self.attention.student_outputs() as student_blocks:
             student_logits = self.student(x)
         loss = kd_loss(student_logits, teacher_logits, self.cfg.loss, self.cfg.temperature)
@@ -259,7 +269,7 @@ class StudentTrainer:
 
     def select(self, x: torch.Tensor, teacher_classes: torch.Tensor) -> float:
         """Agreement with the teacher on held-out ``x``; the best student so far is kept."""
-        agreement = float((predict_classes(self.student, x) == teacher_classes).float().mean())
+        agreement = self.world.mean(float((predict_classes(self.student, x) == teacher_classes).float().mean()))
         if agreement > self.best_agreement:
             self.best_agreement, self.best_step = agreement, self.steps_done
             self._best_state = copy.deepcopy(self.student.state_dict())
@@ -282,11 +292,28 @@ class StudentTrainer:
         self.best_agreement = -1.0
         for step, state in self._snapshots:
             self.student.load_state_dict(state)
-            agreement = float((predict_classes(self.student, x) == teacher_classes).float().mean())
+            agreement = self.world.mean(float((predict_classes(self.student, x) == teacher_classes).float().mean()))
             if agreement >= self.best_agreement:
                 self.best_agreement, self.best_step, self._best_state = agreement, step, state
         self.student.load_state_dict(current)
         return self.best_agreement
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs: weights, optimizer, counters, selection candidates, memory."""
+        return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "steps_done": self.steps_done, "best_agreement": self.best_agreement, "best_step": self.best_step,
+                "best_state": self._best_state, "snapshots": [list(s) for s in self._snapshots],
+                "memory": self.memory.state_dict() if self.memory is not None else None, "lr_scale": self.lr_scale}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps_done, self.best_step = int(state["steps_done"]), int(state["best_step"])
+        self.best_agreement, self.lr_scale = float(state["best_agreement"]), float(state["lr_scale"])
+        self._best_state = state["best_state"]
+        self._snapshots = [(int(step), weights) for step, weights in state["snapshots"]]
+        if self.memory is not None and state["memory"] is not None:
+            self.memory.load_state_dict(state["memory"])
 
     def restore_best(self) -> nn.Module:
         """Load the best selected weights into the student, in eval mode, and return it."""

@@ -21,6 +21,7 @@ sys.path.insert(0, str(BENCH))
 import data as bench_data  # noqa: E402
 import kd_baselines  # noqa: E402
 import run_bench  # noqa: E402
+import throughput  # noqa: E402
 import train_teacher  # noqa: E402
 
 
@@ -216,3 +217,39 @@ def test_variant_flags_reach_the_command_line_and_rows_show_int8(tmp_path):
     row = run_bench.row_from_report("auto (race)", report)
     assert row[run_bench.INT8] == 0.905 and row["note"] == "race winner: dfad"
     assert "90.50%" in run_bench.table([row]) and "0.5 / 0.25" in run_bench.table([row])
+
+
+def test_throughput_png_pool_round_trips_and_rows_show_dfkd_over_reference(tmp_path):
+    from types import SimpleNamespace
+
+    from dfkd_cli.runtime import Budget
+
+    for channels in (1, 3):
+        teacher = SimpleNamespace(input_shape=(channels, 4, 4), mean=(0.5, 0.4, 0.3)[:channels],
+                                  std=(0.2, 0.25, 0.3)[:channels])
+        mean, std = torch.tensor(teacher.mean).view(-1, 1, 1), torch.tensor(teacher.std).view(-1, 1, 1)
+        x = (torch.rand(3, channels, 4, 4) - mean) / std
+        folder = tmp_path / str(channels)
+        folder.mkdir()
+        throughput.save_pngs(x, folder, teacher.mean, teacher.std, first=5)
+        data = throughput.PngFolder(folder, teacher)
+        assert [p.name for p in data.files] == ["5.png", "6.png", "7.png"]
+        back = torch.stack([data[i] for i in range(len(data))])  # read back normalised, as the reference trains
+        assert back.shape == x.shape and float((back - x).abs().max()) <= 1.01 / (255 * min(teacher.std))
+    dfkd = throughput.Measured("dfkd", made=200, synthesis_s=2.0, trained=400, student_s=1.0, steps=4, wall_s=4.0,
+                               agreement=0.5, reached_s=3.31)
+    reference = throughput.Measured("reference", made=100, synthesis_s=2.0, trained=200, student_s=1.0, steps=2,
+                                    wall_s=4.0, agreement=0.4)
+    lines = run_bench.table(throughput.rows_for("dfad", {"dfkd": dfkd, "reference": reference}),
+                            throughput.COLUMNS).splitlines()
+    assert lines[2] == "| dfad | dfkd | 100 | 400 | 100 | 4 | 50.00% | 3.3 |"
+    assert lines[3].endswith("| 2 | 40.00% | not reached |")
+    assert lines[4] == "| dfad | dfkd / reference | 2.00x | 2.00x | 2.00x | - | - | - |"
+    student, points = torch.nn.Linear(2, 3), torch.randn(8, 2)
+    budget = Budget(100.0)
+    probe = throughput.Probe(points, throughput.predict_classes(student, points), 0.9, 50, budget)
+    began = budget.start
+    probe.check(student, 49)
+    assert probe.reached_s is None and budget.start == began  # checks every 50 steps only
+    probe.check(student, 50)
+    assert probe.reached_s is not None and budget.start > began  # reached, and the clock paused for it

@@ -327,3 +327,22 @@ def test_dfq_refuses_a_teacher_without_batchnorm(tmp_path):
     assert result.exit_code == 2
     assert "needs a teacher with BatchNorm" in result.stderr and "dafl" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_grad_clip_bounds_the_generator_gradient_norm(clip, teacher):
+    synth = make("zskt", teacher, f"synth.grad_clip={clip}")
+    norms = []
+    original_step = synth.optimizer.step
+
+    def step(*args, **kwargs):
+        grads = [p.grad for p in synth.generator.parameters() if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return original_step(*args, **kwargs)
+
+    synth.optimizer.step = step
+    run_steps(synth, 3)
+    if clip:
+        assert max(norms) <= clip * 1.0001
+    else:
+        assert min(norms) > 1e-2  # unclipped gradients are far larger than the clip tested above

@@ -88,3 +88,16 @@ def test_the_vectorised_reservoir_samples_uniformly():
     assert reservoir.seen == 200 and len(reservoir.tensor()) == 20
     rate = hits / 200  # each item should be kept with probability 20/200
     assert abs(float(rate[:100].mean()) - 0.1) < 0.02 and abs(float(rate[100:].mean()) - 0.1) < 0.02
+
+
+def test_a_manifest_cannot_point_outside_its_folder(tiny_teacher, tmp_path):
+    made = compress(tiny_teacher["path"], tiny_teacher["args"], tmp_path / "run", "--recipe", "noise",
+                    "--steps", "5", "--save-synthetic")
+    assert made.exit_code == 0
+    manifest_path = tmp_path / "run" / "synthetic" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for shard in ("../../outside.npz", "/etc/passwd", "train-00000.npz/../x"):
+        manifest_path.write_text(json.dumps({**manifest, "shards": [shard]}))
+        result = compress(tiny_teacher["path"], tiny_teacher["args"], tmp_path / "bad", "--from-synthetic",
+                          tmp_path / "run" / "synthetic", "--steps", "5")
+        assert result.exit_code == 2 and "is not a train-NNNNN.npz file of its folder" in result.stderr

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
+from dfkd_cli.distributed import World
+
 if TYPE_CHECKING:
     from dfkd_cli.prior import PriorData
     from dfkd_cli.teacher import Teacher
@@ -109,6 +111,7 @@ class Synthesizer:
         # The student being trained, set by the pipeline for terms that need its feedback (``adv``).
         self.student: torch.nn.Module | None = None
         self.prior: "PriorData | None" = None
+        self.world = World()  # the processes of a distributed run (set by the pipeline)
 
     def student_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The live student's logits on ``x`` for adversarial terms, differentiable in ``x`` only
@@ -152,6 +155,19 @@ class Synthesizer:
     def status(self) -> dict[str, float]:
         """Numbers for the live display (e.g. the pool size or the generator's last losses)."""
         return {"pool": len(self.pool)}
+
+    def scale_lr(self, factor: float) -> None:
+        """Multiply every learning rate the synthesizer uses by ``factor`` (the divergence guard
+        lowers it after a non-finite loss): its optimizers, their schedules' base rates, and
+        ``config.lr`` for optimizers made per batch."""
+        for value in vars(self).values():
+            if isinstance(value, torch.optim.Optimizer):
+                for group in value.param_groups:
+                    group["lr"] *= factor
+            elif isinstance(value, torch.optim.lr_scheduler.LRScheduler):
+                value.base_lrs = [lr * factor for lr in value.base_lrs]
+        if hasattr(self.config, "lr"):
+            self.config.lr *= factor
 
     def state_dict(self) -> dict[str, Any]:
         return {"pool": self.pool.state_dict()}

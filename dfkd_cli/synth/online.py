@@ -46,6 +46,7 @@ class OnlineConfig:
     g_steps: int = 1  # generator updates per synthesize() call (ZSKT's n_G)
     schedule: str = "constant"  # generator lr schedule: constant | cosine | step (x0.1 at 20% and 40%)
     schedule_steps: int = 0  # generator updates the cosine/step schedule spans; 0 = the whole run (steps or time budget)
+    grad_clip: float = 0.0  # clip the generator's gradient to this l2 norm before each update; 0 = off
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -55,8 +56,10 @@ class OnlineConfig:
         for name in ("batch_size", "latent_dim", "ngf", "g_steps"):
             if getattr(self, name) < 1:
                 raise DfkdError(f"'synth.{name}' must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0:
+        if not self.lr > 0:
             raise DfkdError(f"'synth.lr' must be positive, got {self.lr}")
+        if not self.grad_clip >= 0:
+            raise DfkdError(f"'synth.grad_clip' must be 0 (off) or a positive norm, got {self.grad_clip}")
 
 
 def lr_factor(schedule: str, progress: float) -> float:
@@ -116,15 +119,22 @@ class OnlineGeneratorSynthesizer(Synthesizer):
             self.generator.train()
             x = self.generator(self.latent(self.config.batch_size))
             loss, parts = self.generator_loss(x)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.update_generator(loss)
             self.scheduler.step()
             self.updates += 1
             self.last_parts = {**parts, "g_loss": float(loss.detach())}
             self._generator_batch = x.detach() if self.student_on_generator_batch else None
             if self.on_step(step + 1, steps, self.last_parts):
                 break
+
+    def update_generator(self, loss: torch.Tensor) -> None:
+        """One optimizer step of the generator on ``loss`` (gradient clipped with ``grad_clip``)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.world.average_gradients(self.generator.parameters())  # one generator on every rank
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.config.grad_clip)
+        self.optimizer.step()
 
     @torch.no_grad()
     def generate(self, n: int) -> torch.Tensor:
@@ -157,10 +167,12 @@ class OnlineGeneratorSynthesizer(Synthesizer):
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "updates": self.updates}
+                "scheduler": self.scheduler.state_dict(), "updates": self.updates,
+                "generator_batch": self._generator_batch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.load_state_dict(state["generator"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.updates = int(state["updates"])
+        self._generator_batch = state["generator_batch"]

@@ -1,0 +1,162 @@
+"""Resumable runs: checkpoints of a whole distillation run, written atomically, read safely.
+
+A checkpoint holds everything a run needs to continue as if it had never stopped: the student,
+its optimizer and selection candidates, the synthesizer's state (generators, discriminators,
+their optimizers and schedules, the synthetic pool), the held-out samples, the memory bank, the
+random number generators (Python, NumPy, torch, CUDA), the step counters and the budget used.
+Files live in ``OUT/checkpoints/`` beside ``run.toml`` (the run's settings, so ``--resume OUT``
+needs no other flag); the last two are kept. Each is written to a temporary file, flushed to disk
+and renamed, so a crash or a full disk never leaves a torn checkpoint, and read with
+``torch.load(weights_only=True)``: a checkpoint cannot run code.
+
+Example:
+    >>> folder = CheckpointDir(Path("runs/x"))
+    >>> folder.write(encode(payload), step=1200)
+    >>> payload = folder.read_latest(torch.device("cpu"))
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dfkd_cli.errors import EXIT_RUNTIME, DfkdError
+
+FORMAT = 1
+FOLDER = "checkpoints"
+SETTINGS = "run.toml"
+KEEP = 2
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of every random number generator a run draws from."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": [list(item) if isinstance(item, tuple) else item for item in random.getstate()],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                      "gauss": gauss},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["gauss"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    """The checkpoint's bytes (serialising also copies every tensor, so later training cannot
+    change a state kept in memory for rollback)."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def decode(data: bytes, device: torch.device) -> dict[str, Any]:
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename: readers see the old
+    file or the new one, never half of one. The temporary file is removed on failure."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        _fsync_dir(path.parent)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+class CheckpointDir:
+    """``OUT/checkpoints``: ``step-NNNNNNNNN.pt`` files (the last ``KEEP``) and ``run.toml``."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / FOLDER
+
+    def files(self) -> list[Path]:
+        """The checkpoints, oldest first."""
+        return sorted(self.path.glob("step-*.pt")) if self.path.is_dir() else []
+
+    def exists(self) -> bool:
+        return bool(self.files())
+
+    def write_settings(self, text: str) -> None:
+        self._write(self.path / SETTINGS, text.encode("utf-8"))
+
+    def write(self, data: bytes, step: int) -> Path:
+        """Write one checkpoint, then drop all but the newest ``KEEP``."""
+        target = self.path / f"step-{step:09d}.pt"
+        self._write(target, data)
+        for old in self.files()[:-KEEP]:
+            old.unlink(missing_ok=True)
+        return target
+
+    def _write(self, target: Path, data: bytes) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write(target, data)
+        except OSError as err:
+            kept = f"; the last checkpoint ({self.files()[-1].name}) is intact" if self.exists() else ""
+            raise DfkdError(f"cannot write checkpoint '{target}': {err.strerror or err}{kept}; free disk space "
+                            "or make the folder writable, then resume with --resume", EXIT_RUNTIME) from None
+
+    def read_latest(self, device: torch.device) -> dict[str, Any]:
+        """The newest checkpoint that reads back; a damaged newest one falls back to the one before."""
+        files = self.files()
+        if not files:
+            raise DfkdError(f"'{self.run_dir}' has no checkpoint to resume from ({self.path} is missing or empty); "
+                            "start the run again without --resume")
+        problems = []
+        for path in reversed(files):
+            try:
+                payload = decode(path.read_bytes(), device)
+            except Exception as err:  # a truncated or foreign file: try the one before it
+                problems.append(f"{path.name}: {str(err).splitlines()[0][:80] if str(err) else type(err).__name__}")
+                continue
+            if isinstance(payload, dict) and payload.get("format") == FORMAT:
+                return payload
+            problems.append(f"{path.name}: not a dfkd checkpoint")
+        raise DfkdError(f"no readable checkpoint in '{self.path}' ({'; '.join(problems)}); start the run again")
+
+    def settings(self) -> Path:
+        path = self.path / SETTINGS
+        if not path.is_file():
+            raise DfkdError(f"'{self.run_dir}' is not a resumable run ({path} is missing); give the folder a run "
+                            "was started in with --out")
+        return path
+
+    def remove(self) -> None:
+        for path in self.files() + [self.path / SETTINGS]:
+            path.unlink(missing_ok=True)
+        if self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
