@@ -280,11 +280,13 @@ def footer(suite: Suite, budget: str, steps: int) -> str:
     text = (f"Accuracy and agreement on {images} {DATA_NAMES[dataset]} test images{which} (never used for selection). "
             f"Every row but the teacher's: `--time-budget {budget}` for distillation, ended by {stop}; \"total s\" "
             "is the row's whole wall clock (loading, distillation, export, evaluation) on the hardware named.")
-    kd_like = [name for name in suite.kd_like if suite.prior or name != "prior-kd"]
+    kd_like = [name for name in suite.kd_like if (suite.prior or name != "prior-kd")
+               and (not suite.only_variants or name in suite.variants)]
     verb = "train" if len(kd_like) > 1 else "trains"
-    text += (f" {' and '.join(kd_like)} {verb} with the optimiser settings of the {suite.kd_train_from} recipe (those "
-             f"of the KD rows), so {'they differ' if len(kd_like) > 1 else 'it differs'} from KD on real images in "
-             f"{'their' if len(kd_like) > 1 else 'its'} inputs only.")
+    if kd_like:
+        text += (f" {' and '.join(kd_like)} {verb} with the optimiser settings of the {suite.kd_train_from} recipe "
+                 f"(those of the KD rows), so {'they differ' if len(kd_like) > 1 else 'it differs'} from KD on real "
+                 f"images in {'their' if len(kd_like) > 1 else 'its'} inputs only.")
     if suite.prior:
         others = " of the other classes" if suite.classes else ""
         text += f" avkd and prior-kd get the {DATA_NAMES[suite.prior]} training images{others}, without labels, as --prior."

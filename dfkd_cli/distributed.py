@@ -156,6 +156,9 @@ def launch(nproc: int, args: list[str]) -> int:
     code is returned; Ctrl-C reaches every process, which stop cleanly on their own."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nproc),
            "LOCAL_WORLD_SIZE": str(nproc)}
+    # Each process gets its share of the cores (torchrun sets 1): N processes with all the cores
+    # each would oversubscribe them. A value the user set wins.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     command = [sys.executable, "-m", "dfkd_cli", *args]
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the children get it from the terminal
     processes = [subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,6 +31,7 @@ from dfkd_cli.distill import Run, distill, finish
 from dfkd_cli.distributed import World
 from dfkd_cli.race import RACE_SHARE, run_race
 from dfkd_cli.resume import CheckpointDir
+from dfkd_cli.rundir import check_out_dir, clean, drop_checkpoints, move_into_place
 from dfkd_cli.selection import Reservoir, stability
 from dfkd_cli.synth import Synthesizer, synthesizer_class
 from dfkd_cli.supervise import Supervisor
@@ -116,29 +116,6 @@ class Distilled:
 def default_out_dir(opts: CompressOptions) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{opts.teacher.stem}-{opts.recipe}-{stamp}"
-
-
-def check_out_dir(out: Path, overwrite: bool, resume: bool = False) -> None:
-    """Refuse an output folder the run cannot write, or would replace without ``--overwrite``."""
-    if resume:
-        return
-    if out.exists() and not out.is_dir():
-        raise DfkdError(f"output path '{out}' is a file, not a folder; pick another --out")
-    if out.exists() and not overwrite and CheckpointDir(out).exists():
-        raise DfkdError(f"output folder '{out}' holds an unfinished run; continue it with --resume {out} "
-                        "or start over with --overwrite")
-    if out.exists() and not overwrite:
-        raise DfkdError(f"output folder '{out}' already exists; pick another --out or pass --overwrite")
-    _check_writable(out.parent)
-
-
-def _check_writable(folder: Path) -> None:
-    """Fail now, not after hours of training, when the run folder cannot be created."""
-    existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
-    if not existing.is_dir():
-        raise DfkdError(f"cannot create the run folder under '{folder}': '{existing}' is a file; pick another --out")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise DfkdError(f"cannot write the run folder: '{existing}' is not writable; pick another --out")
 
 
 def compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Display) -> dict[str, Any] | None:
@@ -277,32 +254,25 @@ def _publish(out: Path, opts: CompressOptions, recipe: RecipeConfig, result: Dis
              watch: Stopwatch) -> dict[str, Any]:
     """Write every artefact into a staging folder, then rename it to ``out`` in one step."""
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    _clean(staging)
+    clean(staging)
     staging.mkdir(parents=True)
     try:
         report = _write_artefacts(staging, opts, recipe, result, display, watch)
         report["run"].update(result.run_info)
         report["warnings"] += _prior_warnings(result.run_info.get("prior")) + result.run_info["health"]["warnings"]
         write_report(staging, report)
-        _move_into_place(staging, out)
+        move_into_place(staging, out)
     except ExportError as err:
         failed = out.parent / f"{out.name}.failed"
-        _clean(failed)
+        clean(failed)
         for onnx_file in ("student.onnx", "student.int8.onnx"):
             (staging / onnx_file).unlink(missing_ok=True)
         staging.rename(failed)
-        _drop_checkpoints(out)  # resuming would end in the same failed export
+        drop_checkpoints(out)  # resuming would end in the same failed export
         raise ExportError(f"{err.message} (the PyTorch student is kept in '{failed}')") from None
     finally:
-        _clean(staging)
+        clean(staging)
     return report
-
-
-def _drop_checkpoints(out: Path) -> None:
-    """Remove the run's checkpoints, and ``out`` itself when nothing else is in it."""
-    CheckpointDir(out).remove()
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
 
 
 def _prior_warnings(prior: dict[str, Any] | None) -> list[str]:
@@ -399,19 +369,3 @@ def _quantize(opts: CompressOptions, run_dir: Path, teacher: Teacher, holdout: t
 
     display.log("quantizing the student to int8 (calibration: held-out synthetic samples)")
     return quantize_and_measure(run_dir, teacher.model, teacher.input_shape, holdout, eval_data)
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old)
-    else:
-        staging.rename(out)
-
-
-def _clean(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
