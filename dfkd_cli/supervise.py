@@ -68,7 +68,8 @@ class Supervisor:
         if self.world.active:  # every rank holds its own pool and generator batches: no files yet
             self.enabled = False
         if self.resume is None:
-            self.folder.remove()  # an earlier unfinished run's checkpoints (--overwrite)
+            if self.enabled:
+                self.folder.remove()  # an earlier unfinished run's checkpoints (--overwrite)
             self.checkpoint(run)
             return
         self._load(run, self.resume)
@@ -92,11 +93,12 @@ class Supervisor:
         signal_name = self.budget.stop_requested
         if not self.world.any(bool(signal_name)):
             return
-        signal_name = signal_name or "a signal to another rank"
+        signal_name = signal_name or "a signal to another process"
         step = run.trainer.steps_done
         if not self.enabled:
-            raise DfkdError(f"stopped by {signal_name} at student step {step}; checkpoints are off "
-                            "(train.checkpoint_every = train.checkpoint_minutes = 0), so the run cannot be resumed",
+            why = ("distributed runs write no checkpoints yet" if self.world.active
+                   else "checkpoints are off (train.checkpoint_every = train.checkpoint_minutes = 0)")
+            raise DfkdError(f"stopped by {signal_name} at student step {step}; {why}, so the run cannot be resumed",
                             EXIT_INTERRUPTED)
         self.checkpoint(run)
         raise DfkdError(f"stopped by {signal_name} at student step {step}; checkpoint saved, continue with: "

@@ -269,3 +269,13 @@ def test_running_out_of_memory_is_one_line_exit_3(tiny_teacher, tmp_path, monkey
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
     assert result.exit_code == 3 and len(errors) == 1 and "out of memory" in errors[0] and "batch_size" in errors[0]
     assert not (tmp_path / "run" / "student.onnx").exists()
+
+
+def test_a_stop_with_checkpoints_off_says_it_cannot_resume(tiny_teacher, tmp_path, monkeypatch):
+    _stop_at(monkeypatch, 5)
+    result = _compress(tiny_teacher, tmp_path / "run", "dfad",
+                       extra=("-s", "train.checkpoint_every=0", "-s", "train.checkpoint_minutes=0"))
+    assert result.exit_code == 130
+    assert result.stderr.strip().splitlines()[-1].endswith("checkpoints are off (train.checkpoint_every = "
+                                                            "train.checkpoint_minutes = 0), so the run cannot be resumed")
+    assert not (tmp_path / "run").exists()
