@@ -29,7 +29,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from dfkd_cli.errors import DfkdError
+from dfkd_cli.errors import DfkdError, shown
 
 NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
@@ -252,15 +252,9 @@ def _find_tensors(obj: Any) -> dict[str, torch.Tensor]:
 
 def _describe_keys(obj: Any) -> str:
     if isinstance(obj, Mapping) and obj:
-        keys = [_printable(str(k)) for k in list(obj)[:5]]
+        keys = [shown(str(k), 40, quote=False) for k in list(obj)[:5]]
         return f" (top-level keys: {', '.join(keys)}{', ...' if len(obj) > 5 else ''})"
     return f" (it holds a {type(obj).__name__})"
-
-
-def _printable(text: str, limit: int = 40) -> str:
-    """``text`` fit for a one-line message: quoted and escaped when it holds newlines or the like, cut when long."""
-    text = text if text.isprintable() else repr(text)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _strip_prefixes(key: str) -> str:

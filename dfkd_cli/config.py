@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from dfkd_cli.errors import DfkdError
+from dfkd_cli.errors import DfkdError, shown
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # Installed wheels carry recipes inside the package; a source checkout keeps them at the top.
@@ -142,7 +142,7 @@ def recipe_path(name: str) -> Path:
         names = list_recipes()
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
         hint = f"did you mean: {', '.join(close)}? " if close else ""
-        raise DfkdError(f"unknown recipe {_shown(name)}; {hint}available: {', '.join(names)} (see `dfkd recipes`)")
+        raise DfkdError(f"unknown recipe {shown(name)}; {hint}available: {', '.join(names)} (see `dfkd recipes`)")
     return path
 
 
@@ -218,7 +218,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise DfkdError(f"override {_shown(item)} is not key=value; write it like -s train.lr=0.01")
+        raise DfkdError(f"override {shown(item)} is not key=value; write it like -s train.lr=0.01")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except (ValueError, RecursionError):  # TOMLDecodeError is a ValueError
@@ -229,12 +229,12 @@ def parse_override(item: str) -> tuple[str, Any]:
 def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     if parts[0] not in ("recipe", "synth", "train") or len(parts) < 2:
-        raise DfkdError(f"override key {_shown(key)} must start with recipe., synth. or train. (e.g. train.lr=0.01)")
+        raise DfkdError(f"override key {shown(key)} must start with recipe., synth. or train. (e.g. train.lr=0.01)")
     node = data
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise DfkdError(f"override key {_shown(key)}: {_shown(part)} is a value, not a table")
+            raise DfkdError(f"override key {shown(key)}: {shown(part)} is a value, not a table")
     node[parts[-1]] = value
 
 
@@ -249,7 +249,7 @@ def _typed(cls: type, values: dict[str, Any], table: str) -> Any:
         if key not in hints:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f"did you mean '{table}.{close[0]}'? " if close else ""
-            raise DfkdError(f"unknown key {_shown(f'{table}.{key}')}; {hint}valid keys: {', '.join(f'{table}.{k}' for k in valid)}")
+            raise DfkdError(f"unknown key {shown(f'{table}.{key}')}; {hint}valid keys: {', '.join(f'{table}.{k}' for k in valid)}")
         kwargs[key] = _coerce(value, hints[key], f"{table}.{key}")
     config = cls(**kwargs)  # the dataclass's own checks first: their messages are the more specific
     for item in fields(config):
@@ -272,10 +272,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     else:
         ok = True
     if not ok:
-        raise DfkdError(f"'{key}' must be {kind.__name__ if kind else hint}, got {_shown(value)}")
+        raise DfkdError(f"'{key}' must be {kind.__name__ if kind else hint}, got {shown(value)}")
     choices = _CHOICES.get(key)
     if choices and value not in choices:
-        raise DfkdError(f"'{key}' must be one of {', '.join(choices)}, got {_shown(value)}")
+        raise DfkdError(f"'{key}' must be one of {', '.join(choices)}, got {shown(value)}")
     return value
 
 
@@ -285,7 +285,7 @@ def _loss_weights(values: dict[str, Any], terms: tuple[str, ...]) -> dict[str, f
     weights = {}
     for term, weight in values.items():
         if term not in terms:
-            raise DfkdError(f"unknown loss term {_shown(f'synth.loss.{term}')} for this synthesizer; valid terms: {', '.join(terms)}")
+            raise DfkdError(f"unknown loss term {shown(f'synth.loss.{term}')} for this synthesizer; valid terms: {', '.join(terms)}")
         weights[term] = _coerce(weight, float, f"synth.loss.{term}")
         _check_number(weights[term], f"synth.loss.{term}", "0 turns the term off")
     return weights
@@ -303,12 +303,6 @@ def _check_number(value: Any, key: str, hint: str) -> None:
         raise DfkdError(f"'{key}' must be positive, got {value}; set a number above 0 ({hint})")
     if value < 0:
         raise DfkdError(f"'{key}' must not be negative, got {value}; set 0 or more ({hint})")
-
-
-def _shown(value: Any, limit: int = 60) -> str:
-    """``value`` quoted for a one-line message: repr escapes newlines; long values are cut."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:

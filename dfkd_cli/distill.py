@@ -74,10 +74,11 @@ class Run:
         """Continue from ``state`` (the run is built from the same settings, not started)."""
         self.trainer.load_state_dict(state["trainer"])
         self.synth.load_state_dict(state["synth"])
-        if self.selector is None:
-            self.selector = (TrajectoryHoldout(self.synth, self.trainer, self.recipe.train.holdout) if self.synth.online
-                             else FixedHoldout(self.synth, self.trainer, state["selector"]["holdout"]))
-        self.selector.load_state_dict(state["selector"])
+        if self.selector is None and not self.synth.online:  # built from the saved held-out samples
+            self.selector = FixedHoldout(self.synth, self.trainer, state["selector"]["holdout"])
+        else:
+            self.selector = self.selector or TrajectoryHoldout(self.synth, self.trainer, self.recipe.train.holdout)
+            self.selector.load_state_dict(state["selector"])
         self.curve, self.agreement = list(state["curve"]), float(state["agreement"])
         self.round_left = int(state["round_left"])
         if self.recorder is not None and state["recorder"] is not None:

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -88,30 +88,15 @@ class World:
         """Replace every gradient by its mean over the ranks, in one all-reduce."""
         if not self.active:
             return
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        _in_one_call([p.grad for p in params if p.grad is not None],
+                     lambda flat: (dist.all_reduce(flat), flat.div_(self.size)))
 
     def share_buffers(self, model: torch.nn.Module) -> None:
         """Rank 0's floating-point buffers (BatchNorm running statistics) to every rank, as DDP
         broadcasts them, so the ranks' models stay identical."""
         if not self.active:
             return
-        buffers = [b for b in model.buffers() if b.is_floating_point()]
-        if buffers:
-            flat = torch.cat([b.reshape(-1) for b in buffers])
-            dist.broadcast(flat, src=0)
-            offset = 0
-            for b in buffers:
-                b.copy_(flat[offset : offset + b.numel()].view_as(b))
-                offset += b.numel()
+        _in_one_call([b for b in model.buffers() if b.is_floating_point()], lambda flat: dist.broadcast(flat, src=0))
 
     def identical(self, model: torch.nn.Module) -> bool:
         """Whether every rank holds exactly the same weights and buffers (a SHA-256 per rank)."""
@@ -148,6 +133,19 @@ class World:
         dist.all_reduce(tensor, op=op)
         return tensor.cpu()
 
+
+
+def _in_one_call(tensors: list[torch.Tensor], collective: Callable[[torch.Tensor], Any]) -> None:
+    """Run ``collective`` on ``tensors`` flattened into one buffer (one message instead of one
+    per tensor), then copy the result back into them."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    collective(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 def launch(nproc: int, args: list[str]) -> int:

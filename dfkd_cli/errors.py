@@ -39,3 +39,16 @@ class GateFailed(DfkdError):
     """A quality gate such as ``--min-agreement`` was not met (exit code 1)."""
 
     exit_code = EXIT_GATE_FAILED
+
+
+def shown(value: object, limit: int = 60, quote: bool = True) -> str:
+    """``value`` fit for a one-line message: ``repr`` (which escapes newlines) when ``quote`` or
+    when the text is not printable, cut after ``limit`` characters.
+
+    Example:
+        >>> shown("a\\nb")
+        "'a\\\\nb'"
+    """
+    text = str(value)
+    text = repr(value) if quote or not text.isprintable() else text
+    return text if len(text) <= limit else f"{text[:limit]}..."

@@ -29,7 +29,7 @@ from dfkd_cli.config import TrainConfig
 from dfkd_cli.distill import Run
 from dfkd_cli.distributed import World
 from dfkd_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DfkdError
-from dfkd_cli.resume import FORMAT, CheckpointDir, decode, encode, rng_state, set_rng_state
+from dfkd_cli.resume import FORMAT, SETTINGS, CheckpointDir, decode, encode, rng_state, set_rng_state
 from dfkd_cli.runtime import Budget, Display
 
 COLLAPSE_STEPS = 100
@@ -111,7 +111,7 @@ class Supervisor:
         self._last_good = encode(self._payload(run))
         self._saved_step, self._saved_time = run.trainer.steps_done, time.monotonic()
         if self.enabled:
-            if not (self.folder.path / "run.toml").exists():
+            if not (self.folder.path / SETTINGS).exists():
                 self.folder.write_settings(self.settings(run))
             self.folder.write(self._last_good, run.trainer.steps_done)
 
