@@ -170,6 +170,10 @@ def compress(
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the student and generator (pays off on long GPU runs; off by default).")] = False,
     nproc: Annotated[Optional[int], typer.Option(help="Train with N processes on this machine (gloo on CPU, NCCL on GPUs), as torchrun --standalone --nproc-per-node N would.", min=1)] = None,
     demo: Annotated[bool, typer.Option(help="Run on the bundled MNIST teacher and real held-out digits.")] = False,
+    generator: Annotated[Optional[Path], typer.Option(help="Text teachers: a local causal LM folder (GPT-2 family) that completes prompts (promptdfd-manual, promptdfd-rl).")] = None,
+    prompter: Annotated[Optional[Path], typer.Option(help="Text teachers: a small causal LM folder (DistilGPT2-like) that promptdfd-rl trains to write prompts.")] = None,
+    text_column: Annotated[Optional[str], typer.Option(help="Text teachers: the --eval-data column holding the text (default sentence).")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="Text teachers: the --eval-data column holding the label (default label).")] = None,
     output_format: FormatOption = OutputFormat.human,
 ) -> None:
     """Compress TEACHER into a student with a data-free recipe; writes student, ONNX and report."""
@@ -183,6 +187,8 @@ def compress(
     if nproc is not None and nproc > 1:
         from dfkd_cli.distributed import launch
 
+        if teacher is not None and teacher.is_dir():
+            raise DfkdError("--nproc: text runs use one process; leave it out")
         raise typer.Exit(launch(nproc, _without_nproc(sys.argv[1:])))
     flags = dict(teacher=teacher, arch=arch, student=student, recipe=recipe, out=out, steps=steps,
                  time_budget_s=parse_duration(time_budget) if time_budget else None, input_shape=input_shape,
@@ -190,6 +196,13 @@ def compress(
                  prior=prior, quantize=quantize, save_synthetic=save_synthetic or None,
                  from_synthetic=from_synthetic, race_share=race_share, min_agreement=min_agreement, device=device, seed=seed,
                  precision=precision, compile=compile_ or None)
+    text_flags = dict(generator=generator, prompter=prompter, text_column=text_column, label_column=label_column)
+    if teacher is not None and teacher.is_dir() and resume is None and config is None and not demo:
+        _compress_text({**flags, **text_flags}, set_ or [], overwrite, trust_pickle, output_format)
+        return
+    from dfkd_cli.text.options import refuse_text_flags
+
+    refuse_text_flags({**text_flags, "teacher": teacher})
     if resume is not None:
         others = {**flags, "set_": set_ or None, "config": config, "demo": demo or None, "overwrite": overwrite or None}
         opts, recipes = resolve_resume(resume, others, trust_pickle=trust_pickle)
@@ -207,6 +220,24 @@ def compress(
     _check_gate(report)
 
 
+def _compress_text(flags: dict[str, Any], overrides: list[str], overwrite: bool, trust_pickle: bool,
+                   output_format: OutputFormat) -> None:
+    """``dfkd compress`` for a Hugging Face text classifier folder."""
+    from dfkd_cli.render import render_compress
+    from dfkd_cli.runtime import make_display
+    from dfkd_cli.text.options import resolve_text
+    from dfkd_cli.text.pipeline import compress_text
+
+    opts, recipe = resolve_text(flags, overrides, overwrite, trust_pickle)
+    display = make_display(output_format.value)
+    try:
+        report = compress_text(opts, recipe, display)
+    finally:
+        display.close()
+    render_compress(report, output_format.value)
+    _check_gate(report)
+
+
 def _check_gate(report: dict[str, Any]) -> None:
     gate = report.get("gate")
     if gate and not gate["passed"]:
@@ -216,20 +247,33 @@ def _check_gate(report: dict[str, Any]) -> None:
 @app.command("eval")
 @user_errors
 def eval_(
-    student: Annotated[Path, typer.Argument(help="student.safetensors written by `dfkd compress`.")],
+    student: Annotated[Path, typer.Argument(help="student.safetensors written by `dfkd compress`, or a text run's student/ folder.")],
     teacher: Annotated[Optional[Path], typer.Option(help="Teacher checkpoint to measure agreement with.")] = None,
     arch: Annotated[Optional[str], typer.Option(help="Teacher architecture (default: the one recorded in the student).")] = None,
     eval_data: Annotated[Optional[Path], typer.Option(help="Real data: image folder (a sub-folder per class) or .npz with x, y.")] = None,
     onnx: Annotated[Optional[Path], typer.Option(help="Also check this ONNX export of the student; the gate then applies to it.")] = None,
     min_agreement: Annotated[Optional[float], typer.Option(help="Fail (exit 1) below this agreement on --eval-data.")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="DANGEROUS: allow a teacher checkpoint that runs pickled code.")] = False,
+    text_column: Annotated[Optional[str], typer.Option(help="Text students: the --eval-data (.tsv/.csv) column holding the text (default sentence).")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="Text students: the --eval-data column holding the label (default label).")] = None,
     output_format: FormatOption = OutputFormat.human,
 ) -> None:
     """Agreement and accuracy report for a distilled student; usable as a CI deployment gate."""
     from dfkd_cli.measure import evaluate_student
     from dfkd_cli.render import render_eval
+    from dfkd_cli.text.options import is_text_student
 
-    report = evaluate_student(student, teacher, arch, eval_data, onnx, min_agreement, trust_pickle)
+    if is_text_student(student):
+        from dfkd_cli.text.publish import evaluate_text_student
+
+        if arch is not None:
+            raise DfkdError("--arch is for image students; a text student records its model in its own config")
+        report = evaluate_text_student(student, teacher, eval_data, text_column or "sentence", label_column or "label",
+                                       onnx, min_agreement, trust_pickle)
+    else:
+        if text_column is not None or label_column is not None:
+            raise DfkdError("--text-column and --label-column are for text students (a Hugging Face student folder)")
+        report = evaluate_student(student, teacher, arch, eval_data, onnx, min_agreement, trust_pickle)
     render_eval(report, output_format.value)
     _check_gate(report)
 
@@ -310,7 +354,8 @@ def recipes_list(ctx: typer.Context, output_format: FormatOption = OutputFormat.
     rows = []
     for name in list_recipes():
         info = recipe_info(name)
-        rows.append({"name": name, "needs_bn": "yes" if info.requires_bn else "no", "description": info.description})
+        rows.append({"name": name, "family": info.family, "needs_bn": "yes" if info.requires_bn else "no",
+                     "description": info.description})
     render_rows(rows, output_format.value, title="recipes")
 
 

@@ -36,6 +36,7 @@ class RecipeInfo:
     name: str = ""
     description: str = ""
     synthesizer: str = "noise"
+    family: str = "image"  # image | text: the teachers the recipe is for
     reference: str = ""
     requires_bn: bool = False
 
@@ -55,6 +56,7 @@ class TrainConfig:
     schedule: str = "cosine"  # cosine | constant
     loss: str = "kl"  # kl (KL at temperature T, scaled by T^2) | l1 (logits MAE)
     temperature: float = 20.0
+    alpha: float = 0.0  # weight of CE to the teacher's argmax beside the KD term (PromptDFD's Eq. 1); 0 = KD only
     crop_pad: int = 0  # random-crop augmentation padding in pixels on pool samples; 0 = off
     flip: bool = False  # random horizontal flips on pool samples
     holdout: int = 256  # held-out synthetic samples: half select the student, half are reported
@@ -82,12 +84,15 @@ class TrainConfig:
             raise DfkdError(f"'train.memory_batch' must be 0 (train.batch_size) or positive, got {self.memory_batch}")
         if self.lra_inner_lr < 0:
             raise DfkdError(f"'train.lra_inner_lr' must be 0 (the student's lr) or positive, got {self.lra_inner_lr}")
+        if not 0 <= self.alpha <= 1:
+            raise DfkdError(f"'train.alpha' must be between 0 (KD only) and 1 (CE to the teacher's argmax only), got {self.alpha}")
         for key in ("checkpoint_every", "checkpoint_minutes", "max_retries"):
             if not getattr(self, key) >= 0:  # also refuses NaN
                 raise DfkdError(f"'train.{key}' must be 0 (off) or positive, got {getattr(self, key)}")
 
 
 _CHOICES = {
+    "recipe.family": ("image", "text"),
     "train.optimizer": ("sgd", "adam"),
     "train.schedule": ("cosine", "constant"),
     "train.loss": ("kl", "l1"),
@@ -356,9 +361,11 @@ def prior_recipes() -> list[str]:
     """Shipped recipes that read ``--prior`` images."""
     from dfkd_cli.synth import synthesizer_class
 
-    return [name for name in list_recipes() if synthesizer_class(recipe_info(name).synthesizer).uses_prior]
+    return [name for name in list_recipes() if recipe_info(name).family == "image"
+            and synthesizer_class(recipe_info(name).synthesizer).uses_prior]
 
 
 def applicable_recipes(teacher: Any) -> list[str]:
-    """Shipped recipes this teacher can use (BatchNorm recipes need a teacher with BatchNorm)."""
-    return [name for name in list_recipes() if teacher.has_bn or not recipe_info(name).requires_bn]
+    """Shipped image recipes this teacher can use (BatchNorm recipes need a teacher with BatchNorm)."""
+    infos = {name: recipe_info(name) for name in list_recipes()}
+    return [name for name, info in infos.items() if info.family == "image" and (teacher.has_bn or not info.requires_bn)]

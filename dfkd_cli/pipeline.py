@@ -287,6 +287,9 @@ def _prepare(opts: CompressOptions, recipe: RecipeConfig, display: Display, rank
     """Load and check every input before any long work starts."""
     teacher = load_teacher(opts.teacher, opts.arch, opts.input_shape, opts.normalize, opts.mean, opts.std,
                            opts.labels, trust_pickle=opts.trust_pickle)
+    if recipe.recipe.family != "image":
+        raise DfkdError(f"recipe '{recipe.recipe.name}' is for {recipe.recipe.family} teachers (a Hugging Face model "
+                        f"folder); pick an image recipe for {teacher.arch}: {', '.join(applicable_recipes(teacher))}")
     cls = synthesizer_class(recipe.recipe.synthesizer)
     if (recipe.recipe.requires_bn or cls.requires_bn) and not teacher.has_bn and opts.from_synthetic is None:
         usable = ", ".join(applicable_recipes(teacher)) or "none"

@@ -109,6 +109,13 @@ def _human_compress(console: Console, report: dict[str, Any]) -> None:
         console.print(f"int8 student: agreement {_pct(part['int8_top1_agreement'])} (fp32 {_pct(part['fp32_top1_agreement'])}), "
                       f"{int8['file_bytes']['int8']:,} bytes (fp32 {int8['file_bytes']['fp32']:,})")
     _warnings(console, report)
+    if report.get("family") == "text":
+        for name, texts in (report.get("samples") or {}).items():
+            if texts:
+                console.print(f"synthesized text the teacher calls {name}: {texts[0]!r}", markup=False)
+        console.print(f"artefacts: {run.get('out')}/ (student/, student.safetensors, student.onnx, report.json, "
+                      "report.md, config.toml)")
+        return
     extras = [name for name, present in (("student.int8.onnx", int8), ("synthetic/", run.get("synthetic_saved"))) if present]
     console.print(f"artefacts: {run.get('out')}/ (student.safetensors, student.onnx, report.json, report.md, "
                   f"samples.png, config.toml{''.join(', ' + e for e in extras)})")

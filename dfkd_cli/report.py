@@ -97,6 +97,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         _warnings_section(report.get("warnings") or []),
         _race_section((report.get("run") or {}).get("race")),
         _per_class_section(report.get("synthetic_holdout"), report.get("eval_data")),
+        _text_samples_section(report.get("samples")),
         _timings_section(report.get("run") or {}),
         _config_section((report.get("run") or {}).get("config")),
         _versions_section(report),
@@ -202,6 +203,18 @@ def _race_section(race: dict[str, Any] | None) -> str:
 
 def _warnings_section(warnings: Sequence[str]) -> str:
     return "## Warnings\n\n" + "\n".join(f"- {warning}" for warning in warnings) if warnings else ""
+
+
+def _text_samples_section(samples: dict[str, list[str]] | None) -> str:
+    """Synthesized texts per class (text runs), as the teacher labels them."""
+    if not samples:
+        return ""
+    lines = ["## Synthesized texts, by the teacher's label", ""]
+    for name, texts in samples.items():
+        lines.append(f"**{_escape(name)}**")
+        lines += [f"- {_escape(text)}" for text in texts] or ["- (none)"]
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
 def _per_class_section(synthetic: dict[str, Any] | None, real: dict[str, Any] | None) -> str:

@@ -33,14 +33,20 @@ from dfkd_cli.retention import MemoryBank, lra_stepped_params, retention_loss
 _BLOCK_NAME = re.compile(r"(?:layer|block)(\d+)")
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss: str, temperature: float) -> torch.Tensor:
-    """Distillation loss between student and teacher logits."""
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss: str, temperature: float,
+            alpha: float = 0.0) -> torch.Tensor:
+    """Distillation loss between student and teacher logits; with ``alpha`` > 0,
+    ``alpha * CE(student, teacher argmax) + (1 - alpha) * KD`` (PromptDFD's Eq. 1)."""
     if loss == "l1":
-        return F.l1_loss(student_logits, teacher_logits)
-    t = temperature
-    log_p_student = F.log_softmax(student_logits / t, dim=1)
-    p_teacher = F.softmax(teacher_logits / t, dim=1)
-    return F.kl_div(log_p_student, p_teacher, reduction="batchmean") * t * t
+        soft = F.l1_loss(student_logits, teacher_logits)
+    else:
+        t = temperature
+        log_p_student = F.log_softmax(student_logits / t, dim=1)
+        p_teacher = F.softmax(teacher_logits / t, dim=1)
+        soft = F.kl_div(log_p_student, p_teacher, reduction="batchmean") * t * t
+    if alpha <= 0:
+        return soft
+    return alpha * F.cross_entropy(student_logits, teacher_logits.argmax(1)) + (1 - alpha) * soft
 
 
 def augment(x: torch.Tensor, crop_pad: int, flip: bool) -> torch.Tensor:
@@ -234,7 +240,7 @@ class StudentTrainer:
             self.last_majority = float(teacher_logits.argmax(1).bincount().max()) / len(x)
         with self.attention.student_outputs() as student_blocks:
             student_logits = self.student(x)
-        loss = kd_loss(student_logits, teacher_logits, self.cfg.loss, self.cfg.temperature)
+        loss = kd_loss(student_logits, teacher_logits, self.cfg.loss, self.cfg.temperature, self.cfg.alpha)
         attention = self.attention.loss(student_blocks, teacher_blocks)
         return loss if attention is None else loss + attention
 
@@ -248,7 +254,7 @@ class StudentTrainer:
             alpha = cfg.lra_inner_lr or self.optimizer.param_groups[0]["lr"]
             stepped = lra_stepped_params(acquisition, dict(self.student.named_parameters()), alpha, cfg.lra_order)
         return retention_loss(self.student, self.teacher, x_memory,
-                              lambda s, t: kd_loss(s, t, cfg.loss, cfg.temperature), stepped)
+                              lambda s, t: kd_loss(s, t, cfg.loss, cfg.temperature, cfg.alpha), stepped)
 
     @property
     def attention_note(self) -> str:

@@ -19,8 +19,10 @@ from dfkd_cli.synth.fast import FastSynthesizer
 from dfkd_cli.synth.noise import NoiseSynthesizer
 from dfkd_cli.synth.prior_kd import PriorKDSynthesizer
 from dfkd_cli.synth.zskd import ZSKDSynthesizer
+from dfkd_cli.text.prompter import RLPromptSynthesizer
+from dfkd_cli.text.synth import ManualPromptSynthesizer, RandomTextSynthesizer, UnlabeledTextSynthesizer
 
-SYNTHESIZERS: dict[str, type[Synthesizer]] = {
+SYNTHESIZERS: dict[str, type] = {
     "noise": NoiseSynthesizer,
     "deepinversion": DeepInversionSynthesizer,
     "cmi": CMISynthesizer,
@@ -32,6 +34,11 @@ SYNTHESIZERS: dict[str, type[Synthesizer]] = {
     "zskd": ZSKDSynthesizer,
     "avkd": AVKDSynthesizer,
     "prior-kd": PriorKDSynthesizer,
+    # text (recipe.family = "text"): Hugging Face sequence classifiers
+    "random-text": RandomTextSynthesizer,
+    "unlabeled-text": UnlabeledTextSynthesizer,
+    "promptdfd-manual": ManualPromptSynthesizer,
+    "promptdfd-rl": RLPromptSynthesizer,
 }
 
 

@@ -1,0 +1,111 @@
+"""Options of a text ``dfkd compress``: flags resolved into :class:`TextOptions` and a recipe.
+
+Flags that only mean something for image teachers are refused with a one-line error rather than
+ignored; ``--recipe auto`` picks the strongest text recipe the given inputs allow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dfkd_cli.config import RecipeConfig, build_recipe, list_recipes, read_toml, recipe_info, recipe_path
+from dfkd_cli.errors import DfkdError
+from dfkd_cli.measure import check_fraction
+
+# Image-only flags (their names in the CLI's flag dict) and how the user wrote them.
+IMAGE_ONLY = {"arch": "--arch", "input_shape": "--input-shape", "normalize": "--normalize", "mean": "--mean",
+              "std": "--std", "quantize": "--quantize", "save_synthetic": "--save-synthetic",
+              "from_synthetic": "--from-synthetic", "race_share": "--race-share", "precision": "--precision",
+              "compile": "--compile"}
+TEXT_ONLY = {"generator": "--generator", "prompter": "--prompter", "text_column": "--text-column",
+             "label_column": "--label-column"}
+
+
+@dataclass
+class TextOptions:
+    """Everything a text ``dfkd compress`` needs besides the recipe; saved as ``[run]`` in config.toml."""
+
+    teacher: Path
+    student: str | None = None  # bert-N or a folder; default bert-(teacher layers / 2)
+    recipe: str = "auto"
+    out: Path | None = None
+    overwrite: bool = False
+    steps: int | None = None
+    time_budget_s: float | None = None
+    labels: Path | None = None
+    eval_data: Path | None = None
+    text_column: str = "sentence"
+    label_column: str | None = "label"
+    prior: Path | None = None
+    generator: Path | None = None
+    prompter: Path | None = None
+    min_agreement: float | None = None
+    device: str = "auto"
+    seed: int = 0
+    trust_pickle: bool = False
+    overrides: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for key in ("overwrite", "overrides", "out", "trust_pickle"):
+            data.pop(key)
+        return {k: str(Path(v).resolve()) if isinstance(v, Path) else v for k, v in data.items()}
+
+
+def text_recipes() -> list[str]:
+    return [name for name in list_recipes() if recipe_info(name).family == "text"]
+
+
+def auto_recipe(opts: TextOptions) -> str:
+    """``--recipe auto`` for text: the strongest recipe the given inputs allow."""
+    if opts.generator and opts.prompter:
+        return "promptdfd-rl"
+    if opts.generator:
+        return "promptdfd-manual"
+    return "unlabeled-text" if opts.prior else "random-text"
+
+
+def resolve_text(flags: dict[str, Any], overrides: list[str], overwrite: bool, trust_pickle: bool
+                 ) -> tuple[TextOptions, RecipeConfig]:
+    """Options and recipe for a Hugging Face teacher folder (``flags``: None = not given)."""
+    given = [IMAGE_ONLY[k] for k, v in flags.items() if k in IMAGE_ONLY and v is not None]
+    if given:
+        raise DfkdError(f"{given[0]} is for image teachers; '{flags['teacher']}' is a Hugging Face text classifier, leave it out")
+    known = {f.name for f in dataclasses.fields(TextOptions)}
+    values = {k: v for k, v in flags.items() if k in known and v is not None}
+    opts = TextOptions(**values, overwrite=overwrite, trust_pickle=trust_pickle, overrides=list(overrides))
+    check_fraction(opts.min_agreement, "--min-agreement")
+    if opts.recipe == "auto":
+        opts.recipe = auto_recipe(opts)
+    if opts.recipe.endswith(".toml"):
+        data, name = read_toml(Path(opts.recipe)), Path(opts.recipe).stem
+    else:
+        data, name = read_toml(recipe_path(opts.recipe)), opts.recipe
+    steps = [f"train.steps={opts.steps}"] if opts.steps is not None else []
+    return opts, build_recipe(data, list(overrides) + steps, default_name=name)
+
+
+def refuse_text_flags(flags: dict[str, Any]) -> None:
+    """Text-only flags given for an image teacher."""
+    given = [TEXT_ONLY[k] for k, v in flags.items() if k in TEXT_ONLY and v is not None]
+    if given:
+        raise DfkdError(f"{given[0]} is for text teachers (a Hugging Face model folder); leave it out for '{flags.get('teacher')}'")
+
+
+def is_text_student(path: Path) -> bool:
+    """A text student: a folder (Hugging Face layout or a run folder) or safetensors marked ``dfkd.family = text``."""
+    path = Path(path)
+    if path.is_dir():
+        return True
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return (handle.metadata() or {}).get("dfkd.family") in ('"text"', "text")
+    except Exception:  # not a safetensors file: the image loader reports it in its own words
+        return False

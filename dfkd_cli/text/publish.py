@@ -1,0 +1,172 @@
+"""Artefacts and measurements of a text run, and ``dfkd eval`` for a text student.
+
+A run folder holds ``student/`` (a Hugging Face folder with the tokenizer), ``student.safetensors``
+(with dfkd metadata), ``student.onnx`` (``input_ids``, ``attention_mask``, ``token_type_ids``;
+dynamic batch and length), ``config.toml`` and ``report.json`` / ``report.md``; the report adds
+synthesized texts per class.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dfkd_cli import __version__
+from dfkd_cli.config import RecipeConfig
+from dfkd_cli.errors import DfkdError
+from dfkd_cli.evaluate import _median_ms, agreement_report
+from dfkd_cli.measure import check_fraction, gate_result
+from dfkd_cli.report import SCHEMA_VERSION
+from dfkd_cli.runtime import Display, library_versions
+from dfkd_cli.text.models import TextTeacher, count_params, load_text_teacher
+from dfkd_cli.text.synth import TextSynthesizer
+from dfkd_cli.text.trainer import TextTrainer
+
+SAMPLES_PER_CLASS = 5  # synthesized texts per class shown in the report
+LATENCY_TEXT = "the film was a thoughtful and quietly moving portrait of a family"  # one sentence, ~15 tokens
+
+
+def publish(run_dir: Path, opts: Any, recipe: RecipeConfig, teacher: TextTeacher, trainer: TextTrainer,
+            synth: TextSynthesizer, holdout: tuple[list[str], torch.Tensor],
+            eval_table: tuple[list[str], list[int] | None] | None, run_info: dict[str, Any], display: Display) -> dict[str, Any]:
+    """Write the student (HF folder, safetensors, ONNX) and return the report."""
+    from dfkd_cli.text.export import export_text_onnx, save_text_student
+
+    display.stage("export", total=None)
+    student = trainer.student.cpu().eval()
+    teacher.model.cpu()
+    trainer.device = torch.device("cpu")
+    meta = {"class_names": teacher.class_names, "recipe": recipe.recipe.name, "teacher": str(teacher.path.resolve()),
+            "teacher_sha256": teacher.sha256, "version": __version__, "max_length": trainer.max_length,
+            "student": opts.student}
+    sizes = save_text_student(student, teacher.tokenizer, meta, run_dir)
+    texts, teacher_logits = holdout
+    half = len(texts) // 2
+    parity = export_text_onnx(student, teacher.tokenizer, run_dir / "student.onnx", texts[half:][:32], trainer.max_length)
+    display.stage("evaluate", total=None)
+    report_half = agreement_report(teacher_logits[half:], trainer.student_logits(texts[half:]), teacher.class_names)
+    warnings: list[str] = []
+    real = measure_table(teacher, trainer, eval_table, str(opts.eval_data)) if eval_table else None
+    report = {
+        "schema_version": SCHEMA_VERSION, "dfkd_version": __version__, "kind": "compress", "family": "text",
+        "teacher": {"arch": teacher.kind, "path": str(teacher.path), "sha256": teacher.sha256,
+                    "num_classes": teacher.num_classes, "class_names": teacher.class_names, "params": teacher.num_params,
+                    "latency_ms": {"torch": text_latency_ms(teacher.model, teacher.tokenizer), "onnx": None}},
+        "student": {"arch": opts.student, "params": count_params(student), "layers": int(student.config.num_hidden_layers),
+                    "file_bytes": {"safetensors": sizes.get("student.safetensors"), "onnx": (run_dir / "student.onnx").stat().st_size},
+                    "latency_ms": {"torch": text_latency_ms(student, teacher.tokenizer),
+                                   "onnx": onnx_text_latency_ms(run_dir / "student.onnx", teacher.tokenizer)},
+                    "compression_ratio": round(teacher.num_params / count_params(student), 3)},
+        "synthetic_holdout": report_half, "eval_data": real, "onnx_parity": parity,
+        "samples": synth.pool.by_class(teacher.class_names, SAMPLES_PER_CLASS),
+        "warnings": warnings,
+        "run": {"recipe": recipe.recipe.name, "seed": opts.seed, **run_info},
+    }
+    report["gate"] = gate_result(opts.min_agreement, report)
+    return report
+
+
+def measure_table(teacher: TextTeacher | None, trainer: TextTrainer, table: tuple[list[str], list[int] | None],
+                  source: str, onnx_path: Path | None = None) -> dict[str, Any]:
+    """Agreement (with a teacher) and accuracy (with labels) on a labelled text table."""
+    texts, labels = table
+    y = torch.tensor(labels) if labels is not None else None
+    student = trainer.student_logits(texts)
+    names = teacher.class_names if teacher else trainer.class_names
+    if teacher is None:
+        report: dict[str, Any] = {"n": len(texts)}
+        if y is not None:
+            report["student_accuracy"] = float((student.argmax(1) == y).float().mean())
+    else:
+        report = agreement_report(trainer.teacher_logits(texts), student, names, y)
+    if onnx_path is not None:
+        from dfkd_cli.text.export import onnx_text_predict
+
+        onnx = torch.from_numpy(onnx_text_predict(onnx_path, trainer.tokenizer, texts, trainer.max_length))
+        if teacher is not None:
+            report["onnx_top1_agreement"] = float((onnx.argmax(1) == trainer.teacher_logits(texts).argmax(1)).float().mean())
+        if y is not None:
+            report["onnx_accuracy"] = float((onnx.argmax(1) == y).float().mean())
+    report["source"] = source
+    return report
+
+
+def text_latency_ms(model: Any, tokenizer: Any, iters: int = 20) -> float:
+    """Median CPU milliseconds for one sentence (batch 1)."""
+    enc = tokenizer([LATENCY_TEXT], return_tensors="pt")
+    model.eval()
+    with torch.inference_mode():
+        return _median_ms(lambda: model(**enc), warmup=3, iters=iters)
+
+
+def onnx_text_latency_ms(path: Path, tokenizer: Any, iters: int = 20) -> float:
+    from dfkd_cli.export import onnx_session
+
+    session = onnx_session(path)
+    names = {i.name for i in session.get_inputs()}
+    enc = tokenizer([LATENCY_TEXT], return_tensors="np")
+    feed = {k: v.astype("int64") for k, v in enc.items() if k in names}
+    return _median_ms(lambda: session.run(None, feed), warmup=3, iters=iters)
+
+
+class _Reader:
+    """A student with its tokenizer, shaped like the trainer for :func:`measure_table`."""
+
+    def __init__(self, student: Any, teacher: TextTeacher | None, tokenizer: Any, class_names: list[str], max_length: int) -> None:
+        self.student, self.teacher, self.tokenizer, self.class_names, self.max_length = student, teacher, tokenizer, class_names, max_length
+
+    def _logits(self, model: Any, texts: list[str]) -> torch.Tensor:
+        parts = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), 128):
+                enc = self.tokenizer(texts[i : i + 128], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+                parts.append(model(**enc).logits.float())
+        return torch.cat(parts)
+
+    def student_logits(self, texts: list[str]) -> torch.Tensor:
+        return self._logits(self.student, texts)
+
+    def teacher_logits(self, texts: list[str]) -> torch.Tensor:
+        assert self.teacher is not None
+        return self._logits(self.teacher.model, texts)
+
+
+def evaluate_text_student(student_path: Path, teacher_path: Path | None, eval_data: Path | None, text_column: str,
+                          label_column: str | None, onnx_path: Path | None, min_agreement: float | None,
+                          trust_pickle: bool = False) -> dict[str, Any]:
+    """The ``dfkd eval`` report for a text student (a run's ``student/`` folder or its safetensors)."""
+    from dfkd_cli.text.data import read_text_table
+    from dfkd_cli.text.export import load_text_student
+
+    check_fraction(min_agreement, "--min-agreement")
+    if eval_data is None:
+        raise DfkdError("a text student needs --eval-data (a .tsv or .csv with a text column) to be measured on")
+    if onnx_path is not None and not onnx_path.is_file():
+        raise DfkdError(f"ONNX file '{onnx_path}' not found; check the path")
+    student, tokenizer, meta = load_text_student(student_path)
+    names = list(meta["class_names"])
+    teacher, warnings = None, []
+    if teacher_path is not None:
+        teacher = load_text_teacher(teacher_path, trust_pickle=trust_pickle)
+        if teacher.sha256 != meta.get("teacher_sha256", teacher.sha256):
+            warnings.append(f"teacher weights sha256 {teacher.sha256[:12]} differ from the ones the student was "
+                            f"distilled from ({str(meta['teacher_sha256'])[:12]})")
+        teacher.class_names = names
+    table = read_text_table(eval_data, text_column, label_column, names)
+    if table[1] is None and teacher is None:
+        raise DfkdError(f"eval data '{eval_data}' has no labels, so without a teacher there is nothing to measure; "
+                        "name the label column (--label-column) or pass --teacher")
+    reader = _Reader(student, teacher, tokenizer, names, int(meta.get("max_length", 128)))
+    report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "dfkd_version": __version__, "kind": "eval", "family": "text",
+        "run": {"versions": library_versions()},
+        "teacher": {"arch": teacher.kind, "path": str(teacher_path), "sha256": teacher.sha256} if teacher else None,
+        "student": {"arch": meta.get("student", type(student).__name__), "path": str(student_path),
+                    "params": count_params(student), "recipe": meta.get("recipe"), "teacher_sha256": meta.get("teacher_sha256")},
+        "eval_data": measure_table(teacher, reader, table, str(eval_data), onnx_path),  # type: ignore[arg-type]
+        "warnings": warnings,
+    }
+    report["gate"] = gate_result(min_agreement, report, use_onnx=onnx_path is not None)
+    return report
