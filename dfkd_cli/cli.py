@@ -299,8 +299,8 @@ def quantize(
 @app.command()
 @user_errors
 def inspect(
-    teacher: Annotated[Path, typer.Argument(help="Teacher checkpoint.")],
-    arch: Annotated[str, typer.Option(help="Teacher architecture (see `dfkd archs`).")],
+    teacher: Annotated[Path, typer.Argument(help="Teacher checkpoint, or a Hugging Face text classifier folder.")],
+    arch: Annotated[Optional[str], typer.Option(help="Teacher architecture (see `dfkd archs`); not for text teachers.")] = None,
     input_shape: Annotated[Optional[str], typer.Option(help="Input as CxHxW, e.g. 3x32x32.")] = None,
     normalize: Annotated[Optional[str], typer.Option(help="Normalisation preset: imagenet, cifar10 or mnist.")] = None,
     labels: Annotated[Optional[Path], typer.Option(help="Text file with one class name per line.")] = None,
@@ -314,6 +314,13 @@ def inspect(
     from dfkd_cli.render import render_inspect
     from dfkd_cli.teacher import load_teacher, parse_input_shape
 
+    if teacher.is_dir():
+        from dfkd_cli.text.options import inspect_text_teacher
+
+        render_inspect(inspect_text_teacher(teacher, labels, trust_pickle), output_format.value)
+        return
+    if arch is None:
+        raise DfkdError("no teacher architecture given; pass --arch NAME (list them with `dfkd archs`)")
     shape = parse_input_shape(input_shape) if input_shape else None
     t = load_teacher(teacher, arch, shape, normalize=normalize, labels=labels, trust_pickle=trust_pickle)
     spec = get_arch(t.arch)

@@ -156,12 +156,26 @@ def _human_quantize(console: Console, report: dict[str, Any]) -> None:
                   f"(fp32 {latency['fp32']:.3g} ms), batch 1 on the CPU")
 
 
+def _human_inspect_text(console: Console, info: dict[str, Any]) -> None:
+    names = ", ".join(info["class_names"][:10]) + (" ..." if len(info["class_names"]) > 10 else "")
+    console.print(f"[bold]{info['path']}[/bold]  ({info['arch']}, sha256 {info['sha256'][:12]})", markup=True)
+    console.print(f"classes       {info['num_classes']}: {names}", markup=False)
+    console.print(f"layers        {info['layers']}, hidden size {info['hidden_size']}, up to {info['max_positions']} tokens")
+    console.print(f"tokenizer     {info['tokenizer']}, {info['vocab_size']:,} tokens")
+    console.print(f"parameters    {info['params']:,}")
+    console.print(f"student       default {info['default_student']}")
+    console.print(f"recipes       {', '.join(info['recipes'])}")
+
+
 def render_inspect(info: dict[str, Any], output_format: str) -> None:
     """What dfkd sees in a teacher checkpoint."""
     _emit(info, output_format, _human_inspect)
 
 
 def _human_inspect(console: Console, info: dict[str, Any]) -> None:
+    if info.get("family") == "text":
+        _human_inspect_text(console, info)
+        return
     shape = "x".join(str(v) for v in info["input_shape"])
     names = ", ".join(info["class_names"][:10]) + (" ..." if len(info["class_names"]) > 10 else "")
     bn = info["bn_layers"]

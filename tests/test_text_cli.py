@@ -180,3 +180,11 @@ def test_bad_text_input_is_one_line_exit_2_and_writes_nothing(case, text_files, 
 def test_text_flags_are_refused_for_image_teachers(tiny_teacher, tmp_path) -> None:
     result = run("compress", tiny_teacher["path"], *tiny_teacher["args"], "--generator", tmp_path, "--out", tmp_path / "o")
     assert result.exit_code == 2 and "--generator is for text teachers" in result.stderr
+
+
+def test_inspect_shows_a_text_teacher(text_files) -> None:
+    result = run("inspect", text_files["bert"], "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["class_names"] == ["negative", "positive"] and info["layers"] == 2
+    assert info["default_student"] == "bert-1" and "promptdfd-rl" in info["recipes"] and "dfad" not in info["recipes"]

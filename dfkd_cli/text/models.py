@@ -148,6 +148,11 @@ def _class_names(config: Any, labels: Path | None) -> list[str]:
     return names if len(set(names)) == count else [f"class_{i}" for i in range(count)]
 
 
+def default_text_student(teacher: TextTeacher) -> str:
+    """``bert-N`` with half the teacher's layers (PromptDFD's BERT-base -> BERT_6)."""
+    return f"bert-{max(1, teacher.num_layers // 2)}"
+
+
 def build_text_student(spec: str, teacher: TextTeacher, trust_pickle: bool = False) -> Any:
     """``bert-N``: the teacher's embeddings, first N layers, pooler and head (PromptDFD's BERT_N
     initialisation); or a folder with a config.json (random init) or a whole model (its weights)."""
@@ -157,7 +162,7 @@ def build_text_student(spec: str, teacher: TextTeacher, trust_pickle: bool = Fal
     path = Path(spec)
     if not path.exists():
         raise DfkdError(f"--student {spec!r} is neither bert-N (the teacher's first N layers) nor an existing folder; "
-                        f"e.g. --student bert-{max(1, teacher.num_layers // 2)}")
+                        f"e.g. --student {default_text_student(teacher)}")
     return _student_from_folder(path, teacher, trust_pickle)
 
 

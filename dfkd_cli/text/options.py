@@ -109,3 +109,17 @@ def is_text_student(path: Path) -> bool:
             return (handle.metadata() or {}).get("dfkd.family") in ('"text"', "text")
     except Exception:  # not a safetensors file: the image loader reports it in its own words
         return False
+
+
+def inspect_text_teacher(path: Path, labels: Path | None, trust_pickle: bool) -> dict[str, Any]:
+    """What ``dfkd inspect`` shows for a Hugging Face teacher folder."""
+    from dfkd_cli.text.models import default_text_student, load_text_teacher
+
+    teacher = load_text_teacher(path, labels, trust_pickle)
+    config = teacher.model.config
+    return {"family": "text", "path": str(path), "arch": teacher.kind, "sha256": teacher.sha256,
+            "num_classes": teacher.num_classes, "class_names": teacher.class_names, "layers": teacher.num_layers,
+            "hidden_size": int(getattr(config, "hidden_size", 0)), "max_positions": teacher.max_positions,
+            "tokenizer": type(teacher.tokenizer).__name__, "vocab_size": len(teacher.tokenizer),
+            "params": teacher.num_params, "default_student": default_text_student(teacher),
+            "recipes": text_recipes()}

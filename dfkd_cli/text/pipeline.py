@@ -23,7 +23,7 @@ from dfkd_cli.rundir import check_out_dir, clean, move_into_place
 from dfkd_cli.runtime import Budget, Display, StopRequest, hardware_description, library_versions, peak_memory_mb, \
     resolve_device, seed_everything
 from dfkd_cli.text.options import TextOptions, text_recipes
-from dfkd_cli.text.models import TextTeacher, build_text_student, load_causal_lm, load_text_teacher
+from dfkd_cli.text.models import TextTeacher, build_text_student, default_text_student, load_causal_lm, load_text_teacher
 from dfkd_cli.text.synth import TextSynthesizer
 from dfkd_cli.text.trainer import TextTrainer
 
@@ -109,7 +109,7 @@ def prepare(opts: TextOptions, recipe: RecipeConfig, device: torch.device, displ
     if opts.eval_data is not None:
         eval_table = read_text_table(opts.eval_data, opts.text_column, opts.label_column, teacher.class_names)
     default_student = opts.student is None
-    opts.student = opts.student or f"bert-{max(1, teacher.num_layers // 2)}"
+    opts.student = opts.student or default_text_student(teacher)
     student = build_text_student(opts.student, teacher, opts.trust_pickle)
     if default_student:
         display.log(f"student: {opts.student} (the teacher's first half; choose another with --student)")
