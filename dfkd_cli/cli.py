@@ -187,7 +187,7 @@ def compress(
     if nproc is not None and nproc > 1:
         from dfkd_cli.distributed import launch
 
-        if teacher is not None and teacher.is_dir():
+        if teacher is not None and (teacher / "config.json").is_file():
             raise DfkdError("--nproc: text runs use one process; leave it out")
         raise typer.Exit(launch(nproc, _without_nproc(sys.argv[1:])))
     flags = dict(teacher=teacher, arch=arch, student=student, recipe=recipe, out=out, steps=steps,
@@ -197,10 +197,17 @@ def compress(
                  from_synthetic=from_synthetic, race_share=race_share, min_agreement=min_agreement, device=device, seed=seed,
                  precision=precision, compile=compile_ or None)
     text_flags = dict(generator=generator, prompter=prompter, text_column=text_column, label_column=label_column)
-    if teacher is not None and teacher.is_dir() and resume is None and config is None and not demo:
-        _compress_text({**flags, **text_flags}, set_ or [], overwrite, trust_pickle, output_format)
+    from dfkd_cli.text.options import config_names_text_teacher, refuse_text_flags
+
+    # a folder is a Hugging Face text teacher (an image checkpoint is a file; a folder given with
+    # --arch and no config.json gets the image loader's own message)
+    if teacher is not None:
+        is_text = teacher.is_dir() and ((teacher / "config.json").is_file() or arch is None)
+    else:
+        is_text = config is not None and config_names_text_teacher(config)
+    if is_text and resume is None and not demo:
+        _compress_text({**flags, **text_flags}, set_ or [], overwrite, trust_pickle, output_format, config)
         return
-    from dfkd_cli.text.options import refuse_text_flags
 
     refuse_text_flags({**text_flags, "teacher": teacher})
     if resume is not None:
@@ -221,14 +228,14 @@ def compress(
 
 
 def _compress_text(flags: dict[str, Any], overrides: list[str], overwrite: bool, trust_pickle: bool,
-                   output_format: OutputFormat) -> None:
+                   output_format: OutputFormat, config: Path | None) -> None:
     """``dfkd compress`` for a Hugging Face text classifier folder."""
     from dfkd_cli.render import render_compress
     from dfkd_cli.runtime import make_display
     from dfkd_cli.text.options import resolve_text
     from dfkd_cli.text.pipeline import compress_text
 
-    opts, recipe = resolve_text(flags, overrides, overwrite, trust_pickle)
+    opts, recipe = resolve_text(flags, overrides, overwrite, trust_pickle, config)
     display = make_display(output_format.value)
     try:
         report = compress_text(opts, recipe, display)

@@ -69,6 +69,7 @@ class TrainConfig:
     lra_order: str = "exact"  # exact (second order, through the inner step) | first (first-order approximation)
     checkpoint_every: int = 2000  # student steps between resumable checkpoints in OUT/checkpoints; 0 = off
     checkpoint_minutes: float = 10.0  # ... and minutes between them, whichever comes first; 0 = off
+    pool_memory_mb: float = 0.0  # synthetic pool held in memory before older samples spill to disk; 0 = a quarter of the device's memory
     max_retries: int = 3  # rollbacks to the last good state (at a lower learning rate) before a diverging run aborts
 
     def __post_init__(self) -> None:
@@ -308,6 +309,14 @@ def _check_number(value: Any, key: str, hint: str) -> None:
         raise DfkdError(f"'{key}' must be positive, got {value}; set a number above 0 ({hint})")
     if value < 0:
         raise DfkdError(f"'{key}' must not be negative, got {value}; set 0 or more ({hint})")
+
+
+def merge_tables(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top``'s keys over ``base``'s, table by table (a run config's recipe tables over a recipe file)."""
+    merged = dict(base)
+    for key, value in top.items():
+        merged[key] = merge_tables(merged.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
 
 
 def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:

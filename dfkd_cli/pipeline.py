@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,8 +24,8 @@ from dfkd_cli.export import StudentMeta, export_onnx, save_student
 from dfkd_cli.measure import eval_data_warnings, gate_result, measure_models, real_data_report
 from dfkd_cli.prior import PriorData
 from dfkd_cli.report import SCHEMA_VERSION, save_sample_grid, write_report
-from dfkd_cli.runtime import (Budget, Display, StopRequest, autocast, hardware_description, library_versions,
-                              peak_memory_mb, resolve_device, resolve_precision, seed_everything)
+from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, autocast, hardware_description, library_versions,
+                              pool_memory_limit, resolve_device, resolve_precision, seed_everything)
 from dfkd_cli.distill import Run, distill, finish
 from dfkd_cli.distributed import World
 from dfkd_cli.race import RACE_SHARE, run_race
@@ -82,22 +81,6 @@ class CompressOptions:
             data["recipe"] = Path(self.recipe)
         return {k: str(v.resolve()) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
                 for k, v in data.items()}
-
-
-@dataclass
-class Stopwatch:
-    """Wall-clock seconds and peak memory per stage."""
-
-    device: torch.device = torch.device("cpu")
-    seconds: dict[str, float] = field(default_factory=dict)
-    memory_mb: dict[str, dict[str, float | None]] = field(default_factory=dict)
-    _start: float = field(default_factory=time.perf_counter)
-
-    def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._start, 3)
-        self.memory_mb[stage] = peak_memory_mb(self.device)
-        self._start = now
 
 
 @dataclass
@@ -158,9 +141,13 @@ def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displ
             seed_everything(opts.seed)  # every entrant starts from the same initialisation
             model = build_student(opts.student, teacher)
         synth = _make_synthesizer(recipe, teacher, device, synthetic)
+        synth.pool.memory_limit = pool_memory_limit(recipe.train.pool_memory_mb, device)
+        synth.pool.on_spill = display.log
         trainer = StudentTrainer(model, teacher.model, recipe.train, device, input_shape=teacher.input_shape)
         if recipe.train.attention:
             display.log(trainer.attention.note)
+        if getattr(synth, "size_note", None):
+            display.log(synth.size_note)
         synth.student, synth.prior, synth.world, trainer.world = trainer.student, prior, world, world
         if world.active:
             seed_everything(opts.seed + world.rank)  # same models on every rank, each its own samples

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dfkd_cli.archs import arch_has_bn
-from dfkd_cli.config import RecipeConfig, build_recipe, read_toml, recipe_path
+from dfkd_cli.config import RecipeConfig, build_recipe, merge_tables, read_toml, recipe_path
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.measure import check_fraction
 from dfkd_cli.pipeline import CompressOptions
@@ -125,7 +125,7 @@ def _build_recipe(opts: CompressOptions, tables: dict[str, Any], overrides: list
         data, name = read_toml(path), path.stem
     else:
         data, name = read_toml(recipe_path(opts.recipe)), opts.recipe
-    data = _merge(data, tables)
+    data = merge_tables(data, tables)
     steps = [f"train.steps={opts.steps}"] if opts.steps is not None else []
     return build_recipe(data, overrides + steps, default_name=name)
 
@@ -140,13 +140,6 @@ def _read_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if run.get(key) is not None:
             run[key] = str((path.parent / run[key]) if not Path(run[key]).is_absolute() else Path(run[key]))
     return run, data
-
-
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in top.items():
-        merged[key] = _merge(merged.get(key, {}), value) if isinstance(value, dict) else value
-    return merged
 
 
 def _shape(value: Any) -> tuple[int, int, int] | None:

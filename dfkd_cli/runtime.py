@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
@@ -110,6 +111,32 @@ def hardware_description(device: torch.device) -> str:
     except OSError:
         pass
     return f"CPU: {cpu} ({torch.get_num_threads()} threads)"
+
+
+@dataclass
+class Stopwatch:
+    """Wall-clock seconds and peak memory per stage."""
+
+    device: torch.device = torch.device("cpu")
+    seconds: dict[str, float] = field(default_factory=dict)
+    memory_mb: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    _start: float = field(default_factory=time.perf_counter)
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now - self._start, 3)
+        self.memory_mb[stage] = peak_memory_mb(self.device)
+        self._start = now
+
+
+def pool_memory_limit(megabytes: float, device: torch.device) -> int:
+    """Bytes of synthetic pool to hold in memory: ``megabytes``, or with 0 a quarter of the
+    device's memory (the GPU's for a CUDA pool, else physical RAM)."""
+    if megabytes > 0:
+        return int(megabytes * 2**20)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 4
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
 
 
 def peak_memory_mb(device: torch.device) -> dict[str, float | None]:

@@ -188,3 +188,13 @@ def test_inspect_shows_a_text_teacher(text_files) -> None:
     info = json.loads(result.stdout)
     assert info["class_names"] == ["negative", "positive"] and info["layers"] == 2
     assert info["default_student"] == "bert-1" and "promptdfd-rl" in info["recipes"] and "dfad" not in info["recipes"]
+
+
+def test_config_toml_repeats_a_text_run(rl_run, text_files, tmp_path) -> None:
+    out, report = rl_run
+    result = run("compress", "--config", out / "config.toml", "--out", tmp_path / "again", "--format", "json")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    again = json.loads(result.stdout)
+    assert again["run"]["recipe"] == "promptdfd-rl" and again["run"]["steps"] == report["run"]["steps"]
+    assert again["run"]["config"]["synth"] == report["run"]["config"]["synth"]
+    assert again["synthetic_holdout"]["top1_agreement"] == report["synthetic_holdout"]["top1_agreement"]

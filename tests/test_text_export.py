@@ -15,11 +15,11 @@ from dfkd_cli.errors import DfkdError, ExportError
 from dfkd_cli.text import export as text_export
 from dfkd_cli.text.export import (
     export_text_onnx,
-    load_text_student,
     onnx_text_predict,
     quiet_transformers,
     save_text_student,
 )
+from dfkd_cli.text.load import load_text_student
 from textkit import make_bert_teacher, toy_corpus
 
 META = {

@@ -138,9 +138,9 @@ class DAFLSynthesizer(GeneratorSynthesizer):
 
     @dataclass
     class Config(OnlineConfig):
-        batch_size: int = 512
+        batch_size: int | str = 512
         latent_dim: int = 100
-        ngf: int = 64
+        ngf: int | str = 64
         lr: float = 0.2
 
     loss_terms = ("oh", "act", "ie")
@@ -152,9 +152,9 @@ class ZSKTSynthesizer(GeneratorSynthesizer):
 
     @dataclass
     class Config(OnlineConfig):
-        batch_size: int = 128
+        batch_size: int | str = 128
         latent_dim: int = 100
-        ngf: int = 64
+        ngf: int | str = 64
         lr: float = 1e-3
         schedule: str = "cosine"
         schedule_steps: int = 80000
@@ -167,9 +167,9 @@ class DFADSynthesizer(GeneratorSynthesizer):
 
     @dataclass
     class Config(OnlineConfig):
-        batch_size: int = 256
+        batch_size: int | str = 256
         latent_dim: int = 256
-        ngf: int = 64
+        ngf: int | str = 64
         lr: float = 1e-3
         schedule: str = "step"
         schedule_steps: int = 25000
@@ -183,9 +183,9 @@ class DFQSynthesizer(GeneratorSynthesizer):
 
     @dataclass
     class Config(OnlineConfig):
-        batch_size: int = 256
+        batch_size: int | str = 256
         latent_dim: int = 256
-        ngf: int = 64
+        ngf: int | str = 64
         lr: float = 1e-3
 
     loss_terms = ("bn", "ent", "ie", "adv")

@@ -59,9 +59,9 @@ class Discriminator(nn.Module):
 class AVKDConfig(OnlineConfig):
     """The paper's 32x32 settings; the shipped recipe sizes them for a CPU."""
 
-    batch_size: int = 256
+    batch_size: int | str = 256
     latent_dim: int = 100
-    ngf: int = 64
+    ngf: int | str = 64
     lr: float = 1e-3  # generator Adam, x0.1 at 20% and 40% of the run
     schedule: str = "step"
     d_width: int = 64  # discriminator channels after its first convolution

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+import numpy as np
 import torch
 
 from dfkd_cli.distributed import World
@@ -37,21 +42,67 @@ def frozen_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
             param.requires_grad_(flag)
 
 
-class SyntheticPool:
-    """Synthesized inputs kept as one tensor on the training device, sampled uniformly."""
+class DiskRows:
+    """Float32 rows appended to a file in a temporary folder and read back memory-mapped; the
+    folder is removed when the object is collected or the process exits."""
 
-    def __init__(self) -> None:
+    def __init__(self, row_shape: tuple[int, ...]) -> None:
+        self.row_shape = row_shape
+        self.folder = Path(tempfile.mkdtemp(prefix="dfkd-pool-"))
+        self.path = self.folder / "rows.f32"
+        self.count = 0
+        self._map: np.memmap | None = None
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
+
+    def append(self, x: torch.Tensor) -> None:
+        with open(self.path, "ab") as handle:
+            handle.write(x.detach().float().cpu().contiguous().numpy().tobytes())
+        self.count += len(x)
+        self._map = None
+
+    def rows(self, index: np.ndarray) -> torch.Tensor:
+        if self._map is None:
+            self._map = np.memmap(self.path, dtype=np.float32, mode="r", shape=(self.count, *self.row_shape))
+        return torch.from_numpy(np.array(self._map[index]))
+
+
+class SyntheticPool:
+    """Synthesized inputs kept as one tensor on the training device, sampled uniformly.
+
+    Past ``memory_limit`` bytes the oldest samples move to a memory-mapped file on disk (``note``
+    then says where, and ``on_spill`` is called with it once); sampling is uniform over both.
+    """
+
+    def __init__(self, memory_limit: int | None = None) -> None:
+        self.memory_limit = memory_limit
+        self.on_spill: Callable[[str], None] = lambda note: None
+        self.note: str | None = None
         self._chunks: list[torch.Tensor] = []
         self._data: torch.Tensor | None = None
+        self._disk: DiskRows | None = None
 
     def __len__(self) -> int:
-        return sum(len(c) for c in self._chunks)
+        return sum(len(c) for c in self._chunks) + (self._disk.count if self._disk else 0)
 
     def add(self, x: torch.Tensor) -> None:
         self._chunks.append(x.detach())
         self._data = None
+        if self.memory_limit is not None and sum(c.numel() * c.element_size() for c in self._chunks) > self.memory_limit:
+            self._spill()
 
-    def tensor(self) -> torch.Tensor:
+    def _spill(self) -> None:
+        """Move the oldest samples to disk until the in-memory part fits the limit again."""
+        data = self._memory()
+        keep = max(1, self.memory_limit // max(data[0].numel() * data.element_size(), 1))
+        if self._disk is None:
+            self._disk = DiskRows(tuple(data.shape[1:]))
+            self.note = (f"the synthetic pool passed {self.memory_limit / 2**20:,.0f} MB in memory; older samples "
+                         f"spill to {self._disk.folder} (raise train.pool_memory_mb to keep more in memory)")
+            self.on_spill(self.note)
+        self._disk.append(data[: len(data) - keep])
+        self._chunks, self._data = [data[len(data) - keep :].clone()], None
+
+    def _memory(self) -> torch.Tensor:
         if self._data is None:
             if not self._chunks:
                 raise RuntimeError("the synthetic pool is empty: call synthesize() first")
@@ -59,17 +110,39 @@ class SyntheticPool:
             self._chunks = [self._data]
         return self._data
 
+    def tensor(self) -> torch.Tensor:
+        """Every sample as one tensor (spilled ones read back from disk)."""
+        data = self._memory()
+        if self._disk is None:
+            return data
+        return torch.cat([self._disk.rows(np.arange(self._disk.count)).to(data.device), data])
+
     def sample(self, n: int) -> torch.Tensor:
-        data = self.tensor()
-        index = torch.randint(len(data), (n,), device=data.device)
-        return data[index]
+        """``n`` samples drawn uniformly with replacement."""
+        data = self._memory()
+        if self._disk is None:
+            return data[torch.randint(len(data), (n,), device=data.device)]
+        return self.rows(torch.randint(len(self), (n,)))
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The samples at ``index`` (0 is the oldest), from disk and memory."""
+        data = self._memory()
+        spilled = self._disk.count if self._disk else 0
+        index = index.cpu()
+        on_disk = index < spilled
+        out = torch.empty(len(index), *data.shape[1:], dtype=data.dtype, device=data.device)
+        if self._disk is not None and bool(on_disk.any()):
+            out[on_disk.to(data.device)] = self._disk.rows(index[on_disk].numpy()).to(data.device, data.dtype)
+        out[(~on_disk).to(data.device)] = data[(index[~on_disk] - spilled).to(data.device)]
+        return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"data": self.tensor().cpu() if self._chunks else None}
+        return {"data": self.tensor().cpu() if len(self) else None}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
-        self._chunks = [state["data"].to(device)] if state.get("data") is not None else []
-        self._data = None
+        self._chunks, self._data, self._disk = [], None, None
+        if state.get("data") is not None:
+            self.add(state["data"].to(device))
 
 
 class Synthesizer:
@@ -140,8 +213,7 @@ class Synthesizer:
 
     def preview(self, n: int) -> torch.Tensor:
         """Up to ``n`` distinct training inputs, for looking at (samples.png)."""
-        data = self.pool.tensor()
-        return data[torch.randperm(len(data), device=data.device)[:n]]
+        return self.pool.rows(torch.randperm(len(self.pool))[:n])
 
     def holdout(self, n: int) -> torch.Tensor:
         """``n`` inputs made the same way as training data but never added to the pool."""

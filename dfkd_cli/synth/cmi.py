@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfkd_cli.synth.generator import reset_parameters
+from dfkd_cli.synth.generator import check_auto_int, reset_parameters
 from dfkd_cli.synth.inversion import INVERSION_TERMS, GeneratorInversion, InversionInputs
 
 
@@ -135,11 +135,11 @@ class CMISynthesizer(GeneratorInversion):
 
     @dataclass
     class Config:
-        batch_size: int = 256
+        batch_size: int | str = 256  # "auto": by input and device
         iterations: int = 200  # Adam steps per batch, generator re-initialised each batch
         lr: float = 1e-3  # Adam (betas 0.5, 0.999) on generator, z and projection head
         latent_dim: int = 256
-        ngf: int = 64
+        ngf: int | str = 64  # "auto": by input and device
         first_bn_multiplier: float = 1.0
         adv_temperature: float = 1.0
         crop_pad: int = 4  # teacher's view: random crop after this much padding
@@ -149,6 +149,10 @@ class CMISynthesizer(GeneratorInversion):
         bank_size: int = 4096  # memory bank rows (features of past pool samples)
         head_dim: int = 256  # projection head width
         min_crop_scale: float = 0.25  # contrastive view: smallest crop area fraction
+
+        def __post_init__(self) -> None:
+            check_auto_int(self.batch_size, "synth.batch_size")
+            check_auto_int(self.ngf, "synth.ngf")
 
     loss_terms = ("bn", "oh", "adv", "cr")
     terms = {**INVERSION_TERMS, "cr": _cr}

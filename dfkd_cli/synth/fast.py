@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from dfkd_cli.errors import DfkdError
+from dfkd_cli.synth.generator import check_auto_int
 from dfkd_cli.synth.inversion import GeneratorInversion
 
 
@@ -42,12 +43,12 @@ class FastSynthesizer(GeneratorInversion):
 
     @dataclass
     class Config:
-        batch_size: int = 256
+        batch_size: int | str = 256  # "auto": by input and device
         iterations: int = 5  # inner Adam steps per batch (Fast-2 / Fast-5 / Fast-10)
         lr: float = 2e-3  # inner Adam (betas 0.5, 0.999) learning rate of the generator copy
         lr_z: float = 0.01  # inner learning rate of the latent code
         latent_dim: int = 256
-        ngf: int = 64
+        ngf: int | str = 64  # "auto": by input and device
         first_bn_multiplier: float = 1.0
         bn_momentum: float = 0.9  # 0 = plain per-batch BN statistics matching
         meta: str = "reptile"  # reptile | fomaml
@@ -57,6 +58,10 @@ class FastSynthesizer(GeneratorInversion):
         crop_pad: int = 4
         flip: bool = True
         keep: str = "best"  # best | last
+
+        def __post_init__(self) -> None:
+            check_auto_int(self.batch_size, "synth.batch_size")
+            check_auto_int(self.ngf, "synth.ngf")
 
     def __init__(self, teacher: Any, config: Any, loss: dict[str, float], device: torch.device) -> None:
         if config.meta not in ("reptile", "fomaml"):

@@ -30,7 +30,7 @@ from torch import nn
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.synth.base import Synthesizer
 from dfkd_cli.synth.deepinversion import balanced_targets
-from dfkd_cli.synth.generator import Generator
+from dfkd_cli.synth.generator import Generator, resolve_generator_size
 from dfkd_cli.synth.losses import LOSS_TERMS, BatchNormStatistics, LossInputs, weighted_loss
 from dfkd_cli.trainer import augment
 
@@ -81,6 +81,7 @@ class GeneratorInversion(Synthesizer):
         super().__init__(teacher, config, loss, device)
         if config.keep not in ("best", "last"):
             raise DfkdError(f"synth.keep must be 'best' or 'last', got '{config.keep}'")
+        self.size_note = resolve_generator_size(config, teacher.input_shape, device)
         if config.iterations < 1 or config.batch_size < 2:
             raise DfkdError("synth.iterations must be >= 1 and synth.batch_size >= 2 (BatchNorm needs a batch)")
         self.generator = Generator(config.latent_dim, config.ngf, teacher.input_shape).to(device)

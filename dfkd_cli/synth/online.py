@@ -26,7 +26,7 @@ import torch
 
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.synth.base import Synthesizer
-from dfkd_cli.synth.generator import Generator
+from dfkd_cli.synth.generator import Generator, check_auto_int, resolve_generator_size
 
 SCHEDULES = ("constant", "cosine", "step")
 # "step" is DFAD's schedule: x0.1 at epochs 100 and 200 of 500, i.e. at 20% and 40% of the run.
@@ -39,9 +39,9 @@ PREVIEW_ELEMENTS = 2**26
 class OnlineConfig:
     """Generator settings shared by the online recipes (each subclass sets its paper's defaults)."""
 
-    batch_size: int = 256  # generator batch; samples are made in chunks of this size
+    batch_size: int | str = 256  # generator batch (samples are made in chunks of it); "auto": by input and device
     latent_dim: int = 100
-    ngf: int = 64  # generator width
+    ngf: int | str = 64  # generator width; "auto": by input and device
     lr: float = 1e-3  # generator Adam learning rate
     g_steps: int = 1  # generator updates per synthesize() call (ZSKT's n_G)
     schedule: str = "constant"  # generator lr schedule: constant | cosine | step (x0.1 at 20% and 40%)
@@ -53,7 +53,9 @@ class OnlineConfig:
             raise DfkdError(f"'synth.schedule' must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.schedule_steps < 0:
             raise DfkdError(f"'synth.schedule_steps' must be 0 (follow the run) or positive, got {self.schedule_steps}")
-        for name in ("batch_size", "latent_dim", "ngf", "g_steps"):
+        check_auto_int(self.batch_size, "synth.batch_size")
+        check_auto_int(self.ngf, "synth.ngf")
+        for name in ("latent_dim", "g_steps"):
             if getattr(self, name) < 1:
                 raise DfkdError(f"'synth.{name}' must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -88,6 +90,7 @@ class OnlineGeneratorSynthesizer(Synthesizer):
 
     def __init__(self, teacher: Any, config: OnlineConfig, loss: dict[str, float], device: torch.device) -> None:
         super().__init__(teacher, config, loss, device)
+        self.size_note = resolve_generator_size(config, teacher.input_shape, device)
         self.generator = Generator(self.generator_input_dim(), config.ngf, teacher.input_shape).to(device).train()
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -1,5 +1,7 @@
 """Write the text student: a Hugging Face folder, a self-describing safetensors file, and ONNX behind a parity gate.
 
+Reading a student back is :func:`dfkd_cli.text.load.load_text_student`.
+
 A text run leaves three things behind:
 
 - ``student/``: ``save_pretrained`` output (config, ``model.safetensors``, tokenizer), loadable by
@@ -56,7 +58,6 @@ __all__ = [
     "STUDENT_FILE",
     "TEXT_PARITY_BATCH_SIZES",
     "export_text_onnx",
-    "load_text_student",
     "onnx_text_predict",
     "quiet_transformers",
     "save_text_student",
@@ -68,9 +69,6 @@ FAMILY = "text"
 TEXT_PARITY_BATCH_SIZES = (1, 3, 8)
 PARITY_MAX_TEXTS = 256  # check texts tokenised to pick short and long ones; more adds time, not coverage
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-_SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
-_TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 def quiet_transformers() -> None:
@@ -151,197 +149,6 @@ def _text_metadata(model: nn.Module, meta: dict[str, Any]) -> dict[str, str]:
             raise ValueError(f"meta key '{key}' is reserved for the text exporter")
         metadata[METADATA_PREFIX + key] = json.dumps(value, default=str)
     return metadata
-
-
-# --------------------------------------------------------------------------------------------- load
-
-
-def load_text_student(path: Path) -> tuple[nn.Module, Any, dict[str, Any]]:
-    """A text student (eval mode), its tokenizer and its dfkd metadata, from local files only.
-
-    ``path`` may be the ``student/`` folder (or any Hugging Face classifier folder), a run folder
-    that holds ``student/``, or a ``student.safetensors``; in the last case the model is rebuilt from
-    the file's ``dfkd.config`` and the tokenizer is read from the sibling ``student/`` folder. No code
-    shipped with a model runs and no pickle is ever loaded. ``meta`` holds the decoded ``dfkd.*``
-    metadata without ``config`` (``family``, ``class_names``, ``recipe``, ``max_length``...); for a
-    folder it comes from the sibling ``student.safetensors`` when there is one, and ``class_names``
-    falls back to the config's ``id2label``.
-
-    Example:
-        >>> model, tokenizer, meta = load_text_student(Path("runs/x"))
-        >>> meta["class_names"]
-        ['negative', 'positive']
-    """
-    quiet_transformers()
-    path = Path(path)
-    if not path.exists():
-        raise DfkdError(f"student '{path}' not found; pass a text run folder, its student/ folder or its student.safetensors")
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            if path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
-                raise DfkdError(f"student '{path}' is a pickle, which can run code when loaded; dfkd refuses pickles: "
-                                "convert it to safetensors (model.save_pretrained(folder) in a trusted Python)")
-            raise DfkdError(f"student '{path}' is not a .safetensors file; pass a text run folder, its student/ folder "
-                            "or its student.safetensors")
-        return _load_from_safetensors(path)
-    folder = path
-    if not (folder / "config.json").is_file() and (folder / STUDENT_DIR / "config.json").is_file():
-        folder = folder / STUDENT_DIR
-    return _load_from_folder(folder)
-
-
-def _load_from_folder(folder: Path) -> tuple[nn.Module, Any, dict[str, Any]]:
-    from transformers import AutoModelForSequenceClassification
-
-    _check_student_folder(folder)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                str(folder), local_files_only=True, trust_remote_code=False, use_safetensors=True, output_loading_info=True
-            )
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as error:
-        raise DfkdError(f"student '{folder}': cannot load the classifier ({_root_cause(error)}); "
-                        "re-save it with save_pretrained() or re-run dfkd") from error
-    missing = sorted(info.get("missing_keys") or [])
-    if missing:
-        raise DfkdError(f"student '{folder}' lacks weights for {len(missing)} parameter(s) (e.g. '{missing[0]}'); "
-                        "the folder is incomplete or holds another model, re-save it with save_pretrained()")
-    tokenizer = _load_tokenizer(folder, f"student '{folder}'")
-    sibling = folder.parent / STUDENT_FILE
-    metadata = _read_header(sibling) if folder.name == STUDENT_DIR and sibling.is_file() else {}
-    if metadata.get(METADATA_PREFIX + "family") != FAMILY:
-        metadata = {}
-    return model.eval(), tokenizer, _decode_meta(metadata, model.config)
-
-
-def _check_student_folder(folder: Path) -> dict[str, Any]:
-    """The folder's config.json, after refusing what dfkd does not load (remote code, pickles)."""
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise DfkdError(f"student folder '{folder}' has no config.json; pass the student/ folder a dfkd text run writes "
-                        "(or a folder written by save_pretrained()), its run folder or its student.safetensors")
-    config = _read_json(config_path, "student config")
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise DfkdError(f"student config '{config_path}' has no model_type; it is not a transformers config, re-save the "
-                        "model with save_pretrained()")
-    _refuse_remote_code(config, f"student '{folder}'")
-    tokenizer_config = folder / _TOKENIZER_CONFIG
-    if tokenizer_config.is_file():
-        _refuse_remote_code(_read_json(tokenizer_config, "tokenizer config"), f"student tokenizer '{folder}'")
-    if not any((folder / name).is_file() for name in _SAFE_WEIGHTS):
-        if any((folder / name).is_file() for name in _PICKLE_WEIGHTS) or any(folder.glob("*.bin")):
-            raise DfkdError(f"student '{folder}' has only pickled weights (pytorch_model.bin), which can run code when "
-                            "loaded; dfkd refuses pickles: convert them to model.safetensors (load the model in a trusted "
-                            "Python and call model.save_pretrained(folder))")
-        raise DfkdError(f"student '{folder}' has no weights (model.safetensors); re-save it with save_pretrained()")
-    return config
-
-
-def _refuse_remote_code(config: Any, what: str) -> None:
-    if isinstance(config, dict) and config.get("auto_map"):
-        raise DfkdError(f"{what} needs custom code (auto_map in its config); dfkd never runs code shipped with a model: "
-                        "use a model class built into transformers")
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DfkdError(f"{what} '{path}' is not readable JSON ({_root_cause(error)}); re-save the model") from error
-
-
-def _load_tokenizer(folder: Path, what: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as error:
-        raise DfkdError(f"{what}: cannot load the tokenizer ({_root_cause(error)}); save it into the folder with "
-                        "tokenizer.save_pretrained()") from error
-
-
-def _load_from_safetensors(path: Path) -> tuple[nn.Module, Any, dict[str, Any]]:
-    from safetensors import SafetensorError, safe_open
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-            state = {name: handle.get_tensor(name) for name in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise DfkdError(f"student file '{path}' is not a readable safetensors file ({_root_cause(error)}); "
-                        "re-export it with dfkd") from error
-    family = metadata.get(METADATA_PREFIX + "family")
-    if family != FAMILY:
-        if METADATA_PREFIX + "arch" in metadata:
-            raise DfkdError(f"student file '{path}' is an image student, not a text one; load it with the image commands")
-        raise DfkdError(f"student file '{path}' is not a dfkd text student (no dfkd.family=text metadata); "
-                        "use the student.safetensors a dfkd text run writes, or its student/ folder")
-    try:
-        config_dict = json.loads(metadata[METADATA_PREFIX + "config"])
-        model_type = config_dict.pop("model_type")
-    except (KeyError, ValueError, TypeError, AttributeError) as error:
-        raise DfkdError(f"student file '{path}' has no usable dfkd.config metadata; the file is damaged, "
-                        "re-export it with dfkd") from error
-    _refuse_remote_code(config_dict, f"student file '{path}'")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            config = AutoConfig.for_model(model_type, **config_dict)
-            model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=False)
-    except (ValueError, KeyError, TypeError) as error:
-        raise DfkdError(f"student file '{path}': cannot rebuild a '{model_type}' classifier ({_root_cause(error)}); "
-                        "this transformers version may not know the architecture, upgrade transformers") from error
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        summary = lines[min(1, len(lines) - 1)][:200]
-        raise DfkdError(f"student file '{path}' does not fit its own config ({summary}); re-export it with dfkd") from error
-    folder = path.parent / STUDENT_DIR
-    if not folder.is_dir():
-        raise DfkdError(f"student file '{path}' needs its tokenizer from the sibling folder '{folder}', which is missing; "
-                        "keep the student/ folder of the run next to student.safetensors")
-    tokenizer_config = folder / _TOKENIZER_CONFIG
-    if tokenizer_config.is_file():
-        _refuse_remote_code(_read_json(tokenizer_config, "tokenizer config"), f"student tokenizer '{folder}'")
-    tokenizer = _load_tokenizer(folder, f"student tokenizer folder '{folder}'")
-    return model.eval(), tokenizer, _decode_meta(metadata, model.config)
-
-
-def _read_header(path: Path) -> dict[str, str]:
-    """A safetensors file's metadata (header only, tensors are not read); empty when unreadable."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return dict(handle.metadata() or {})
-    except (SafetensorError, OSError, ValueError):
-        return {}
-
-
-def _decode_meta(metadata: dict[str, str], config: Any) -> dict[str, Any]:
-    """``dfkd.<key>`` -> ``key``: JSON-decoded (raw text when not JSON); ``class_names`` from id2label if absent."""
-    meta: dict[str, Any] = {}
-    for key, text in metadata.items():
-        if not key.startswith(METADATA_PREFIX) or key == METADATA_PREFIX + "config":
-            continue
-        name = key[len(METADATA_PREFIX) :]
-        if name == "family":
-            meta[name] = text
-            continue
-        try:
-            meta[name] = json.loads(text)
-        except ValueError:
-            meta[name] = text
-    if not isinstance(meta.get("class_names"), list):
-        count = int(config.num_labels)
-        id2label = getattr(config, "id2label", None) or {}
-        meta["class_names"] = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(count)]
-    return meta
 
 
 # --------------------------------------------------------------------------------------------- ONNX

@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +24,16 @@ import torch
 from dfkd_cli.checkpoint import sha256_file
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.teacher import read_labels
+from dfkd_cli.text.folders import (
+    check_folder,
+    check_weights,
+    has_weights,
+    load_pretrained,
+    load_tokenizer,
+    read_model_config,
+    refuse_remote_code,
+)
 
-SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 _LAYER_KEY = re.compile(r"\.layers?\.(\d+)\.")  # encoder.layer.3. (BERT) / transformer.layer.3. (DistilBERT)
 
@@ -75,32 +81,10 @@ def check_model_folder(path: Path, flag: str, trust_pickle: bool = False) -> dic
         raise DfkdError(f"{flag} '{path}' not found; pass a local Hugging Face model folder (config.json, weights, tokenizer)")
     if not path.is_dir():
         raise DfkdError(f"{flag} '{path}' is a file; pass the Hugging Face model folder that holds config.json")
-    config = _read_config(path / "config.json", flag)
-    if config.get("auto_map"):
-        raise DfkdError(f"{flag} '{path}' needs custom code from its config's auto_map; dfkd never runs code shipped "
-                        "with a model: use a model class built into transformers")
-    if not any((path / name).is_file() for name in SAFE_WEIGHTS):
-        if any((path / name).is_file() for name in PICKLE_WEIGHTS):
-            if not trust_pickle:
-                raise DfkdError(f"{flag} '{path}' has only pickled weights (pytorch_model.bin), which can run code "
-                                "when loaded; convert them to model.safetensors, or pass --trust-pickle if you trust the file")
-        else:
-            raise DfkdError(f"{flag} '{path}' has no weights (model.safetensors); save the model with save_pretrained()")
+    config = check_folder(path, flag, "pass a Hugging Face model folder", trust_pickle)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise DfkdError(f"{flag} '{path}' has no tokenizer files (tokenizer.json or vocab.txt); save the tokenizer "
                         "into the same folder with tokenizer.save_pretrained()")
-    return config
-
-
-def _read_config(path: Path, flag: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise DfkdError(f"{flag} '{path.parent}' has no config.json; pass a Hugging Face model folder")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DfkdError(f"{flag} '{path}' is not valid JSON ({err}); fix or re-save the model") from None
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise DfkdError(f"{flag} '{path}' has no model_type; it is not a transformers config")
     return config
 
 
@@ -114,27 +98,16 @@ def weights_sha256(path: Path) -> str:
     return hashlib.sha256("".join(sha256_file(f) for f in files).encode()).hexdigest()
 
 
-def _load(loader: Any, path: Path, flag: str, what: str) -> Any:
-    from dfkd_cli.text.export import quiet_transformers
-
-    quiet_transformers()
-    try:
-        return loader.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise DfkdError(f"{flag} '{path}': cannot load the {what} ({first}); check the folder was written by save_pretrained()") from None
-
-
 def load_text_teacher(path: Path, labels: Path | None = None, trust_pickle: bool = False) -> TextTeacher:
     """A sequence classifier and its tokenizer from a local folder, frozen and in eval mode."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     config = check_model_folder(path, "teacher", trust_pickle)
     if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
         arch = ", ".join(config.get("architectures") or ["none recorded"])
         raise DfkdError(f"teacher '{path}' is a {arch}, not a sequence classifier; pass a *ForSequenceClassification model folder")
-    model = _load(AutoModelForSequenceClassification, path, "teacher", "classifier").eval()
-    tokenizer = _load(AutoTokenizer, path, "teacher", "tokenizer")
+    model = load_pretrained(AutoModelForSequenceClassification, path, "teacher", "classifier").eval()
+    tokenizer = load_tokenizer(path, "teacher")
     model.requires_grad_(False)
     names = _class_names(model.config, labels)
     return TextTeacher(model, tokenizer, Path(path), names, weights_sha256(path))
@@ -192,9 +165,7 @@ def _student_from_folder(path: Path, teacher: TextTeacher, trust_pickle: bool) -
 
     if not path.is_dir():
         raise DfkdError(f"--student '{path}' is a file; pass a folder with a config.json (and optionally weights)")
-    raw = _read_config(path / "config.json", "--student")
-    if raw.get("auto_map"):
-        raise DfkdError(f"--student '{path}' needs custom code (auto_map); use a model class built into transformers")
+    refuse_remote_code(read_model_config(path, "--student", "pass a folder with a config.json"), f"--student '{path}'")
     config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     vocab = len(teacher.tokenizer)
     if int(getattr(config, "vocab_size", vocab)) < vocab:
@@ -202,37 +173,21 @@ def _student_from_folder(path: Path, teacher: TextTeacher, trust_pickle: bool) -
                         f"{vocab} tokens; the student reads the teacher's tokens, so give it vocab_size {vocab}")
     config.num_labels, config.id2label = teacher.num_classes, dict(enumerate(teacher.class_names))
     config.label2id = {n: i for i, n in enumerate(teacher.class_names)}
-    has_weights = any((path / n).is_file() for n in SAFE_WEIGHTS + PICKLE_WEIGHTS)
-    if not has_weights:
+    if not has_weights(path):
         return AutoModelForSequenceClassification.from_config(config).train()
-    check_model_folder_weights(path, trust_pickle)
-    model = _load(_WithConfig(AutoModelForSequenceClassification, config), path, "--student", "student")
+    check_weights(path, "--student", trust_pickle)
+    model = load_pretrained(AutoModelForSequenceClassification, path, "--student", "student",
+                            config=config, ignore_mismatched_sizes=True)  # the head resized to the teacher's classes
     return model.train()
-
-
-def check_model_folder_weights(path: Path, trust_pickle: bool) -> None:
-    if not any((path / n).is_file() for n in SAFE_WEIGHTS) and not trust_pickle:
-        raise DfkdError(f"--student '{path}' has only pickled weights (pytorch_model.bin); convert them to "
-                        "model.safetensors, or pass --trust-pickle if you trust the file")
-
-
-class _WithConfig:
-    """``from_pretrained`` with a config given (the student's head resized to the teacher's classes)."""
-
-    def __init__(self, loader: Any, config: Any) -> None:
-        self.loader, self.config = loader, config
-
-    def from_pretrained(self, path: str, **kwargs: Any) -> Any:
-        return self.loader.from_pretrained(path, config=self.config, ignore_mismatched_sizes=True, **kwargs)
 
 
 def load_causal_lm(path: Path, flag: str, trust_pickle: bool = False) -> tuple[Any, Any]:
     """A frozen-by-default causal language model (GPT-2 family) and its tokenizer, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     check_model_folder(path, flag, trust_pickle)
-    model = _load(AutoModelForCausalLM, path, flag, "causal language model").eval()
-    tokenizer = _load(AutoTokenizer, path, flag, "tokenizer")
+    model = load_pretrained(AutoModelForCausalLM, path, flag, "causal language model").eval()
+    tokenizer = load_tokenizer(path, flag)
     if tokenizer.eos_token_id is None:
         raise DfkdError(f"{flag} '{path}': its tokenizer has no end-of-text token; set eos_token in tokenizer_config.json")
     if tokenizer.pad_token_id is None:

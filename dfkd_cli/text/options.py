@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dfkd_cli.config import RecipeConfig, build_recipe, list_recipes, read_toml, recipe_info, recipe_path
+from dfkd_cli.config import RecipeConfig, build_recipe, list_recipes, merge_tables, read_toml, recipe_info, recipe_path
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.measure import check_fraction
 
@@ -68,24 +68,55 @@ def auto_recipe(opts: TextOptions) -> str:
     return "unlabeled-text" if opts.prior else "random-text"
 
 
-def resolve_text(flags: dict[str, Any], overrides: list[str], overwrite: bool, trust_pickle: bool
-                 ) -> tuple[TextOptions, RecipeConfig]:
-    """Options and recipe for a Hugging Face teacher folder (``flags``: None = not given)."""
+PATH_KEYS = ("teacher", "labels", "eval_data", "prior", "generator", "prompter")
+
+
+def resolve_text(flags: dict[str, Any], overrides: list[str], overwrite: bool, trust_pickle: bool,
+                 config_path: Path | None = None) -> tuple[TextOptions, RecipeConfig]:
+    """Options and recipe for a Hugging Face teacher folder (``flags``: None = not given), over a
+    run's config.toml when ``config_path`` is given (flags win, as for image runs)."""
     given = [IMAGE_ONLY[k] for k, v in flags.items() if k in IMAGE_ONLY and v is not None]
     if given:
         raise DfkdError(f"{given[0]} is for image teachers; '{flags['teacher']}' is a Hugging Face text classifier, leave it out")
+    run, tables = read_text_config(config_path) if config_path else ({}, {})
+    if flags.get("recipe") is not None and flags["recipe"] != run.get("recipe"):
+        tables = {k: v for k, v in tables.items() if k == "train"}  # [synth] belongs to the config's recipe
     known = {f.name for f in dataclasses.fields(TextOptions)}
-    values = {k: v for k, v in flags.items() if k in known and v is not None}
+    run.update({k: v for k, v in flags.items() if k in known and v is not None})
+    values = {k: Path(v) if k in PATH_KEYS and v is not None else v for k, v in run.items()}
     opts = TextOptions(**values, overwrite=overwrite, trust_pickle=trust_pickle, overrides=list(overrides))
     check_fraction(opts.min_agreement, "--min-agreement")
     if opts.recipe == "auto":
         opts.recipe = auto_recipe(opts)
-    if opts.recipe.endswith(".toml"):
+    if str(opts.recipe).endswith(".toml"):
         data, name = read_toml(Path(opts.recipe)), Path(opts.recipe).stem
     else:
         data, name = read_toml(recipe_path(opts.recipe)), opts.recipe
     steps = [f"train.steps={opts.steps}"] if opts.steps is not None else []
-    return opts, build_recipe(data, list(overrides) + steps, default_name=name)
+    return opts, build_recipe(merge_tables(data, tables), list(overrides) + steps, default_name=name)
+
+
+def read_text_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``[run]`` table of a text run's config.toml (paths relative to its folder) and its recipe tables."""
+    data = read_toml(path)
+    run = dict(data.pop("run", {}))
+    known = {f.name for f in dataclasses.fields(TextOptions)} - {"overwrite", "overrides", "out", "trust_pickle"}
+    unknown = sorted(set(run) - known)
+    if unknown:
+        raise DfkdError(f"unknown key(s) {unknown} in [run] of '{path}' for a text teacher; valid keys: {', '.join(sorted(known))}")
+    for key in PATH_KEYS:
+        if run.get(key) is not None:
+            run[key] = str(Path(path).parent / run[key]) if not Path(run[key]).is_absolute() else run[key]
+    return run, data
+
+
+def config_names_text_teacher(path: Path) -> bool:
+    """Whether the run config at ``path`` names a Hugging Face teacher folder (a text run)."""
+    run = read_toml(path).get("run", {})
+    teacher = run.get("teacher") if isinstance(run, dict) else None
+    if not isinstance(teacher, str):
+        return False
+    return (Path(teacher) if Path(teacher).is_absolute() else Path(path).parent / teacher).is_dir()
 
 
 def refuse_text_flags(flags: dict[str, Any]) -> None:

@@ -7,41 +7,23 @@ once every artefact exists. Text runs are single-process and do not write resuma
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dfkd_cli import __version__
 from dfkd_cli.config import RecipeConfig, dump_toml, recipe_info
 from dfkd_cli.errors import EXIT_INTERRUPTED, DfkdError
-from dfkd_cli.report import SCHEMA_VERSION, write_report
+from dfkd_cli.report import write_report
 from dfkd_cli.rundir import check_out_dir, clean, move_into_place
-from dfkd_cli.runtime import Budget, Display, StopRequest, hardware_description, library_versions, peak_memory_mb, \
-    resolve_device, seed_everything
+from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, hardware_description, library_versions,
+                              resolve_device, seed_everything)
+from dfkd_cli.selection import stability
 from dfkd_cli.text.options import TextOptions, text_recipes
 from dfkd_cli.text.models import TextTeacher, build_text_student, default_text_student, load_causal_lm, load_text_teacher
 from dfkd_cli.text.synth import TextSynthesizer
 from dfkd_cli.text.trainer import TextTrainer
-
-
-@dataclass
-class Stages:
-    """Wall-clock seconds and peak memory per stage."""
-
-    device: torch.device
-    seconds: dict[str, float] = field(default_factory=dict)
-    memory_mb: dict[str, Any] = field(default_factory=dict)
-    _start: float = field(default_factory=time.perf_counter)
-
-    def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.seconds[stage] = round(now - self._start, 3)
-        self.memory_mb[stage] = peak_memory_mb(self.device)
-        self._start = now
 
 
 def compress_text(opts: TextOptions, recipe: RecipeConfig, display: Display) -> dict[str, Any]:
@@ -51,7 +33,7 @@ def compress_text(opts: TextOptions, recipe: RecipeConfig, display: Display) -> 
     out = opts.out or Path("runs") / f"{opts.teacher.name}-{recipe.recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
     check_out_dir(out, opts.overwrite)
     device = resolve_device(opts.device)
-    stages, started = Stages(device), datetime.now(timezone.utc)
+    stages, started = Stopwatch(device), datetime.now(timezone.utc)
     seed_everything(opts.seed)
     teacher, student, synth, eval_table = prepare(opts, recipe, device, display)
     stages.lap("load")
@@ -68,7 +50,7 @@ def compress_text(opts: TextOptions, recipe: RecipeConfig, display: Display) -> 
     stages.lap("distill")
     run_info = {"started": started.isoformat(timespec="seconds"), "device": str(device),
                 "hardware": hardware_description(device), "steps": trainer.steps_done, "best_step": trainer.best_step,
-                "out": str(out), "curve": curve}
+                "out": str(out), "stability": stability(curve)}
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     clean(staging)
     staging.mkdir(parents=True)
@@ -171,4 +153,4 @@ def distill_text(synth: TextSynthesizer, trainer: TextTrainer, recipe: RecipeCon
             display.advance(1, loss=loss, agree=curve[-1], **metrics)
     if trainer.steps_done % cfg.eval_every:
         curve.append(trainer.select(*select))
-    return holdout, [round(100 * v, 2) for v in curve]
+    return holdout, curve

@@ -138,7 +138,7 @@ def evaluate_text_student(student_path: Path, teacher_path: Path | None, eval_da
                           trust_pickle: bool = False) -> dict[str, Any]:
     """The ``dfkd eval`` report for a text student (a run's ``student/`` folder or its safetensors)."""
     from dfkd_cli.text.data import read_text_table
-    from dfkd_cli.text.export import load_text_student
+    from dfkd_cli.text.load import load_text_student
 
     check_fraction(min_agreement, "--min-agreement")
     if eval_data is None:
