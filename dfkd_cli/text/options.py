@@ -14,12 +14,12 @@ from typing import Any
 from dfkd_cli.config import RecipeConfig, build_recipe, list_recipes, merge_tables, read_toml, recipe_info, recipe_path
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.measure import check_fraction
+from dfkd_cli.runtime import PRECISIONS
 
 # Image-only flags (their names in the CLI's flag dict) and how the user wrote them.
 IMAGE_ONLY = {"arch": "--arch", "input_shape": "--input-shape", "normalize": "--normalize", "mean": "--mean",
               "std": "--std", "quantize": "--quantize", "save_synthetic": "--save-synthetic",
-              "from_synthetic": "--from-synthetic", "race_share": "--race-share", "precision": "--precision",
-              "compile": "--compile"}
+              "from_synthetic": "--from-synthetic", "race_share": "--race-share", "compile": "--compile"}
 TEXT_ONLY = {"generator": "--generator", "prompter": "--prompter", "text_column": "--text-column",
              "label_column": "--label-column"}
 
@@ -44,6 +44,7 @@ class TextOptions:
     prompter: Path | None = None
     min_agreement: float | None = None
     device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16: autocast for synthesis and student steps
     seed: int = 0
     trust_pickle: bool = False
     overrides: list[str] = field(default_factory=list)
@@ -86,6 +87,8 @@ def resolve_text(flags: dict[str, Any], overrides: list[str], overwrite: bool, t
     values = {k: Path(v) if k in PATH_KEYS and v is not None else v for k, v in run.items()}
     opts = TextOptions(**values, overwrite=overwrite, trust_pickle=trust_pickle, overrides=list(overrides))
     check_fraction(opts.min_agreement, "--min-agreement")
+    if opts.precision not in PRECISIONS:
+        raise DfkdError(f"--precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}")
     if opts.recipe == "auto":
         opts.recipe = auto_recipe(opts)
     if str(opts.recipe).endswith(".toml"):

@@ -6,10 +6,11 @@ once every artefact exists. Text runs are single-process and do not write resuma
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -17,8 +18,8 @@ from dfkd_cli.config import RecipeConfig, dump_toml, recipe_info
 from dfkd_cli.errors import EXIT_INTERRUPTED, DfkdError
 from dfkd_cli.report import write_report
 from dfkd_cli.rundir import check_out_dir, clean, move_into_place
-from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, hardware_description, library_versions,
-                              resolve_device, seed_everything)
+from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, autocast, hardware_description,
+                              library_versions, resolve_device, resolve_text_precision, seed_everything)
 from dfkd_cli.selection import stability
 from dfkd_cli.text.options import TextOptions, text_recipes
 from dfkd_cli.text.models import TextTeacher, build_text_student, default_text_student, load_causal_lm, load_text_teacher
@@ -34,6 +35,7 @@ def compress_text(opts: TextOptions, recipe: RecipeConfig, display: Display) -> 
     check_out_dir(out, opts.overwrite)
     device = resolve_device(opts.device)
     stages, started = Stopwatch(device), datetime.now(timezone.utc)
+    precision = resolve_text_precision(opts.precision, device)
     seed_everything(opts.seed)
     teacher, student, synth, eval_table = prepare(opts, recipe, device, display)
     stages.lap("load")
@@ -42,7 +44,7 @@ def compress_text(opts: TextOptions, recipe: RecipeConfig, display: Display) -> 
     teacher.model.to(device)
     with StopRequest() as stop:
         budget = Budget(opts.time_budget_s, stop=stop)
-        holdout, curve = distill_text(synth, trainer, recipe, budget, display)
+        holdout, curve = distill_text(synth, trainer, recipe, budget, display, lambda: autocast(device, precision))
     if budget.stop_requested:
         raise DfkdError(f"stopped by {budget.stop_requested} at student step {trainer.steps_done}; text runs do not "
                         "write checkpoints, so nothing was kept", EXIT_INTERRUPTED)
@@ -50,7 +52,7 @@ def compress_text(opts: TextOptions, recipe: RecipeConfig, display: Display) -> 
     stages.lap("distill")
     run_info = {"started": started.isoformat(timespec="seconds"), "device": str(device),
                 "hardware": hardware_description(device), "steps": trainer.steps_done, "best_step": trainer.best_step,
-                "out": str(out), "stability": stability(curve)}
+                "out": str(out), "stability": stability(curve), "precision": precision}
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     clean(staging)
     staging.mkdir(parents=True)
@@ -127,10 +129,11 @@ def synthesizer_needs(name: str) -> tuple[str, ...]:
 
 
 def distill_text(synth: TextSynthesizer, trainer: TextTrainer, recipe: RecipeConfig, budget: Budget,
-                 display: Display) -> tuple[tuple[list[str], torch.Tensor], list[float]]:
-    """Alternate synthesis rounds and student steps until ``train.steps`` or the budget ends.
-    Returns the hold-out (texts and teacher logits; its first half selects the student) and the
-    selection agreement along the run."""
+                 display: Display, mixed: Callable[[], Any] = contextlib.nullcontext,
+                 ) -> tuple[tuple[list[str], torch.Tensor], list[float]]:
+    """Alternate synthesis rounds and student steps (under ``mixed``, the precision's autocast)
+    until ``train.steps`` or the budget ends. Returns the hold-out (texts and teacher logits in
+    fp32; its first half selects the student) and the selection agreement along the run."""
     cfg = recipe.train
     display.stage("holdout", total=None)
     texts = synth.holdout(cfg.holdout)
@@ -143,11 +146,13 @@ def distill_text(synth: TextSynthesizer, trainer: TextTrainer, recipe: RecipeCon
     curve = [trainer.select(*select)]
     metrics: dict[str, float] = {}
     while trainer.steps_done < cfg.steps and not budget.expired():
-        metrics = synth.synthesize()
+        with mixed():
+            metrics = synth.synthesize()
         for _ in range(cfg.steps_per_round):
             if trainer.steps_done >= cfg.steps or budget.expired():
                 break
-            loss = trainer.step(*synth.sample(cfg.batch_size))
+            with mixed():
+                loss = trainer.step(*synth.sample(cfg.batch_size))
             if trainer.steps_done % cfg.eval_every == 0:
                 curve.append(trainer.select(*select))
             display.advance(1, loss=loss, agree=curve[-1], **metrics)
