@@ -63,7 +63,7 @@ def test_rl_run_writes_a_loadable_student_folder_safetensors_and_onnx(rl_run, te
 
 def test_rl_report_measures_agreement_accuracy_and_shows_texts_per_class(rl_run) -> None:
     out, report = rl_run
-    assert report["family"] == "text" and report["run"]["steps"] == 6
+    assert report["family"] == "text" and report["run"]["steps"] == 6 and report["run"]["precision"] in ("fp32", "bf16")
     assert 0.0 <= report["synthetic_holdout"]["top1_agreement"] <= 1.0 and report["synthetic_holdout"]["n"] == 16
     real = report["eval_data"]
     assert real["n"] == 60 and real["teacher_accuracy"] > 0.9 and "student_accuracy" in real
@@ -162,6 +162,8 @@ BAD = {
     "bad reward": (lambda f, r: [f["bert"], "--recipe", "promptdfd-rl", "-s", "synth.reward=max"], "adversarial"),
     "alpha above one": (lambda f, r: [f["bert"], "--recipe", "random-text", "-s", "train.alpha=2"], "train.alpha"),
     "nproc": (lambda f, r: [f["bert"], "--nproc", "2"], "one process"),
+    "no holdout": (lambda f, r: [f["bert"], "--recipe", "random-text", "-s", "train.holdout=0"], "train.holdout"),
+    "fp16": (lambda f, r: [f["bert"], "--precision", "fp16"], "loss scaling"),
 }
 
 
@@ -198,3 +200,19 @@ def test_config_toml_repeats_a_text_run(rl_run, text_files, tmp_path) -> None:
     assert again["run"]["recipe"] == "promptdfd-rl" and again["run"]["steps"] == report["run"]["steps"]
     assert again["run"]["config"]["synth"] == report["run"]["config"]["synth"]
     assert again["synthetic_holdout"]["top1_agreement"] == report["synthetic_holdout"]["top1_agreement"]
+
+
+def test_a_distilbert_teacher_gets_a_bert_n_student_and_onnx_without_token_type_ids(text_files, tmp_path) -> None:
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
+
+    folder = tmp_path / "distilbert"
+    tokenizer = AutoTokenizer.from_pretrained(text_files["bert"])
+    config = DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                              max_position_embeddings=64, num_labels=2, id2label={0: "negative", 1: "positive"})
+    DistilBertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    result = run("compress", folder, "--recipe", "random-text", "--student", "bert-1", "--out", tmp_path / "r",
+                 "--precision", "fp32", *FAST)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    report = json.loads(result.stdout)
+    assert report["run"]["precision"] == "fp32" and report["student"]["layers"] == 1 and report["onnx_parity"]["inputs"] == ["input_ids", "attention_mask"]

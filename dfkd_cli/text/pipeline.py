@@ -80,6 +80,9 @@ def prepare(opts: TextOptions, recipe: RecipeConfig, device: torch.device, displ
     if recipe.recipe.family != "text":
         raise DfkdError(f"recipe '{recipe.recipe.name}' is for image teachers; a Hugging Face teacher folder takes a "
                         f"text recipe: {', '.join(text_recipes())}")
+    if recipe.train.holdout < 2:
+        raise DfkdError(f"train.holdout is {recipe.train.holdout}; text runs need at least 2 held-out texts "
+                        "(half select the student, half are reported), e.g. -s train.holdout=256")
     teacher = load_text_teacher(opts.teacher, opts.labels, opts.trust_pickle)
     synth = synthesizer_class(recipe.recipe.synthesizer)(teacher, recipe.synth, recipe.loss, device)
     _check_inputs(opts, recipe, synth)

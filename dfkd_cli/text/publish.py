@@ -22,7 +22,7 @@ from dfkd_cli.report import SCHEMA_VERSION
 from dfkd_cli.runtime import Display, library_versions
 from dfkd_cli.text.models import TextTeacher, count_params, load_text_teacher
 from dfkd_cli.text.synth import TextSynthesizer
-from dfkd_cli.text.trainer import TextTrainer
+from dfkd_cli.text.trainer import TextTrainer, text_logits
 
 SAMPLES_PER_CLASS = 5  # synthesized texts per class shown in the report
 LATENCY_TEXT = "the film was a thoughtful and quietly moving portrait of a family"  # one sentence, ~15 tokens
@@ -117,20 +117,12 @@ class _Reader:
     def __init__(self, student: Any, teacher: TextTeacher | None, tokenizer: Any, class_names: list[str], max_length: int) -> None:
         self.student, self.teacher, self.tokenizer, self.class_names, self.max_length = student, teacher, tokenizer, class_names, max_length
 
-    def _logits(self, model: Any, texts: list[str]) -> torch.Tensor:
-        parts = []
-        with torch.inference_mode():
-            for i in range(0, len(texts), 128):
-                enc = self.tokenizer(texts[i : i + 128], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-                parts.append(model(**enc).logits.float())
-        return torch.cat(parts)
-
     def student_logits(self, texts: list[str]) -> torch.Tensor:
-        return self._logits(self.student, texts)
+        return text_logits(self.student, self.tokenizer, texts, self.max_length, torch.device("cpu"))
 
     def teacher_logits(self, texts: list[str]) -> torch.Tensor:
         assert self.teacher is not None
-        return self._logits(self.teacher.model, texts)
+        return text_logits(self.teacher.model, self.tokenizer, texts, self.max_length, torch.device("cpu"))
 
 
 def evaluate_text_student(student_path: Path, teacher_path: Path | None, eval_data: Path | None, text_column: str,

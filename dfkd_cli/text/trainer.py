@@ -18,6 +18,17 @@ from dfkd_cli.text.models import TextTeacher
 from dfkd_cli.trainer import kd_loss
 
 
+@torch.inference_mode()
+def text_logits(model: Any, tokenizer: Any, texts: list[str], max_length: int, device: torch.device,
+                batch_size: int = 128) -> torch.Tensor:
+    """``model``'s float32 logits on ``texts`` (CPU tensor), in batches, truncated to ``max_length`` tokens."""
+    parts = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        parts.append(model(**{k: v.to(device) for k, v in enc.items()}).logits.float().cpu())
+    return torch.cat(parts) if parts else torch.empty(0, 0)
+
+
 class TextTrainer:
     """Updates the student; keeps the best student on the selection half of the hold-out."""
 
@@ -55,8 +66,7 @@ class TextTrainer:
             self.student.train(was_training)
 
     def _logits(self, model: Any, texts: list[str], batch_size: int) -> torch.Tensor:
-        parts = [model(**self.encode(texts[i : i + batch_size])).logits.float().cpu() for i in range(0, len(texts), batch_size)]
-        return torch.cat(parts) if parts else torch.empty(0, self.teacher.num_classes)
+        return text_logits(model, self.tokenizer, texts, self.max_length, self.device, batch_size)
 
     def _lr_at(self, step: int) -> float:
         if self.cfg.schedule == "constant":
