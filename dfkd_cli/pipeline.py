@@ -7,7 +7,6 @@ every artefact exists, so a failed run never leaves files that look like a finis
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,7 +29,7 @@ from dfkd_cli.distill import Run, distill, finish
 from dfkd_cli.distributed import World
 from dfkd_cli.race import RACE_SHARE, run_race
 from dfkd_cli.resume import CheckpointDir
-from dfkd_cli.rundir import check_out_dir, clean, drop_checkpoints, move_into_place
+from dfkd_cli.rundir import check_out_dir, clean, drop_checkpoints, move_into_place, staging_dir
 from dfkd_cli.selection import Reservoir, stability
 from dfkd_cli.synth import Synthesizer, synthesizer_class
 from dfkd_cli.supervise import Supervisor
@@ -240,25 +239,21 @@ def _training_set(opts: CompressOptions, run: Run) -> tuple[torch.Tensor, str] |
 def _publish(out: Path, opts: CompressOptions, recipe: RecipeConfig, result: Distilled, display: Display,
              watch: Stopwatch) -> dict[str, Any]:
     """Write every artefact into a staging folder, then rename it to ``out`` in one step."""
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    clean(staging)
-    staging.mkdir(parents=True)
-    try:
-        report = _write_artefacts(staging, opts, recipe, result, display, watch)
-        report["run"].update(result.run_info)
-        report["warnings"] += _prior_warnings(result.run_info.get("prior")) + result.run_info["health"]["warnings"]
-        write_report(staging, report)
-        move_into_place(staging, out)
-    except ExportError as err:
-        failed = out.parent / f"{out.name}.failed"
-        clean(failed)
-        for onnx_file in ("student.onnx", "student.int8.onnx"):
-            (staging / onnx_file).unlink(missing_ok=True)
-        staging.rename(failed)
-        drop_checkpoints(out)  # resuming would end in the same failed export
-        raise ExportError(f"{err.message} (the PyTorch student is kept in '{failed}')") from None
-    finally:
-        clean(staging)
+    with staging_dir(out) as staging:
+        try:
+            report = _write_artefacts(staging, opts, recipe, result, display, watch)
+            report["run"].update(result.run_info)
+            report["warnings"] += _prior_warnings(result.run_info.get("prior")) + result.run_info["health"]["warnings"]
+            write_report(staging, report)
+            move_into_place(staging, out)
+        except ExportError as err:
+            failed = out.parent / f"{out.name}.failed"
+            clean(failed)
+            for onnx_file in ("student.onnx", "student.int8.onnx"):
+                (staging / onnx_file).unlink(missing_ok=True)
+            staging.rename(failed)
+            drop_checkpoints(out)  # resuming would end in the same failed export
+            raise ExportError(f"{err.message} (the PyTorch student is kept in '{failed}')") from None
     return report
 
 

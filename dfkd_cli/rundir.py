@@ -7,8 +7,10 @@ one; while it trains, ``OUT/checkpoints`` (see :mod:`dfkd_cli.resume`) is the on
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from dfkd_cli.errors import DfkdError
@@ -59,3 +61,16 @@ def move_into_place(staging: Path, out: Path) -> None:
 def clean(path: Path) -> None:
     if path.exists():
         shutil.rmtree(path)
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path) -> Iterator[Path]:
+    """A fresh hidden folder beside ``out`` to write a run into; removed on the way out (after a
+    successful :func:`move_into_place` there is nothing left to remove)."""
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    clean(staging)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    finally:
+        clean(staging)

@@ -49,6 +49,16 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss: st
     return alpha * F.cross_entropy(student_logits, teacher_logits.argmax(1)) + (1 - alpha) * soft
 
 
+def scheduled_lr(cfg: TrainConfig, step: int, time_progress: float = 0.0, scale: float = 1.0) -> float:
+    """The student's learning rate at ``step``: constant, or cosine over the run's steps or its
+    time budget, whichever is further along."""
+    lr = cfg.lr * scale
+    if cfg.schedule == "constant":
+        return lr
+    progress = max(step / max(cfg.steps, 1), time_progress)
+    return 0.5 * lr * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def augment(x: torch.Tensor, crop_pad: int, flip: bool) -> torch.Tensor:
     """Random crop after zero padding, and random horizontal flips, per sample."""
     if crop_pad > 0:
@@ -199,11 +209,7 @@ class StudentTrainer:
                                nesterov=cfg.nesterov)
 
     def _lr_at(self, step: int) -> float:
-        lr = self.cfg.lr * self.lr_scale
-        if self.cfg.schedule == "constant":
-            return lr
-        progress = max(step / max(self.cfg.steps, 1), self.time_progress())
-        return 0.5 * lr * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return scheduled_lr(self.cfg, step, self.time_progress(), self.lr_scale)
 
     def step(self, x: torch.Tensor) -> float:
         """One KD step on batch ``x`` (augmented here); returns the total loss. With replay/lra the

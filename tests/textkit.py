@@ -48,12 +48,21 @@ def make_bert_teacher(path: Path, layers: int = 2, steps: int = 150, seed: int =
     torch.manual_seed(seed)
     model = BertForSequenceClassification(config)
     data = toy_corpus(512, seed)
+
+    def batch_loss(step: int) -> torch.Tensor:
+        batch = data[(step * 32) % len(data):][:32]
+        enc = tokenizer([s for s, _ in batch], padding=True, return_tensors="pt")
+        return F.cross_entropy(model(**enc).logits, torch.tensor([y for _, y in batch]))
+
+    return _fit_and_save(model, tokenizer, path, steps, batch_loss)
+
+
+def _fit_and_save(model: torch.nn.Module, tokenizer, path: Path, steps: int, batch_loss) -> Path:
+    """Adam at 3e-3 on ``batch_loss(step)`` for ``steps`` steps, then save model and tokenizer to ``path``."""
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for step in range(steps):
-        batch = data[(step * 32) % len(data):][:32]
-        enc = tokenizer([s for s, _ in batch], padding=True, return_tensors="pt")
-        loss = F.cross_entropy(model(**enc).logits, torch.tensor([y for _, y in batch]))
+        loss = batch_loss(step)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -89,20 +98,13 @@ def make_gpt2(path: Path, layers: int = 2, steps: int = 120, seed: int = 0) -> P
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for step in range(steps):
+
+    def batch_loss(step: int) -> torch.Tensor:
         batch = texts[(step * 16) % len(texts):][:16]
         ids = [tokenizer.encode(t) + [tokenizer.eos_token_id] for t in batch]
         width = max(map(len, ids))
         x = torch.tensor([i + [tokenizer.eos_token_id] * (width - len(i)) for i in ids])
         mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
-        labels = x.masked_fill(mask == 0, -100)
-        loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+        return model(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100)).loss
+
+    return _fit_and_save(model, tokenizer, path, steps, batch_loss)

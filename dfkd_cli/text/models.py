@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from dfkd_cli.checkpoint import sha256_file
 from dfkd_cli.errors import DfkdError
@@ -195,7 +194,3 @@ def load_causal_lm(path: Path, flag: str, trust_pickle: bool = False) -> tuple[A
     tokenizer.padding_side = "left"  # generation continues from the right end of every prompt
     model.requires_grad_(False)
     return model, tokenizer
-
-
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

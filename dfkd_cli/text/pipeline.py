@@ -7,7 +7,6 @@ once every artefact exists. Text runs are single-process and do not write resuma
 from __future__ import annotations
 
 import contextlib
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +16,7 @@ import torch
 from dfkd_cli.config import RecipeConfig, dump_toml, recipe_info
 from dfkd_cli.errors import EXIT_INTERRUPTED, DfkdError
 from dfkd_cli.report import write_report
-from dfkd_cli.rundir import check_out_dir, clean, move_into_place
+from dfkd_cli.rundir import check_out_dir, move_into_place, staging_dir
 from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, autocast, hardware_description,
                               library_versions, resolve_device, resolve_text_precision, seed_everything)
 from dfkd_cli.selection import stability
@@ -53,10 +52,7 @@ def compress_text(opts: TextOptions, recipe: RecipeConfig, display: Display) -> 
     run_info = {"started": started.isoformat(timespec="seconds"), "device": str(device),
                 "hardware": hardware_description(device), "steps": trainer.steps_done, "best_step": trainer.best_step,
                 "out": str(out), "stability": stability(curve), "precision": precision}
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    clean(staging)
-    staging.mkdir(parents=True)
-    try:
+    with staging_dir(out) as staging:
         report = publish(staging, opts, recipe, teacher, trainer, synth, holdout, eval_table, run_info, display)
         stages.lap("export_and_evaluate")
         stages.seconds["total"] = round(sum(stages.seconds.values()), 3)
@@ -66,8 +62,6 @@ def compress_text(opts: TextOptions, recipe: RecipeConfig, display: Display) -> 
         report["run"]["config"], report["run"]["versions"] = config, library_versions()
         write_report(staging, report)
         move_into_place(staging, out)
-    finally:
-        clean(staging)
     return report
 
 

@@ -16,11 +16,11 @@ import torch
 from dfkd_cli import __version__
 from dfkd_cli.config import RecipeConfig
 from dfkd_cli.errors import DfkdError
-from dfkd_cli.evaluate import _median_ms, agreement_report
+from dfkd_cli.evaluate import _median_ms, agreement_report, count_params
 from dfkd_cli.measure import check_fraction, gate_result
 from dfkd_cli.report import SCHEMA_VERSION
 from dfkd_cli.runtime import Display, library_versions
-from dfkd_cli.text.models import TextTeacher, count_params, load_text_teacher
+from dfkd_cli.text.models import TextTeacher, load_text_teacher
 from dfkd_cli.text.synth import TextSynthesizer
 from dfkd_cli.text.trainer import TextTrainer, text_logits
 

@@ -8,14 +8,13 @@ teacher's logits taken from the synthesizer's pool (computed once, when a text i
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from dfkd_cli.config import TrainConfig
 from dfkd_cli.text.models import TextTeacher
-from dfkd_cli.trainer import kd_loss
+from dfkd_cli.trainer import kd_loss, scheduled_lr
 
 
 @torch.inference_mode()
@@ -68,16 +67,10 @@ class TextTrainer:
     def _logits(self, model: Any, texts: list[str], batch_size: int) -> torch.Tensor:
         return text_logits(model, self.tokenizer, texts, self.max_length, self.device, batch_size)
 
-    def _lr_at(self, step: int) -> float:
-        if self.cfg.schedule == "constant":
-            return self.cfg.lr
-        progress = max(step / max(self.cfg.steps, 1), self.time_progress())
-        return 0.5 * self.cfg.lr * (1 + math.cos(math.pi * min(progress, 1.0)))
-
     def step(self, texts: list[str], teacher_logits: torch.Tensor) -> float:
         """One KD step on a batch of texts labelled by the teacher; returns the loss."""
         for group in self.optimizer.param_groups:
-            group["lr"] = self._lr_at(self.steps_done)
+            group["lr"] = scheduled_lr(self.cfg, self.steps_done, self.time_progress())
         self.student.train()
         student_logits = self.student(**self.encode(texts)).logits.float()
         loss = kd_loss(student_logits, teacher_logits.to(self.device), self.cfg.loss, self.cfg.temperature, self.cfg.alpha)
