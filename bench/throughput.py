@@ -56,6 +56,7 @@ from torchvision import transforms as T
 from dfkd_cli.config import RecipeConfig, load_recipe
 from dfkd_cli.distill import Run, start, train, wire
 from dfkd_cli.evaluate import load_eval_data
+from dfkd_cli.precision import channels_last
 from dfkd_cli.runtime import Budget, Display, hardware_description, parse_duration, seed_everything
 from dfkd_cli.synth import Synthesizer, synthesizer_class
 from dfkd_cli.synth.base import SyntheticPool
@@ -248,7 +249,10 @@ class Bench:
 
 def run_dfkd(bench: Bench, name: str, seconds: float) -> Measured:
     """dfkd's own loop: start (held-out samples) and train, for ``seconds`` of wall clock."""
-    recipe, synth, trainer = bench.build(name, bench.teacher())
+    teacher = bench.teacher()
+    if bench.recipe(name).train.channels_last:
+        channels_last(teacher.model)  # as the pipeline does
+    recipe, synth, trainer = bench.build(name, teacher)
     run, budget = Run(name, recipe, synth, trainer), Budget(seconds)
     probe = bench.probe(budget)
     start(run, budget, Display())

@@ -69,6 +69,7 @@ class TrainConfig:
     lra_order: str = "exact"  # exact (second order, through the inner step) | first (first-order approximation)
     checkpoint_every: int = 2000  # student steps between resumable checkpoints in OUT/checkpoints; 0 = off
     checkpoint_minutes: float = 10.0  # ... and minutes between them, whichever comes first; 0 = off
+    channels_last: bool = True  # teacher and student in NHWC memory format (1.05x-1.4x faster steps on CPU, more on GPU)
     pool_memory_mb: float = 0.0  # synthetic pool held in memory before older samples spill to disk; 0 = a quarter of the device's memory
     max_retries: int = 3  # rollbacks to the last good state (at a lower learning rate) before a diverging run aborts
 

@@ -23,8 +23,9 @@ from dfkd_cli.export import StudentMeta, export_onnx, save_student
 from dfkd_cli.measure import eval_data_warnings, gate_result, measure_models, real_data_report
 from dfkd_cli.prior import PriorData
 from dfkd_cli.report import SCHEMA_VERSION, save_sample_grid, write_report
-from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, autocast, hardware_description, library_versions,
-                              pool_memory_limit, resolve_device, resolve_precision, seed_everything)
+from dfkd_cli.precision import LossScaler, Precision, channels_last, contiguous, resolve_precision
+from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, hardware_description, library_versions,
+                              pool_memory_limit, resolve_device, seed_everything)
 from dfkd_cli.distill import Run, distill, finish
 from dfkd_cli.distributed import World
 from dfkd_cli.race import RACE_SHARE, run_race
@@ -64,7 +65,7 @@ class CompressOptions:
     race_share: float = RACE_SHARE
     min_agreement: float | None = None
     device: str = "auto"
-    precision: str = "auto"  # auto | fp32 | bf16: autocast for synthesis and student steps
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16: autocast (and loss scaling for fp16) for synthesis and student steps
     compile: bool = False  # torch.compile the student and generator
     seed: int = 0
     trust_pickle: bool = False
@@ -122,9 +123,8 @@ def compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displa
 def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Display, out: Path, device: torch.device,
               world: World) -> dict[str, Any] | None:
     watch, started = Stopwatch(device), datetime.now(timezone.utc)
-    precision = resolve_precision(opts.precision, device)
-    if precision != "fp32" and device.type == "cpu":
-        display.log("precision bf16 on a CPU: autocast there is often slower than fp32 (6x on the CPU dfkd is developed on)")
+    precision = Precision(resolve_precision(opts.precision, device), device)
+    _check_precision(precision, recipes, display)
     seed_everything(opts.seed)  # before the student's random initialisation
     teacher, student, eval_data, prior, synthetic = _prepare(opts, recipes[0], display, world.rank)
     resume = _resume_state(out, teacher, recipes[0], device) if opts.resume else None
@@ -132,6 +132,8 @@ def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displ
     watch.lap("load")
 
     teacher.to(device)
+    if recipes[0].train.channels_last:
+        channels_last(teacher.model)
     students = iter([student])  # the first run gets the student made above; race entrants a fresh one each
 
     def make_run(recipe: RecipeConfig) -> Run:
@@ -142,7 +144,9 @@ def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displ
         synth = _make_synthesizer(recipe, teacher, device, synthetic)
         synth.pool.memory_limit = pool_memory_limit(recipe.train.pool_memory_mb, device)
         synth.pool.on_spill = display.log
-        trainer = StudentTrainer(model, teacher.model, recipe.train, device, input_shape=teacher.input_shape)
+        trainer = StudentTrainer(model, teacher.model, recipe.train, device, input_shape=teacher.input_shape,
+                                 precision=precision)
+        synth.use_precision(precision)
         if recipe.train.attention:
             display.log(trainer.attention.note)
         if getattr(synth, "size_note", None):
@@ -154,8 +158,7 @@ def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displ
         recorder = Reservoir(record_capacity(teacher.input_shape)) if keep else None
         if opts.compile:
             _compile(trainer.student, getattr(synth, "generator", None))
-        return Run(recipe.recipe.name, recipe, synth, trainer, recorder=recorder,
-                   autocast=lambda: autocast(device, precision))
+        return Run(recipe.recipe.name, recipe, synth, trainer, recorder=recorder, autocast=precision.autocast)
 
     def settings(run: Run) -> str:  # checkpoints/run.toml: what --resume repeats (a race's winner)
         return dump_toml({"run": {**opts.to_dict(), "recipe": run.name}, **run.recipe.to_dict()})
@@ -172,8 +175,8 @@ def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displ
             holdout = distill(run, budget, display, supervisor)
     student = run.trainer.restore_best()
     processes = {"count": world.size, "identical_students": world.identical(student)} if world.active else None
-    student = student.cpu()
-    teacher.to(torch.device("cpu"))
+    student = contiguous(student.cpu())
+    contiguous(teacher.to(torch.device("cpu")).model)
     watch.lap("distill")
     if not world.is_main:
         return None
@@ -184,9 +187,25 @@ def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displ
                 "from_synthetic": str(opts.from_synthetic.resolve()) if opts.from_synthetic else None,
                 "stability": stability(run.curve), "race": race, "synthetic_saved": opts.save_synthetic,
                 "resumed_from_step": resume["run"]["trainer"]["steps_done"] if resume else None,
-                "precision": precision, "compiled": opts.compile, "throughput": run.meter.to_dict(), "processes": processes, "health": {**supervisor.report(), "warnings": supervisor.warnings}}
+                "precision": precision.name, "loss_scale": _loss_scales(precision, run.trainer.scaler, run.synth.scaler),
+                "channels_last": run.recipe.train.channels_last, "compiled": opts.compile,
+                "throughput": run.meter.to_dict(), "processes": processes, "health": {**supervisor.report(), "warnings": supervisor.warnings}}
     result = Distilled(teacher, student, run.synth, holdout, eval_data, _training_set(opts, run), run_info)
     return _publish(out, opts, run.recipe, result, display, watch)
+
+
+def _loss_scales(precision: Precision, student: LossScaler, synth: LossScaler) -> dict[str, float] | None:
+    """fp16's final loss scales: one far below the initial 65536 means gradients overflowed often."""
+    return {"student": student.scale, "synthesizer": synth.scale} if precision.name == "fp16" else None
+
+
+def _check_precision(precision: Precision, recipes: list[RecipeConfig], display: Display) -> None:
+    if precision.name == "fp16" and any(recipe.train.update == "lra" for recipe in recipes):
+        raise DfkdError("--precision fp16 cannot scale lra's inner gradient (train.update = \"lra\"); "
+                        "use --precision bf16 or fp32, or train.update=replay")
+    if precision.name != "fp32" and precision.device.type == "cpu":
+        display.log(f"precision {precision.name} on a CPU: autocast there is often slower than fp32 "
+                    "(bf16 6x for the convolutional networks on the CPU dfkd is developed on)")
 
 
 def _compile(*models: torch.nn.Module | None) -> None:

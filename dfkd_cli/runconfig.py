@@ -21,7 +21,7 @@ from dfkd_cli.measure import check_fraction
 from dfkd_cli.pipeline import CompressOptions
 from dfkd_cli.race import RACE_SHARE, race_entrants
 from dfkd_cli.resume import CheckpointDir
-from dfkd_cli.runtime import PRECISIONS
+from dfkd_cli.precision import PRECISIONS
 from dfkd_cli.teacher import parse_input_shape
 
 _PATH_KEYS = ("teacher", "labels", "eval_data", "prior", "from_synthetic")

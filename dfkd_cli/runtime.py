@@ -5,7 +5,6 @@ Nothing else in dfkd reads environment variables or writes to the terminal's std
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import random
@@ -40,41 +39,6 @@ def resolve_device(name: str) -> torch.device:
         if index >= torch.cuda.device_count():
             raise DfkdError(f"device '{name}' does not exist: {torch.cuda.device_count()} CUDA device(s); pick one below that")
     return torch.device(name)
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto``: bf16 on GPUs that have it, else fp32 (on CPUs bf16 autocast is usually slower:
-    6x on the 2-core AMD EPYC dfkd is developed on). fp16 is refused: it needs loss scaling, which
-    the pixel-optimising synthesizers do not implement."""
-    if name == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if name == "fp16":
-        raise DfkdError("--precision fp16 needs loss scaling that dfkd's synthesizers do not implement; "
-                        "use bf16 (GPUs from Ampere on) or fp32")
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise DfkdError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16 support; use fp32")
-    return name
-
-
-def resolve_text_precision(name: str, device: torch.device) -> str:
-    """For transformer students: ``auto`` is bf16 on GPUs and on CPUs with native bf16 (AVX512-BF16,
-    AMX), where it measured 1.5x faster student steps and 2.2x faster teacher passes than fp32 on
-    the 2-core EPYC dfkd is developed on; fp32 elsewhere. fp16 is refused (no loss scaling)."""
-    if name == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-    return resolve_precision(name, device)
-
-
-def autocast(device: torch.device, precision: str) -> Any:
-    """The autocast context for ``precision`` (a no-op for fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def distributed_env() -> tuple[int, int, int]:

@@ -26,6 +26,7 @@ from torch import nn
 
 from dfkd_cli.config import TrainConfig
 from dfkd_cli.distributed import World
+from dfkd_cli.precision import Precision, channels_last
 from dfkd_cli.retention import MemoryBank, lra_stepped_params, retention_loss
 
 # Stages whose outputs attention transfer compares: ``layer1..N`` (CIFAR and torchvision ResNets),
@@ -36,7 +37,15 @@ _BLOCK_NAME = re.compile(r"(?:layer|block)(\d+)")
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss: str, temperature: float,
             alpha: float = 0.0) -> torch.Tensor:
     """Distillation loss between student and teacher logits; with ``alpha`` > 0,
-    ``alpha * CE(student, teacher argmax) + (1 - alpha) * KD`` (PromptDFD's Eq. 1)."""
+    ``alpha * CE(student, teacher argmax) + (1 - alpha) * KD`` (PromptDFD's Eq. 1).
+    Computed in fp32 also under autocast: at T = 20 a half-precision softmax's rounding, times T^2,
+    made the KL divergence negative."""
+    with torch.autocast(student_logits.device.type, enabled=False):
+        return _kd_loss_fp32(student_logits.float(), teacher_logits.float(), loss, temperature, alpha)
+
+
+def _kd_loss_fp32(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss: str, temperature: float,
+                  alpha: float) -> torch.Tensor:
     if loss == "l1":
         soft = F.l1_loss(student_logits, teacher_logits)
     else:
@@ -174,8 +183,11 @@ class StudentTrainer:
     """Updates the student on synthetic batches and keeps the best one seen on held-out agreement."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: TrainConfig, device: torch.device,
-                 input_shape: tuple[int, int, int] | None = None) -> None:
+                 input_shape: tuple[int, int, int] | None = None, precision: Precision | None = None) -> None:
         self.student = student.to(device).train()
+        if cfg.channels_last:
+            channels_last(self.student)
+        self.scaler = (precision or Precision()).scaler()  # loss scaling for fp16
         self.teacher = teacher
         self.cfg = cfg
         self.attention = AttentionTransfer(self.student, teacher, cfg.attention)
@@ -215,13 +227,15 @@ class StudentTrainer:
         """One KD step on batch ``x`` (augmented here); returns the total loss. With replay/lra the
         augmented batch then joins the memory."""
         x = augment(x, self.cfg.crop_pad, self.cfg.flip)
+        if self.cfg.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr_at(self.steps_done)
         loss = self.loss_for(x)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.backward(loss)
         self.world.average_gradients(self.student.parameters())
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
         self.world.share_buffers(self.student)
         if self.memory is not None:
             self.memory.add(x)
@@ -315,7 +329,8 @@ class StudentTrainer:
         return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "steps_done": self.steps_done, "best_agreement": self.best_agreement, "best_step": self.best_step,
                 "best_state": self._best_state, "snapshots": [list(s) for s in self._snapshots],
-                "memory": self.memory.state_dict() if self.memory is not None else None, "lr_scale": self.lr_scale}
+                "memory": self.memory.state_dict() if self.memory is not None else None, "lr_scale": self.lr_scale,
+                "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
@@ -326,6 +341,7 @@ class StudentTrainer:
         self._snapshots = [(int(step), weights) for step, weights in state["snapshots"]]
         if self.memory is not None and state["memory"] is not None:
             self.memory.load_state_dict(state["memory"])
+        self.scaler.load_state_dict(state.get("scaler"))
 
     def restore_best(self) -> nn.Module:
         """Load the best selected weights into the student, in eval mode, and return it."""

@@ -31,7 +31,8 @@ def _batches(seed: int, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _trainer(student: nn.Module, teacher: nn.Module, memory: torch.Tensor | None = None,
              **train: object) -> StudentTrainer:
-    cfg = TrainConfig(**{"steps": 10, "batch_size": 8, "temperature": 4.0, **train})
+    # NCHW like the hand-written references below, so their floats match exactly
+    cfg = TrainConfig(**{"steps": 10, "batch_size": 8, "temperature": 4.0, "channels_last": False, **train})
     trainer = StudentTrainer(copy.deepcopy(student), teacher, cfg, CPU)
     if memory is not None and trainer.memory is not None:
         trainer.memory.add(memory)

@@ -39,8 +39,17 @@ def test_bf16_autocast_runs_on_the_cpu_and_is_recorded(tiny_teacher, tmp_path):
     assert "slower than fp32" in result.stderr
 
 
-@pytest.mark.parametrize("value, message", [("fp16", "needs loss scaling"), ("fp8", "must be one of")])
-def test_unsupported_precisions_are_refused(value, message, tiny_teacher, tmp_path):
-    result = _compress(tiny_teacher, tmp_path, "--precision", value)
-    assert result.exit_code == 2 and message in result.stderr
+@pytest.mark.parametrize("extra, message", [(["--precision", "fp8"], "must be one of"),
+                                            (["--precision", "fp16", "-s", "train.update=lra"], "lra's inner gradient")])
+def test_unsupported_precisions_are_refused(extra, message, tiny_teacher, tmp_path):
+    result = _compress(tiny_teacher, tmp_path, *extra)
+    assert result.exit_code == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_fp16_with_loss_scaling_runs_on_the_cpu_and_is_recorded(tiny_teacher, tmp_path):
+    result = _compress(tiny_teacher, tmp_path, "--precision", "fp16")
+    assert result.exit_code == 0, result.stderr
+    run = json.loads(result.stdout)["run"]
+    assert run["precision"] == "fp16" and run["channels_last"] is True
+    assert run["loss_scale"]["student"] >= 1.0 and run["loss_scale"]["synthesizer"] >= 1.0

@@ -163,7 +163,6 @@ BAD = {
     "alpha above one": (lambda f, r: [f["bert"], "--recipe", "random-text", "-s", "train.alpha=2"], "train.alpha"),
     "nproc": (lambda f, r: [f["bert"], "--nproc", "2"], "one process"),
     "no holdout": (lambda f, r: [f["bert"], "--recipe", "random-text", "-s", "train.holdout=0"], "train.holdout"),
-    "fp16": (lambda f, r: [f["bert"], "--precision", "fp16"], "loss scaling"),
 }
 
 

@@ -47,7 +47,8 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 
 def disagreement(teacher_logits: torch.Tensor, student_logits: torch.Tensor, kind: str) -> torch.Tensor:
     """How much the student disagrees with the teacher: batch-mean KL(teacher || student) at T = 1
-    (ZSKT, DFQ) or the mean absolute logit difference (DFAD)."""
+    (ZSKT, DFQ) or the mean absolute logit difference (DFAD), in fp32."""
+    teacher_logits, student_logits = teacher_logits.float(), student_logits.float()
     if kind == "l1":
         return F.l1_loss(student_logits, teacher_logits)
     log_p_teacher = F.log_softmax(teacher_logits, dim=1)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd_cli.errors import DfkdError
+from dfkd_cli.precision import LossScaler, Precision
 from dfkd_cli.synth.adversarial import disagreement
 from dfkd_cli.synth.online import OnlineConfig, OnlineGeneratorSynthesizer
 
@@ -90,6 +91,11 @@ class AVKDSynthesizer(OnlineGeneratorSynthesizer):
         self.discriminator = Discriminator(channels, self.num_classes, config.d_width).to(device)
         self.d_optimizer = torch.optim.SGD(self.discriminator.parameters(), lr=config.d_lr, nesterov=True,
                                            momentum=config.d_momentum, weight_decay=config.d_weight_decay)
+        self.d_scaler = LossScaler()
+
+    def use_precision(self, precision: Precision) -> None:
+        super().use_precision(precision)
+        self.d_scaler = precision.scaler()  # the discriminator's loss has its own scale
 
     def generator_input_dim(self) -> int:
         return self.config.latent_dim + self.num_classes
@@ -111,7 +117,7 @@ class AVKDSynthesizer(OnlineGeneratorSynthesizer):
         wants = {name for name, weight in self.loss.items() if weight}
         if "prior" in wants:
             terms["prior"] = self._frozen_discriminator(x, y).mean()
-        logits = self.teacher.model(x) if wants & {"ce", "adv"} else None
+        logits = self.teacher.model(x).float() if wants & {"ce", "adv"} else None
         if "ce" in wants:
             terms["ce"] = F.cross_entropy(logits, y)
         if "adv" in wants:
@@ -144,9 +150,9 @@ class AVKDSynthesizer(OnlineGeneratorSynthesizer):
             self.update_generator(loss)
             d_loss = self.discriminator_loss(x.detach(), y, self.prior_batch(self.config.batch_size))
             self.d_optimizer.zero_grad(set_to_none=True)
-            d_loss.backward()
+            self.d_scaler.backward(d_loss)
             self.world.average_gradients(self.discriminator.parameters())
-            self.d_optimizer.step()
+            self.d_scaler.step(self.d_optimizer)
             self.scheduler.step()
             self.updates += 1
             self.last_parts = {**parts, "g_loss": float(loss.detach()), "d_loss": float(d_loss.detach())}
@@ -155,9 +161,10 @@ class AVKDSynthesizer(OnlineGeneratorSynthesizer):
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "discriminator": self.discriminator.state_dict(),
-                "d_optimizer": self.d_optimizer.state_dict()}
+                "d_optimizer": self.d_optimizer.state_dict(), "d_scaler": self.d_scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.discriminator.load_state_dict(state["discriminator"])
         self.d_optimizer.load_state_dict(state["d_optimizer"])
+        self.d_scaler.load_state_dict(state.get("d_scaler"))

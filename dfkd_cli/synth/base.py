@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from dfkd_cli.distributed import World
+from dfkd_cli.precision import LossScaler, Precision
 
 if TYPE_CHECKING:
     from dfkd_cli.prior import PriorData
@@ -185,6 +186,11 @@ class Synthesizer:
         self.student: torch.nn.Module | None = None
         self.prior: "PriorData | None" = None
         self.world = World()  # the processes of a distributed run (set by the pipeline)
+        self.scaler = LossScaler()  # loss scaling for the synthesizer's own backward passes (fp16)
+
+    def use_precision(self, precision: Precision) -> None:
+        """Scale this synthesizer's losses as ``precision`` needs (the pipeline calls it once)."""
+        self.scaler = precision.scaler()
 
     def student_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The live student's logits on ``x`` for adversarial terms, differentiable in ``x`` only
@@ -242,7 +248,8 @@ class Synthesizer:
             self.config.lr *= factor
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pool": self.pool.state_dict()}
+        return {"pool": self.pool.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pool.load_state_dict(state["pool"], self.device)
+        self.scaler.load_state_dict(state.get("scaler"))

@@ -126,8 +126,8 @@ class DeepInversionSynthesizer(Synthesizer):
             student_logits = self.student_logits(view) if self.loss.get("adv") else None
             inputs = LossInputs(x=view, logits=logits, targets=targets, bn=bn, student_logits=student_logits)
             loss, parts = weighted_loss(self.loss, inputs)
-            loss.backward()
-            optimizer.step()
+            self.scaler.backward(loss)
+            self.scaler.step(optimizer)
             schedule.step()
             with torch.no_grad():
                 x.data = torch.max(torch.min(x, high), low)

@@ -89,8 +89,8 @@ class FastSynthesizer(GeneratorInversion):
         return adapted, z, [optimizer]
 
     def _after_backward(self, generator: nn.Module) -> None:
-        if self.config.meta != "fomaml":
-            return
+        if self.config.meta != "fomaml" or not self.scaler.finite(generator.parameters()):
+            return  # an overflowed fp16 step is skipped by the inner optimizer; the meta-gradient skips it too
         for meta, fast in zip(self.generator.parameters(), generator.parameters()):
             if fast.grad is not None:
                 meta.grad = fast.grad.clone() if meta.grad is None else meta.grad + fast.grad

@@ -128,10 +128,10 @@ class GeneratorInversion(Synthesizer):
                 loss, parts = weighted_loss(self._weights(), inputs, self.terms)
                 for optimizer in optimizers:
                     optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                self.scaler.backward(loss)
+                self.scaler.unscale(*optimizers)  # _after_backward reads true gradients
                 self._after_backward(generator)
-                for optimizer in optimizers:
-                    optimizer.step()
+                self.scaler.step(*optimizers)
                 value = float(loss.detach())
                 if cfg.keep == "last" or value < best_loss:
                     best_x, best_loss = x.detach(), value
@@ -148,10 +148,11 @@ class GeneratorInversion(Synthesizer):
 
     def state_dict(self) -> dict[str, Any]:
         return {"pool": self.pool.state_dict(), "generator": self.generator.state_dict(),
-                "bn": self.bn.state_dict(), "batches_made": self.batches_made}
+                "bn": self.bn.state_dict(), "batches_made": self.batches_made, "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.pool.load_state_dict(state["pool"], self.device)
         self.generator.load_state_dict(state["generator"])
         self.bn.load_state_dict(state["bn"], self.device)
         self.batches_made = state["batches_made"]
+        self.scaler.load_state_dict(state.get("scaler"))

@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -55,7 +56,7 @@ class BatchNormStatistics:
         self._handles.clear()
 
     def _hook(self, module: nn.modules.batchnorm._BatchNorm, inputs: tuple[torch.Tensor], output: torch.Tensor) -> None:
-        x = inputs[0]
+        x = inputs[0].float()  # fp16/bf16 activations under autocast; statistics in fp32
         dims = [0] + list(range(2, x.dim()))
         mean = x.mean(dim=dims)
         var = x.var(dim=dims, unbiased=False)
@@ -168,12 +169,23 @@ def weighted_loss(weights: dict[str, float], inputs: LossInputs,
 
     ``terms`` maps names to term functions: a synthesizer module with terms of its own passes
     ``{**LOSS_TERMS, "name": fn, ...}`` (and a ``LossInputs`` subclass with the extra fields)."""
+    inputs = _in_fp32(inputs)
     total = inputs.x.new_zeros(())
     parts: dict[str, float] = {}
-    for name, weight in weights.items():
-        if weight == 0:
-            continue
-        value = terms[name](inputs)
-        total = total + weight * value
-        parts[name] = float(value.detach())
+    with torch.autocast(inputs.x.device.type, enabled=False):
+        for name, weight in weights.items():
+            if weight == 0:
+                continue
+            value = terms[name](inputs)
+            total = total + weight * value
+            parts[name] = float(value.detach())
     return total, parts
+
+
+def _in_fp32(inputs: LossInputs) -> LossInputs:
+    """``inputs`` with its floating-point tensors in fp32: under fp16/bf16 autocast the networks'
+    outputs are half precision, and softmax, logs and sums over them lose the loss's accuracy
+    (a KL divergence came out negative). The cast is differentiable, gradients flow as before."""
+    changes = {f.name: value.float() for f in dataclasses.fields(inputs)
+               if isinstance(value := getattr(inputs, f.name), torch.Tensor) and value.is_floating_point()}
+    return dataclasses.replace(inputs, **changes)

@@ -133,11 +133,12 @@ class OnlineGeneratorSynthesizer(Synthesizer):
     def update_generator(self, loss: torch.Tensor) -> None:
         """One optimizer step of the generator on ``loss`` (gradient clipped with ``grad_clip``)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.backward(loss)
         self.world.average_gradients(self.generator.parameters())  # one generator on every rank
         if self.config.grad_clip > 0:
+            self.scaler.unscale(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.config.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
 
     @torch.no_grad()
     def generate(self, n: int) -> torch.Tensor:
@@ -171,7 +172,7 @@ class OnlineGeneratorSynthesizer(Synthesizer):
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "updates": self.updates,
-                "generator_batch": self._generator_batch}
+                "generator_batch": self._generator_batch, "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.load_state_dict(state["generator"])
@@ -179,3 +180,4 @@ class OnlineGeneratorSynthesizer(Synthesizer):
         self.scheduler.load_state_dict(state["scheduler"])
         self.updates = int(state["updates"])
         self._generator_batch = state["generator_batch"]
+        self.scaler.load_state_dict(state.get("scaler"))

@@ -128,8 +128,8 @@ class ZSKDSynthesizer(Synthesizer):
             logits = model(x)
             inputs = SoftTargetInputs(x=x, logits=logits, soft_targets=targets, temperature=cfg.temperature)
             loss, parts = weighted_loss(self.loss, inputs, ZSKD_TERMS)
-            loss.backward()
-            optimizer.step()
+            self.scaler.backward(loss)
+            self.scaler.step(optimizer)
             with torch.no_grad():
                 x.data = torch.max(torch.min(x, high), low)
             parts["acc"] = float(  # the teacher's top class is the target's

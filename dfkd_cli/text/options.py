@@ -14,7 +14,7 @@ from typing import Any
 from dfkd_cli.config import RecipeConfig, build_recipe, list_recipes, merge_tables, read_toml, recipe_info, recipe_path
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.measure import check_fraction
-from dfkd_cli.runtime import PRECISIONS
+from dfkd_cli.precision import PRECISIONS
 
 # Image-only flags (their names in the CLI's flag dict) and how the user wrote them.
 IMAGE_ONLY = {"arch": "--arch", "input_shape": "--input-shape", "normalize": "--normalize", "mean": "--mean",
@@ -44,7 +44,7 @@ class TextOptions:
     prompter: Path | None = None
     min_agreement: float | None = None
     device: str = "auto"
-    precision: str = "auto"  # auto | fp32 | bf16: autocast for synthesis and student steps
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16: autocast for synthesis and student steps
     seed: int = 0
     trust_pickle: bool = False
     overrides: list[str] = field(default_factory=list)

@@ -17,8 +17,9 @@ from dfkd_cli.config import RecipeConfig, dump_toml, recipe_info
 from dfkd_cli.errors import EXIT_INTERRUPTED, DfkdError
 from dfkd_cli.report import write_report
 from dfkd_cli.rundir import check_out_dir, move_into_place, staging_dir
-from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, autocast, hardware_description,
-                              library_versions, resolve_device, resolve_text_precision, seed_everything)
+from dfkd_cli.precision import Precision, resolve_text_precision
+from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, hardware_description, library_versions,
+                              resolve_device, seed_everything)
 from dfkd_cli.selection import stability
 from dfkd_cli.text.options import TextOptions, text_recipes
 from dfkd_cli.text.models import TextTeacher, build_text_student, default_text_student, load_causal_lm, load_text_teacher
@@ -34,16 +35,17 @@ def compress_text(opts: TextOptions, recipe: RecipeConfig, display: Display) -> 
     check_out_dir(out, opts.overwrite)
     device = resolve_device(opts.device)
     stages, started = Stopwatch(device), datetime.now(timezone.utc)
-    precision = resolve_text_precision(opts.precision, device)
+    precision = Precision(resolve_text_precision(opts.precision, device), device)
     seed_everything(opts.seed)
     teacher, student, synth, eval_table = prepare(opts, recipe, device, display)
     stages.lap("load")
-    trainer = TextTrainer(student, teacher, recipe.train, device, recipe.synth.max_length)
+    trainer = TextTrainer(student, teacher, recipe.train, device, recipe.synth.max_length, precision)
+    synth.use_precision(precision)
     synth.label, synth.student_logits = trainer.teacher_logits, trainer.student_logits
     teacher.model.to(device)
     with StopRequest() as stop:
         budget = Budget(opts.time_budget_s, stop=stop)
-        holdout, curve = distill_text(synth, trainer, recipe, budget, display, lambda: autocast(device, precision))
+        holdout, curve = distill_text(synth, trainer, recipe, budget, display, precision.autocast)
     if budget.stop_requested:
         raise DfkdError(f"stopped by {budget.stop_requested} at student step {trainer.steps_done}; text runs do not "
                         "write checkpoints, so nothing was kept", EXIT_INTERRUPTED)
@@ -51,7 +53,8 @@ def compress_text(opts: TextOptions, recipe: RecipeConfig, display: Display) -> 
     stages.lap("distill")
     run_info = {"started": started.isoformat(timespec="seconds"), "device": str(device),
                 "hardware": hardware_description(device), "steps": trainer.steps_done, "best_step": trainer.best_step,
-                "out": str(out), "stability": stability(curve), "precision": precision}
+                "out": str(out), "stability": stability(curve), "precision": precision.name,
+                "loss_scale": {"student": trainer.scaler.scale, "prompter": synth.scaler.scale} if precision.name == "fp16" else None}
     with staging_dir(out) as staging:
         report = publish(staging, opts, recipe, teacher, trainer, synth, holdout, eval_table, run_info, display)
         stages.lap("export_and_evaluate")

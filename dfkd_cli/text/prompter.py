@@ -135,8 +135,8 @@ class RLPromptSynthesizer(TextSynthesizer):
         repeat = -repeat_divergence(log_dist)
         loss = self.loss.get("reward", 1.0) * reinforce + self.loss.get("repeat", 0.0) * repeat
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.backward(loss)
+        self.scaler.step(self.optimizer)
         self.pool.add(texts, teacher_logits)
         self.last = {"reward": float(q.mean()), "repeat": float(repeat.detach())}
         return self.last

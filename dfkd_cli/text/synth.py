@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from dfkd_cli.errors import DfkdError
+from dfkd_cli.precision import LossScaler, Precision
 from dfkd_cli.text.models import TextTeacher
 
 Labeler = Callable[[list[str]], torch.Tensor]  # texts -> teacher logits [N, C]
@@ -99,6 +100,10 @@ class TextSynthesizer:
         self.prompter: Any = None  # (model, tokenizer) of --prompter
         self.corpus: list[str] | None = None  # sentences of --prior
         self.student_logits: Labeler | None = None  # the student's forward (the adversarial reward)
+        self.scaler = LossScaler()  # loss scaling of a trained prompter (fp16)
+
+    def use_precision(self, precision: Precision) -> None:
+        self.scaler = precision.scaler()
 
     def make(self, n: int) -> list[str]:
         """``n`` new texts."""

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from dfkd_cli.config import TrainConfig
+from dfkd_cli.precision import Precision
 from dfkd_cli.text.models import TextTeacher
 from dfkd_cli.trainer import kd_loss, scheduled_lr
 
@@ -32,7 +33,7 @@ class TextTrainer:
     """Updates the student; keeps the best student on the selection half of the hold-out."""
 
     def __init__(self, student: Any, teacher: TextTeacher, cfg: TrainConfig, device: torch.device,
-                 max_length: int = 128) -> None:
+                 max_length: int = 128, precision: Precision | None = None) -> None:
         self.student, self.teacher, self.cfg, self.device = student.to(device), teacher, cfg, device
         self.tokenizer, self.class_names = teacher.tokenizer, teacher.class_names
         self.max_length = min(max_length, teacher.max_positions)
@@ -46,6 +47,7 @@ class TextTrainer:
         self.best_agreement = -1.0
         self._best_state: dict[str, torch.Tensor] | None = None
         self.time_progress = lambda: 0.0  # set by the pipeline when a time budget drives the schedule
+        self.scaler = (precision or Precision()).scaler()  # loss scaling for fp16
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.teacher.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
@@ -75,8 +77,8 @@ class TextTrainer:
         student_logits = self.student(**self.encode(texts)).logits.float()
         loss = kd_loss(student_logits, teacher_logits.to(self.device), self.cfg.loss, self.cfg.temperature, self.cfg.alpha)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.backward(loss)
+        self.scaler.step(self.optimizer)
         self.steps_done += 1
         return float(loss.detach())
 
