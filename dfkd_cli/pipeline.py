@@ -189,7 +189,8 @@ def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displ
                 "resumed_from_step": resume["run"]["trainer"]["steps_done"] if resume else None,
                 "precision": precision.name, "loss_scale": _loss_scales(precision, run.trainer.scaler, run.synth.scaler),
                 "channels_last": run.recipe.train.channels_last, "compiled": opts.compile,
-                "throughput": run.meter.to_dict(), "processes": processes, "health": {**supervisor.report(), "warnings": supervisor.warnings}}
+                "throughput": run.meter.to_dict(), "processes": processes,
+                "health": {**supervisor.report(), "warnings": supervisor.warnings}}
     result = Distilled(teacher, student, run.synth, holdout, eval_data, _training_set(opts, run), run_info)
     return _publish(out, opts, run.recipe, result, display, watch)
 

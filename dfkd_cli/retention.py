@@ -98,8 +98,9 @@ def retention_loss(student: nn.Module, teacher: nn.Module, x_memory: torch.Tenso
                    params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """L_ret: ``criterion`` between the student's logits on ``x_memory`` (with ``params`` in place
     of its parameters when given; buffers stay the module's own) and the teacher's (no grad)."""
-    with torch.no_grad():
+    with torch.inference_mode():
         teacher_logits = teacher(x_memory)
+    teacher_logits = teacher_logits.clone()  # a normal tensor: inference tensors cannot be saved for backward
     if params is None:
         student_logits = student(x_memory)
     else:

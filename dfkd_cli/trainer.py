@@ -255,9 +255,10 @@ class StudentTrainer:
 
     def _acquisition_loss(self, x: torch.Tensor) -> torch.Tensor:
         """KD (plus attention transfer) against the teacher on the fresh batch ``x``."""
-        with torch.no_grad(), self.attention.teacher_outputs() as teacher_blocks:
+        with torch.inference_mode(), self.attention.teacher_outputs() as teacher_blocks:
             teacher_logits = self.teacher(x)
             self.last_majority = float(teacher_logits.argmax(1).bincount().max()) / len(x)
+        teacher_logits = teacher_logits.clone()  # an inference tensor cannot be saved for backward (l1 saves it)
         with self.attention.student_outputs() as student_blocks:
             student_logits = self.student(x)
         loss = kd_loss(student_logits, teacher_logits, self.cfg.loss, self.cfg.temperature, self.cfg.alpha)

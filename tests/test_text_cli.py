@@ -215,3 +215,13 @@ def test_a_distilbert_teacher_gets_a_bert_n_student_and_onnx_without_token_type_
     assert result.exit_code == 0, (result.stderr, result.exception)
     report = json.loads(result.stdout)
     assert report["run"]["precision"] == "fp32" and report["student"]["layers"] == 1 and report["onnx_parity"]["inputs"] == ["input_ids", "attention_mask"]
+
+
+def test_fp16_text_run_scales_the_student_and_prompter_losses(text_files, tmp_path) -> None:
+    result = run("compress", text_files["bert"], "--recipe", "promptdfd-rl", "--generator", text_files["gpt2"],
+                 "--prompter", text_files["gpt2"], "--out", tmp_path / "r", "--precision", "fp16", *FAST, *GENERATE,
+                 "-s", "synth.prompt_length=2")
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    run_info = json.loads(result.stdout)["run"]
+    assert run_info["precision"] == "fp16"
+    assert run_info["loss_scale"]["student"] >= 1.0 and run_info["loss_scale"]["prompter"] >= 1.0
