@@ -7,6 +7,7 @@ files in bench/out/ are those of run_bench.py's mnist-lenet and cifar10 suites, 
     python bench/throughput.py --suite mnist --recipes dfad,dafl,zskt --target 0.9
     python bench/throughput.py --suite cifar10 --recipes dfad,fast,cmi --target 0.5
     OMP_NUM_THREADS=1 python bench/throughput.py --suite mnist --recipes dfad --budget 5s --nproc-budget 5s
+    python bench/throughput.py --suite all --recipes dfad,fast --nproc 0 --precision bf16   # dfkd in bf16
 
 Duration: suites x recipes x 2 loops x --budget (plus set-up and the real-data checks, which the
 clock leaves out), plus the --nproc section: two `dfkd compress` runs of --nproc-budget plus loading,
@@ -56,7 +57,7 @@ from torchvision import transforms as T
 from dfkd_cli.config import RecipeConfig, load_recipe
 from dfkd_cli.distill import Run, start, train, wire
 from dfkd_cli.evaluate import load_eval_data
-from dfkd_cli.precision import channels_last
+from dfkd_cli.precision import Precision, channels_last
 from dfkd_cli.runtime import Budget, Display, hardware_description, parse_duration, seed_everything
 from dfkd_cli.synth import Synthesizer, synthesizer_class
 from dfkd_cli.synth.base import SyntheticPool
@@ -220,6 +221,7 @@ class Bench:
     eval_every: int
     seed: int
     extra: list[str]
+    precision: str = "fp32"  # dfkd's loop only; the reference is fp32
 
     def teacher(self) -> Teacher:
         s = self.suite
@@ -234,7 +236,8 @@ class Bench:
         seed_everything(self.seed)
         student = build_student(self.suite.student, teacher)
         synth = synthesizer_class(recipe.recipe.synthesizer)(teacher, recipe.synth, recipe.loss, CPU)
-        trainer = StudentTrainer(student, teacher.model, recipe.train, CPU, input_shape=teacher.input_shape)
+        trainer = StudentTrainer(student, teacher.model, recipe.train, CPU, input_shape=teacher.input_shape,
+                                 precision=Precision(self.precision, CPU))
         synth.student = trainer.student
         return recipe, synth, trainer
 
@@ -253,7 +256,7 @@ def run_dfkd(bench: Bench, name: str, seconds: float) -> Measured:
     if bench.recipe(name).train.channels_last:
         channels_last(teacher.model)  # as the pipeline does
     recipe, synth, trainer = bench.build(name, teacher)
-    run, budget = Run(name, recipe, synth, trainer), Budget(seconds)
+    run, budget = Run(name, recipe, synth, trainer, autocast=Precision(bench.precision, CPU).autocast), Budget(seconds)
     probe = bench.probe(budget)
     start(run, budget, Display())
     train(run, budget, Display(), HUGE_STEPS, probe)
@@ -308,7 +311,8 @@ def rows_for(name: str, results: dict[str, Measured]) -> list[dict[str, Any]]:
     return rows
 
 
-def make_bench(key: str, target: float | None, eval_every: int, seed: int, extra: list[str]) -> Bench:
+def make_bench(key: str, target: float | None, eval_every: int, seed: int, extra: list[str],
+               precision: str = "fp32") -> Bench:
     """The suite's teacher's classes on its real test images (existing files of bench/out/)."""
     suite = make_suite(SUITES[key])
     missing = [str(p) for p in (suite.teacher, suite.eval_npz) if not p.is_file()]
@@ -317,7 +321,7 @@ def make_bench(key: str, target: float | None, eval_every: int, seed: int, extra
     teacher = load_teacher(suite.teacher, suite.arch, parse_input_shape(suite.input_shape), normalize=suite.normalize)
     data = load_eval_data(suite.eval_npz, teacher.input_shape, teacher.mean, teacher.std, teacher.class_names)
     return Bench(suite, data.x, predict_classes(teacher.model, data.x),
-                 DEFAULT_TARGETS[key] if target is None else target, eval_every, seed, extra)
+                 DEFAULT_TARGETS[key] if target is None else target, eval_every, seed, extra, precision)
 
 
 def run_suite(bench: Bench, recipes: list[str], seconds: float, workdir: Path,
@@ -367,7 +371,7 @@ def nproc_rows(nproc: int, budget: str, workdir: Path) -> list[dict[str, Any]]:
 
 def footer(bench: Bench, seconds: float, workers: int) -> str:
     return (f"Each loop: {seconds:g} s of wall clock, one loop at a time, on {hardware_description(CPU)}, "
-            f"{torch.get_num_threads()} torch threads, fp32. synthetic samples/s: new synthetic inputs / seconds in "
+            f"{torch.get_num_threads()} torch threads, dfkd's loop in {bench.precision}, the reference in fp32. synthetic samples/s: new synthetic inputs / seconds in "
             "synthesis (synthesize() and sample(); for the reference also writing and loading PNGs); student "
             "samples/s: inputs trained on / seconds in student steps; total samples/s: inputs trained on / the loop's "
             "wall clock (dfkd's includes making its held-out synthetic samples, which the reference does not make). "
@@ -392,6 +396,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override for both loops (train.lr=0.01) or one recipe (dfad:train.lr=0.01)")
     parser.add_argument("--nproc", type=int, default=2, help="processes of the --nproc section (0: skip it)")
     parser.add_argument("--nproc-budget", help="--time-budget of the --nproc section's runs (default: --budget)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="autocast of dfkd's loop (the reference stays fp32); bf16 pays off on CPUs with AVX512-BF16 or AMX")
     parser.add_argument("--json", type=Path, help="also write the rows and raw measurements to this file")
     args = parser.parse_args(argv)
     if args.eval_every < 1 or args.workers < 0 or args.nproc == 1 or args.nproc < 0:
@@ -406,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
                            "torch_threads": torch.get_num_threads(), "suites": []}
     with tempfile.TemporaryDirectory(prefix="dfkd-throughput-") as tmp:
         for key in {"all": list(SUITES), "none": []}.get(args.suite, [args.suite]):
-            bench = make_bench(key, args.target, args.eval_every, args.seed, args.extra)
+            bench = make_bench(key, args.target, args.eval_every, args.seed, args.extra, args.precision)
             recipes = [r.strip() for r in (args.recipes or DEFAULT_RECIPES[key]).split(",") if r.strip()]
             rows, measured = run_suite(bench, recipes, seconds, Path(tmp), args.workers)
             heading = (f"**{bench.suite.title}: dfkd against the research-code loop ({seconds:g} s per loop; "
