@@ -166,7 +166,7 @@ def compress(
     trust_pickle: Annotated[bool, typer.Option(help="DANGEROUS: allow checkpoints that run pickled code when loaded.")] = False,
     config: Annotated[Optional[Path], typer.Option(help="Repeat a run from its config.toml (flags given here win).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the unfinished run in this folder from its last checkpoint (its own settings; only --device may change).")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto (default: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPUs), fp32, bf16 or fp16 (with loss scaling): autocast for synthesis and student steps.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (default: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPUs), fp32, bf16 (also 1.5-2x faster on CPUs with AVX512-BF16 or AMX) or fp16 (with loss scaling): autocast for synthesis and student steps.")] = None,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the student and generator (pays off on long GPU runs; off by default).")] = False,
     nproc: Annotated[Optional[int], typer.Option(help="Train with N processes on this machine (gloo on CPU, NCCL on GPUs), as torchrun --standalone --nproc-per-node N would.", min=1)] = None,
     demo: Annotated[bool, typer.Option(help="Run on the bundled MNIST teacher and real held-out digits.")] = False,

@@ -23,7 +23,7 @@ from dfkd_cli.export import StudentMeta, export_onnx, save_student
 from dfkd_cli.measure import eval_data_warnings, gate_result, measure_models, real_data_report
 from dfkd_cli.prior import PriorData
 from dfkd_cli.report import SCHEMA_VERSION, save_sample_grid, write_report
-from dfkd_cli.precision import LossScaler, Precision, channels_last, contiguous, resolve_precision
+from dfkd_cli.precision import LossScaler, Precision, channels_last, contiguous, cpu_precision_note, resolve_precision
 from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, hardware_description, library_versions,
                               pool_memory_limit, resolve_device, seed_everything)
 from dfkd_cli.distill import Run, distill, finish
@@ -204,9 +204,9 @@ def _check_precision(precision: Precision, recipes: list[RecipeConfig], display:
     if precision.name == "fp16" and any(recipe.train.update == "lra" for recipe in recipes):
         raise DfkdError("--precision fp16 cannot scale lra's inner gradient (train.update = \"lra\"); "
                         "use --precision bf16 or fp32, or train.update=replay")
-    if precision.name != "fp32" and precision.device.type == "cpu":
-        display.log(f"precision {precision.name} on a CPU: autocast there is often slower than fp32 "
-                    "(bf16 6x for the convolutional networks on the CPU dfkd is developed on)")
+    note = cpu_precision_note(precision.name) if precision.device.type == "cpu" else None
+    if note:
+        display.log(note)
 
 
 def _compile(*models: torch.nn.Module | None) -> None:

@@ -1,9 +1,11 @@
 """A run's numeric precision: autocast for forward passes, loss scaling for fp16, memory format.
 
 ``--precision auto`` is bf16 on GPUs that have it, fp16 (with loss scaling) on older GPUs and
-fp32 on CPUs, where bf16 autocast measured 6x slower for the convolutional networks on the
-2-core AMD EPYC dfkd is developed on. Every component that calls ``backward`` owns a
-:class:`LossScaler`; for fp32 and bf16 it passes straight through.
+fp32 on CPUs, so that a CPU run gives the same numbers on every CPU: bf16 autocast is fast only on
+CPUs with native bf16 (AVX512-BF16, AMX), where it made the convolutional generator and student
+steps 1.5x to 2x faster on the 2-core AMD EPYC dfkd is developed on; elsewhere it is emulated and
+slower. fp16 on a CPU is emulated everywhere (6.6x slower than fp32 there). Every component that
+calls ``backward`` owns a :class:`LossScaler`; for fp32 and bf16 it passes straight through.
 
 Example:
     >>> precision = Precision(resolve_precision("auto", device), device)
@@ -46,8 +48,22 @@ def resolve_text_precision(name: str, device: torch.device) -> str:
     where it measured 1.5x faster student steps and 2.2x faster teacher passes than fp32 on the
     2-core EPYC dfkd is developed on."""
     if name == "auto" and device.type == "cpu":
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
     return resolve_precision(name, device)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as oneDNN sees it."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_precision_note(name: str) -> str | None:
+    """A line for a CPU run at ``name`` that will be slower than fp32, else None."""
+    if name == "fp16":
+        return "precision fp16 on a CPU: CPUs emulate fp16, 6.6x slower than fp32 on the CPU dfkd is developed on; fp16 is for GPUs without bf16"
+    if name == "bf16" and not cpu_has_native_bf16():
+        return "precision bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so autocast emulates it and is usually slower than fp32"
+    return None
 
 
 class LossScaler:

@@ -17,7 +17,7 @@ from dfkd_cli.config import RecipeConfig, dump_toml, recipe_info
 from dfkd_cli.errors import EXIT_INTERRUPTED, DfkdError
 from dfkd_cli.report import write_report
 from dfkd_cli.rundir import check_out_dir, move_into_place, staging_dir
-from dfkd_cli.precision import Precision, resolve_text_precision
+from dfkd_cli.precision import Precision, cpu_precision_note, resolve_text_precision
 from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, hardware_description, library_versions,
                               resolve_device, seed_everything)
 from dfkd_cli.selection import stability
@@ -36,6 +36,8 @@ def compress_text(opts: TextOptions, recipe: RecipeConfig, display: Display) -> 
     device = resolve_device(opts.device)
     stages, started = Stopwatch(device), datetime.now(timezone.utc)
     precision = Precision(resolve_text_precision(opts.precision, device), device)
+    if device.type == "cpu" and (note := cpu_precision_note(precision.name)):
+        display.log(note)
     seed_everything(opts.seed)
     teacher, student, synth, eval_table = prepare(opts, recipe, device, display)
     stages.lap("load")
