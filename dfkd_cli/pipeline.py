@@ -322,7 +322,10 @@ def _open_prior(opts: CompressOptions, recipe: RecipeConfig, teacher: Teacher, r
                         "domain, e.g. USPS digits for an MNIST teacher")
     if opts.prior is None:
         return None
-    batch = max(recipe.train.batch_size, getattr(recipe.synth, "batch_size", 0))
+    synth_batch = getattr(recipe.synth, "batch_size", 0)
+    if synth_batch == "auto":  # resolved when the synthesizer is built; the paper's size bounds it
+        synth_batch = getattr(type(recipe.synth), "batch_size")
+    batch = max(recipe.train.batch_size, synth_batch)
     reserve = recipe.train.holdout if cls.prior_holdout else 0
     return PriorData(opts.prior, teacher.input_shape, teacher.mean, teacher.std, batch, reserve, seed=opts.seed + rank)
 

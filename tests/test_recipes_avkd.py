@@ -194,3 +194,11 @@ def test_the_adversarial_term_raises_the_teacher_student_gap(teacher, prior_npz)
     for _ in range(15):
         synth.synthesize()
     assert gap() > before
+
+
+def test_avkd_runs_with_the_recipe_s_auto_generator_batch_and_fp16(tiny_teacher, tmp_path, prior_npz):
+    """--prior once read synth.batch_size before "auto" was resolved, and crashed with a traceback."""
+    report = run(tiny_teacher, tmp_path, prior_npz, "avkd", "-s", "synth.d_width=8", "-s", 'synth.batch_size="auto"',
+                 "--precision", "fp16")
+    assert report["run"]["config"]["synth"]["batch_size"] == 128  # 16 px inputs on a CPU
+    assert report["run"]["precision"] == "fp16" and set(report["run"]["loss_scale"]) == {"student", "synthesizer"}

@@ -54,3 +54,15 @@ def test_fp16_with_loss_scaling_runs_on_the_cpu_and_is_recorded(tiny_teacher, tm
     run = json.loads(result.stdout)["run"]
     assert run["precision"] == "fp16" and run["channels_last"] is True and "CPUs emulate fp16" in result.stderr
     assert run["loss_scale"]["student"] >= 1.0 and run["loss_scale"]["synthesizer"] >= 1.0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_pool_recipes_publish_under_half_precision(precision, tiny_teacher, tmp_path):
+    """Generators under autocast make half-precision samples; the pool keeps them in fp32, so the
+    held-out selection, the sample grid and the export read them outside autocast."""
+    result = CliRunner().invoke(app, ["compress", str(tiny_teacher["path"]), *tiny_teacher["args"], "--recipe", "fast",
+                                      "--out", str(tmp_path / "run"), *SMALL, "-s", "synth.iterations=2",
+                                      "--precision", precision])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["run"]["precision"] == precision
+    assert (tmp_path / "run" / "samples.png").is_file()

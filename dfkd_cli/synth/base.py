@@ -86,7 +86,7 @@ class SyntheticPool:
         return sum(len(c) for c in self._chunks) + (self._disk.count if self._disk else 0)
 
     def add(self, x: torch.Tensor) -> None:
-        self._chunks.append(x.detach())
+        self._chunks.append(x.detach().float())  # generators under bf16/fp16 autocast make half precision
         self._data = None
         if self.memory_limit is not None and sum(c.numel() * c.element_size() for c in self._chunks) > self.memory_limit:
             self._spill()
@@ -228,7 +228,7 @@ class Synthesizer:
             batch = self.make_batch(min(self.config.batch_size, n - made))
             batches.append(batch)
             made += len(batch)
-        return torch.cat(batches)
+        return torch.cat(batches).float()
 
     def status(self) -> dict[str, float]:
         """Numbers for the live display (e.g. the pool size or the generator's last losses)."""
