@@ -23,7 +23,7 @@ from dfkd_cli.export import StudentMeta, export_onnx, save_student
 from dfkd_cli.measure import eval_data_warnings, gate_result, measure_models, real_data_report
 from dfkd_cli.prior import PriorData
 from dfkd_cli.report import SCHEMA_VERSION, save_sample_grid, write_report
-from dfkd_cli.precision import LossScaler, Precision, channels_last, contiguous, cpu_precision_note, resolve_precision
+from dfkd_cli.precision import Precision, channels_last, contiguous, loss_scales, resolve_precision
 from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, hardware_description, library_versions,
                               pool_memory_limit, resolve_device, seed_everything)
 from dfkd_cli.distill import Run, distill, finish
@@ -35,6 +35,7 @@ from dfkd_cli.selection import Reservoir, stability
 from dfkd_cli.synth import Synthesizer, synthesizer_class
 from dfkd_cli.supervise import Supervisor
 from dfkd_cli.synth.from_synthetic import FromSyntheticSynthesizer
+from dfkd_cli.synth.generator import largest_batch_size
 from dfkd_cli.synthetic_set import SyntheticSet, load_synthetic_set, record_capacity, save_synthetic_set
 from dfkd_cli.teacher import Teacher, build_student, load_teacher
 from dfkd_cli.trainer import StudentTrainer, predict_classes
@@ -187,7 +188,7 @@ def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displ
                 "from_synthetic": str(opts.from_synthetic.resolve()) if opts.from_synthetic else None,
                 "stability": stability(run.curve), "race": race, "synthetic_saved": opts.save_synthetic,
                 "resumed_from_step": resume["run"]["trainer"]["steps_done"] if resume else None,
-                "precision": precision.name, "loss_scale": _loss_scales(precision, run.trainer.scaler, run.synth.scaler),
+                "precision": precision.name, "loss_scale": loss_scales(student=run.trainer.scaler, synthesizer=run.synth.scaler),
                 "channels_last": run.recipe.train.channels_last, "compiled": opts.compile,
                 "throughput": run.meter.to_dict(), "processes": processes,
                 "health": {**supervisor.report(), "warnings": supervisor.warnings}}
@@ -195,17 +196,11 @@ def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displ
     return _publish(out, opts, run.recipe, result, display, watch)
 
 
-def _loss_scales(precision: Precision, student: LossScaler, synth: LossScaler) -> dict[str, float] | None:
-    """fp16's final loss scales: one far below the initial 65536 means gradients overflowed often."""
-    return {"student": student.scale, "synthesizer": synth.scale} if precision.name == "fp16" else None
-
-
 def _check_precision(precision: Precision, recipes: list[RecipeConfig], display: Display) -> None:
     if precision.name == "fp16" and any(recipe.train.update == "lra" for recipe in recipes):
         raise DfkdError("--precision fp16 cannot scale lra's inner gradient (train.update = \"lra\"); "
                         "use --precision bf16 or fp32, or train.update=replay")
-    note = cpu_precision_note(precision.name) if precision.device.type == "cpu" else None
-    if note:
+    if note := precision.slow_note():
         display.log(note)
 
 
@@ -322,10 +317,7 @@ def _open_prior(opts: CompressOptions, recipe: RecipeConfig, teacher: Teacher, r
                         "domain, e.g. USPS digits for an MNIST teacher")
     if opts.prior is None:
         return None
-    synth_batch = getattr(recipe.synth, "batch_size", 0)
-    if synth_batch == "auto":  # resolved when the synthesizer is built; the paper's size bounds it
-        synth_batch = getattr(type(recipe.synth), "batch_size")
-    batch = max(recipe.train.batch_size, synth_batch)
+    batch = max(recipe.train.batch_size, largest_batch_size(recipe.synth))  # "auto" is resolved later
     reserve = recipe.train.holdout if cls.prior_holdout else 0
     return PriorData(opts.prior, teacher.input_shape, teacher.mean, teacher.std, batch, reserve, seed=opts.seed + rank)
 

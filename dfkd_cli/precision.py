@@ -57,15 +57,6 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def cpu_precision_note(name: str) -> str | None:
-    """A line for a CPU run at ``name`` that will be slower than fp32, else None."""
-    if name == "fp16":
-        return "precision fp16 on a CPU: CPUs emulate fp16, 6.6x slower than fp32 on the CPU dfkd is developed on; fp16 is for GPUs without bf16"
-    if name == "bf16" and not cpu_has_native_bf16():
-        return "precision bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so autocast emulates it and is usually slower than fp32"
-    return None
-
-
 class LossScaler:
     """Dynamic loss scaling (:class:`torch.amp.GradScaler`) for one component's optimizers.
 
@@ -131,6 +122,26 @@ class Precision:
     def scaler(self) -> LossScaler:
         """A fresh loss scaler for one component (enabled for fp16 only)."""
         return LossScaler(self.name == "fp16", self.device.type)
+
+    def slow_note(self) -> str | None:
+        """A line for a CPU run whose precision will be slower than fp32 there, else None."""
+        if self.device.type != "cpu":
+            return None
+        if self.name == "fp16":
+            return ("precision fp16 on a CPU: CPUs emulate fp16, 6.6x slower than fp32 on the CPU dfkd is developed on; "
+                    "fp16 is for GPUs without bf16")
+        if self.name == "bf16" and not cpu_has_native_bf16():
+            return ("precision bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so autocast emulates it and is "
+                    "usually slower than fp32")
+        return None
+
+
+def loss_scales(**scalers: LossScaler) -> dict[str, float] | None:
+    """Each component's final fp16 loss scale (one far below the initial 65536 means its gradients
+    overflowed often); None when the run did not scale (fp32, bf16)."""
+    if not any(scaler.enabled for scaler in scalers.values()):
+        return None
+    return {name: scaler.scale for name, scaler in scalers.items()}
 
 
 def channels_last(model: nn.Module) -> nn.Module:

@@ -61,6 +61,12 @@ def resolve_generator_size(config: Any, input_shape: tuple[int, int, int], devic
     return f"generator size (auto, {where}): " + ", ".join(f"synth.{k} {v}" for k, v in chosen.items())
 
 
+def largest_batch_size(config: Any) -> int:
+    """``config.batch_size``, or before ``"auto"`` is resolved its upper bound, the paper's (0 without one)."""
+    value = getattr(config, "batch_size", 0)
+    return getattr(type(config), "batch_size") if value == AUTO else value
+
+
 def upsampling_stages(size: int, max_start: int = 8) -> int:
     """How many 2x upsamplings take a start map of at most ``max_start`` pixels to ``size``."""
     return max(2, math.ceil(math.log2(max(size, 1) / max_start)))

@@ -17,7 +17,7 @@ from dfkd_cli.config import RecipeConfig, dump_toml, recipe_info
 from dfkd_cli.errors import EXIT_INTERRUPTED, DfkdError
 from dfkd_cli.report import write_report
 from dfkd_cli.rundir import check_out_dir, move_into_place, staging_dir
-from dfkd_cli.precision import Precision, cpu_precision_note, resolve_text_precision
+from dfkd_cli.precision import Precision, loss_scales, resolve_text_precision
 from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, hardware_description, library_versions,
                               resolve_device, seed_everything)
 from dfkd_cli.selection import stability
@@ -36,7 +36,7 @@ def compress_text(opts: TextOptions, recipe: RecipeConfig, display: Display) -> 
     device = resolve_device(opts.device)
     stages, started = Stopwatch(device), datetime.now(timezone.utc)
     precision = Precision(resolve_text_precision(opts.precision, device), device)
-    if device.type == "cpu" and (note := cpu_precision_note(precision.name)):
+    if note := precision.slow_note():
         display.log(note)
     seed_everything(opts.seed)
     teacher, student, synth, eval_table = prepare(opts, recipe, device, display)
@@ -56,7 +56,7 @@ def compress_text(opts: TextOptions, recipe: RecipeConfig, display: Display) -> 
     run_info = {"started": started.isoformat(timespec="seconds"), "device": str(device),
                 "hardware": hardware_description(device), "steps": trainer.steps_done, "best_step": trainer.best_step,
                 "out": str(out), "stability": stability(curve), "precision": precision.name,
-                "loss_scale": {"student": trainer.scaler.scale, "prompter": synth.scaler.scale} if precision.name == "fp16" else None}
+                "loss_scale": loss_scales(student=trainer.scaler, prompter=synth.scaler)}
     with staging_dir(out) as staging:
         report = publish(staging, opts, recipe, teacher, trainer, synth, holdout, eval_table, run_info, display)
         stages.lap("export_and_evaluate")
