@@ -115,12 +115,23 @@ def test_dfq_terms_move_what_they_should(teacher, term):
 
 
 def generator_gradient(synth, seed: int = 3) -> torch.Tensor:
+    """The generator's gradient of its loss, by a real ``backward()`` (so that any student weight
+    gradients the generator step computed would show in the student's ``.grad``)."""
     torch.manual_seed(seed)
     x = synth.generator(synth.latent(synth.config.batch_size))
     loss, _ = synth.generator_loss(x)
-    grads = torch.autograd.grad(loss, list(synth.generator.parameters()), allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
-                      for g, p in zip(grads, synth.generator.parameters())])
+    synth.generator.zero_grad(set_to_none=True)
+    loss.backward()
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                      for p in synth.generator.parameters()])
+
+
+def teacher_branch_gradient(synth) -> torch.Tensor:
+    """``generator_gradient`` with the student's logits detached: the gradient through the teacher alone."""
+    live = synth.student_logits
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(synth, "student_logits", lambda x: live(x).detach())
+        return generator_gradient(synth)
 
 
 @pytest.mark.parametrize("name", ["zskt", "dfad", "dfq"])
@@ -135,6 +146,9 @@ def test_adversarial_gradient_depends_on_the_student(teacher, name):
             p.add_(0.05 * torch.randn_like(p))
     changed = generator_gradient(synth)
     assert float(changed.abs().max()) > 1e-4
+    # The student's logits must carry gradient: detaching them changes the generator's gradient.
+    through_student = float((changed - teacher_branch_gradient(synth)).norm() / changed.norm())
+    assert through_student > 0.1, "no gradient flowed through the student's branch"
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -16,12 +16,14 @@ steps (``iterations``: the paper's Fast-2, Fast-5, Fast-10):
   the adapted copy's gradients from every inner step, summed, are applied to the meta parameters
   by an Adam meta-optimizer with learning rate lr * iterations (one meta step moves about as far
   as one inner loop, the released FastDFKD setting);
-- during the first ``warmup`` batches the adversarial term is off (the student has not learned
-  anything yet); the first ``synthesize()`` call makes all remaining warm-up batches at once, so
-  the student starts on a pool from a warmed-up generator.
+- during the first ``warmup`` pool batches (the ones the student trains on) the adversarial term
+  is off (the student has not learned anything yet); the first ``synthesize()`` call makes all
+  remaining warm-up batches at once, so the student starts on a pool from a warmed-up generator.
 
 Every batch (the best or the last of its iterations) joins the growing pool the student trains on.
-Held-out batches (``holdout``) are made the same way, meta update included, but never join the pool.
+Held-out batches (``holdout``) are made the same way, meta update included, but never join the pool
+and do not count towards the warm-up: made before training starts, they are made without the
+adversarial term while the warm-up lasts.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class FastSynthesizer(GeneratorInversion):
         bn_momentum: float = 0.9  # 0 = plain per-batch BN statistics matching
         meta: str = "reptile"  # reptile | fomaml
         meta_lr: float = 0.5  # Reptile's step towards the adapted generator (fomaml ignores it)
-        warmup: int = 0  # first batches without the adversarial term
+        warmup: int = 0  # first pool batches without the adversarial term (held-out batches do not count)
         adv_temperature: float = 1.0
         crop_pad: int = 4
         flip: bool = True
@@ -73,11 +75,12 @@ class FastSynthesizer(GeneratorInversion):
                             f"got {config.meta_lr}")
         self.bn_momentum = config.bn_momentum
         super().__init__(teacher, config, loss, device)
+        self.pool_batches = 0  # batches added to the pool: the warm-up counts these, not held-out ones
         self.meta_optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.lr * config.iterations,
                                                betas=(0.5, 0.999))
 
     def _adv_on(self) -> bool:
-        return bool(self.loss.get("adv")) and self.batches_made >= self.config.warmup
+        return bool(self.loss.get("adv")) and self.pool_batches >= self.config.warmup
 
     def _start_batch(self, n: int) -> tuple[nn.Module, torch.Tensor, list[torch.optim.Optimizer]]:
         cfg = self.config
@@ -111,12 +114,16 @@ class FastSynthesizer(GeneratorInversion):
         """One batch into the pool; the first call also makes the remaining warm-up batches."""
         while True:
             self.pool.add(self.make_batch(self.config.batch_size))
-            if self.batches_made > self.config.warmup:
+            self.pool_batches += 1
+            if self.pool_batches > self.config.warmup:
                 return
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "meta_optimizer": self.meta_optimizer.state_dict()}
+        return {**super().state_dict(), "meta_optimizer": self.meta_optimizer.state_dict(),
+                "pool_batches": self.pool_batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        # Checkpoints from before pool batches were counted: all batches made, as the warm-up counted then.
+        self.pool_batches = int(state.get("pool_batches", state["batches_made"]))

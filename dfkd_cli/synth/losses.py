@@ -109,7 +109,13 @@ class LossInputs:
 
 
 def total_variation(x: torch.Tensor, p: int) -> torch.Tensor:
-    """Mean lp total variation over horizontal, vertical and both diagonal neighbours."""
+    """Total variation over horizontal, vertical and both diagonal neighbours, as DeepInversion
+    defines its image priors: summed over the four directions, each direction's differences give
+
+    - p = 1: their mean absolute value (per pixel, so the same for any batch size);
+    - p = 2: their l2 norm over the whole batch, not divided by the batch size: it grows with
+      sqrt(batch size), and the recipes' ``tv_l2`` weights are the reference code's for that term.
+    """
     diffs = (
         x[:, :, :, 1:] - x[:, :, :, :-1],
         x[:, :, 1:, :] - x[:, :, :-1, :],
@@ -118,7 +124,7 @@ def total_variation(x: torch.Tensor, p: int) -> torch.Tensor:
     )
     if p == 1:
         return sum(d.abs().mean() for d in diffs)
-    return sum(torch.norm(d) for d in diffs) / x.shape[0]
+    return sum(torch.linalg.vector_norm(d) for d in diffs)
 
 
 def _ce(inp: LossInputs) -> torch.Tensor:
