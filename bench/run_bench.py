@@ -72,7 +72,7 @@ from suites import BENCH, DATA_NAMES, HUGE_STEPS, KD_TITLES, OUT, ROOT, SUITE_NA
 DFKD = Path(sys.executable).parent / "dfkd"
 
 
-DEMO_ROWS = [("demo: deepinversion", ["--demo"]), ("demo settings, noise", ["--demo", "--recipe", "noise"])]
+DEMO_ROWS = [("demo: default path", ["--demo"]), ("demo settings, noise", ["--demo", "--recipe", "noise"])]
 
 
 def log(message: str) -> None:
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="dfkd-bench-") as tmp:
         workdir = args.keep or Path(tmp)
         if args.suite == "demo":
-            rows, heading, note, meta = run_demo(workdir), "demo: bundled resnet8 MNIST teacher -> lenet5_half", "", {}
+            rows, heading, note, meta = run_demo(workdir), "demo: bundled LeNet-5 MNIST teacher -> lenet5_half", "", {}
         else:
             suite = make_suite(args.suite, args.gpu)
             budget = args.budget or suite.budget

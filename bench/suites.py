@@ -85,9 +85,10 @@ _PAPER_CIFAR = {
 }
 _UPDATE_VARIANTS = {f"{recipe}{'' if update == 'plain' else '+' + update}": (recipe, [f'train.update="{update}"'])
                     for recipe in ("dfad", "dafl") for update in ("plain", "replay", "lra")}
-# The recipe race at the suite's budget, and the int8 student of the recipe auto falls back on.
-_RACE_AND_INT8 = {"auto (race)": ("auto", []), "dfad + int8": ("dfad", ["--quantize", "int8"])}
+# The default path (no --recipe: the policy's pick, or its race) at the suite's budget, and an int8 student.
+_RACE_AND_INT8 = {"default (auto)": ("auto", []), "dfad + int8": ("dfad", ["--quantize", "int8"])}
 _MNIST_TEACHER = ["--dataset", "mnist", "--arch", "lenet5", "--epochs", "5", "--lr", "0.05"]
+_MNIST_LENET5 = ROOT / "dfkd_cli" / "demo" / "mnist_lenet5.safetensors"  # bundled: the demo's teacher
 _DAFL_TABLE_1 = {"kd-mnist": "98.91% (DAFL)", "kd-usps": "94.56% (DAFL)", "noise": "88.01% (DAFL)",
                  "dafl": "98.20% (DAFL)", "dfad": "98.3% (DFAD)", "zskd": "98.77% (ZSKD)"}
 
@@ -95,7 +96,7 @@ _DAFL_TABLE_1 = {"kd-mnist": "98.91% (DAFL)", "kd-usps": "94.56% (DAFL)", "noise
 def make_suite(name: str, gpu: bool = False) -> Suite:
     """The suite called ``name`` (``gpu``: the cifar10 suite at the papers' scale on CUDA)."""
     if name == "mnist-lenet":
-        return Suite(name, "MNIST, DAFL Table 1 setting: LeNet-5 -> LeNet-5-half", OUT / "mnist_lenet5.safetensors",
+        return Suite(name, "MNIST, DAFL Table 1 setting: LeNet-5 -> LeNet-5-half", _MNIST_LENET5,
                      "lenet5", "lenet5_half", "1x32x32", "mnist", ("mnist", 10_000), _MNIST_TEACHER,
                      ("mnist", "usps"), "dafl", "10m", digits=True, prior="usps", published=_DAFL_TABLE_1,
                      variants=_RACE_AND_INT8)
@@ -105,10 +106,11 @@ def make_suite(name: str, gpu: bool = False) -> Suite:
                      "mnist", ("mnist", 10_000), ["--dataset", "mnist", "--arch", "resnet8", "--epochs", "3"],
                      ("mnist",), "dafl", "5m", digits=True,
                      overrides={"deepinversion": _MNIST_PIXEL_OPT, "adi": _MNIST_PIXEL_OPT,
-                                "cmi": _SMALL_STUDENT, "fast": _SMALL_STUDENT})
+                                "cmi": _SMALL_STUDENT, "fast": _SMALL_STUDENT},
+                     variants={"default (auto)": ("auto", [])})
     if name == "mnist-update":
         return Suite(name, "Retention updates on MNIST: LeNet-5 -> LeNet-5-half, trainer.update plain / replay / lra",
-                     OUT / "mnist_lenet5.safetensors", "lenet5", "lenet5_half", "1x32x32", "mnist", ("mnist", 10_000),
+                     _MNIST_LENET5, "lenet5", "lenet5_half", "1x32x32", "mnist", ("mnist", 10_000),
                      _MNIST_TEACHER, (), "dafl", "5m", digits=True, variants=_UPDATE_VARIANTS, only_variants=True,
                      show_stability=True)
     if name == "cifar-split":
@@ -131,7 +133,7 @@ def make_suite(name: str, gpu: bool = False) -> Suite:
                      ["--dataset", "cifar10", "--arch", "resnet20", "--epochs", "10", "--crop-pad", "4", "--flip"],
                      ("cifar10",), "deepinversion", "5m",
                      overrides={"deepinversion": _CPU_CIFAR_PIXEL_OPT, "adi": _CPU_CIFAR_PIXEL_OPT},
-                     variants={"auto (race)": ("auto", []), "fast + int8": ("fast", ["--quantize", "int8"])})
+                     variants={"default (auto)": ("auto", []), "fast + int8": ("fast", ["--quantize", "int8"])})
     raise SystemExit(f"unknown suite '{name}'; choose one of: {', '.join(SUITE_NAMES)}")
 
 

@@ -5,7 +5,7 @@
     python bench/train_teacher.py --dataset cifar10 --arch resnet20 --epochs 10 --crop-pad 4 --flip \
         --out bench/out/cifar10_resnet20.safetensors
     python bench/train_teacher.py --dataset mnist --arch lenet5 --epochs 5 --lr 0.05 \
-        --out bench/out/mnist_lenet5.safetensors     # DAFL's LeNet-5 teacher (no BatchNorm)
+        --out dfkd_cli/demo/mnist_lenet5.safetensors  # the bundled demo teacher: DAFL's LeNet-5 (99.36%)
     python bench/train_teacher.py --dataset cifar10 --arch cifar_resnet34 --epochs 60 --crop-pad 4 --flip \
         --device cuda --out bench/out/cifar10_resnet34.safetensors   # GPU only: the papers' CIFAR-10 teacher
     python bench/train_teacher.py --dataset cifar10 --classes 0,1,2,3,4 --arch resnet20 --epochs 10 \

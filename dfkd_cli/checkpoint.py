@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import io
 import os
@@ -87,11 +88,24 @@ def _check_file(path: Path) -> None:
         found = f" (found there: {', '.join(inside[:5])})" if inside else ""
         raise DfkdError(f"checkpoint '{path}' is a directory; pass the weights file inside it{found}")
     if not path.exists():
-        raise DfkdError(f"checkpoint '{path}' not found; check the path")
+        raise DfkdError(f"checkpoint '{path}' {why_missing(path)}")
     if path.stat().st_size == 0:
         raise DfkdError(f"checkpoint '{path}' is empty (0 bytes); re-save or re-download it")
     if not os.access(path, os.R_OK):
         raise DfkdError(f"checkpoint '{path}' is not readable (permission denied); check its permissions")
+
+
+def why_missing(path: Path) -> str:
+    """Why ``path`` cannot be opened although given, with the fix: a symbolic link loop, a link to
+    nothing, or plainly not there."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a symbolic link loop (its links lead back to themselves); point the link at the file"
+        if os.path.islink(path):
+            return f"is a broken symbolic link (to '{os.readlink(path)}', which does not exist); fix the link"
+    return "not found; check the path"
 
 
 def _looks_like_safetensors(path: Path) -> bool:

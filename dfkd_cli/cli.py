@@ -7,7 +7,6 @@ failed, 2 bad input or usage, 3 runtime or export failure, 130 interrupted.
 from __future__ import annotations
 
 import functools
-import shutil
 import sys
 from enum import Enum
 from pathlib import Path
@@ -16,8 +15,9 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 from typer.core import TyperGroup
 
-from dfkd_cli import __version__
+from dfkd_cli import __version__, interrupts
 from dfkd_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DfkdError
+from dfkd_cli.outlock import refuse_if_locked
 
 # Typer vendors click in recent versions and uses the click package in older ones: take the
 # exception classes from Typer's own BadParameter.
@@ -74,11 +74,9 @@ FormatOption = Annotated[OutputFormat, typer.Option("--format", "-f", help="huma
 
 
 def _print_error(message: str) -> None:
-    from dfkd_cli.runtime import distributed_env  # imports torch: only when there is an error to print
-
+    # Never imports torch: this also runs when Ctrl-C cut torch's own import short.
     one_line = " ".join(message.split("\n"))
-    rank = distributed_env()[0]
-    print(f"error: {f'rank {rank}: ' if rank else ''}{one_line}", file=sys.stderr)
+    print(f"error: {interrupts.rank_prefix()}{one_line}", file=sys.stderr)
 
 
 def _without_nproc(args: list[str]) -> list[str]:
@@ -108,8 +106,8 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except DfkdError as err:
             _fail(err.message, err.exit_code)
-        except KeyboardInterrupt:
-            _fail("interrupted", EXIT_INTERRUPTED)
+        except KeyboardInterrupt as err:
+            _fail(f"interrupted by {interrupts.signal_name(err)}", EXIT_INTERRUPTED)
         except (MemoryError, RuntimeError) as err:
             if not _out_of_memory(err):
                 raise
@@ -148,7 +146,7 @@ def compress(
     out: Annotated[Optional[Path], typer.Option(help="Run folder to create (default runs/<teacher>-<recipe>-<time>).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
     steps: Annotated[Optional[int], typer.Option(help="Student optimisation steps (overrides train.steps).", min=1)] = None,
-    time_budget: Annotated[Optional[str], typer.Option(help="Wall-clock budget for synthesis + training, e.g. 90s, 10m, 2h.")] = None,
+    time_budget: Annotated[Optional[str], typer.Option(help="Wall-clock budget for the whole run, e.g. 90s, 10m, 2h (default 10m); none runs to the recipe's steps.")] = None,
     input_shape: Annotated[Optional[str], typer.Option(help="Teacher input as CxHxW, e.g. 3x32x32.")] = None,
     normalize: Annotated[Optional[str], typer.Option(help="Normalisation preset: imagenet, cifar10 or mnist.")] = None,
     mean: Annotated[Optional[str], typer.Option(help="Per-channel mean, comma separated (overrides --normalize).")] = None,
@@ -174,13 +172,16 @@ def compress(
     prompter: Annotated[Optional[Path], typer.Option(help="Text teachers: a small causal LM folder (DistilGPT2-like) that promptdfd-rl trains to write prompts.")] = None,
     text_column: Annotated[Optional[str], typer.Option(help="Text teachers: the --eval-data column holding the text (default sentence).")] = None,
     label_column: Annotated[Optional[str], typer.Option(help="Text teachers: the --eval-data column holding the label (default label).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (settings, stages, estimated time and memory, measured on a few real steps) and exit.")] = False,
     output_format: FormatOption = OutputFormat.human,
 ) -> None:
     """Compress TEACHER into a student with a data-free recipe; writes student, ONNX and report."""
+    if resume or out:
+        refuse_if_locked(resume or out)  # a busy --out fails at once, before the slow imports
     from dfkd_cli.pipeline import compress as run_compress
-    from dfkd_cli.render import render_compress
+    from dfkd_cli.render import render_compress, render_plan
     from dfkd_cli.runconfig import resolve_compress, resolve_resume
-    from dfkd_cli.runtime import make_display, parse_duration
+    from dfkd_cli.runtime import make_display
 
     if demo and config:
         raise DfkdError("--demo and --config both name a run config; pass only one")
@@ -191,7 +192,7 @@ def compress(
             raise DfkdError("--nproc: text runs use one process; leave it out")
         raise typer.Exit(launch(nproc, _without_nproc(sys.argv[1:])))
     flags = dict(teacher=teacher, arch=arch, student=student, recipe=recipe, out=out, steps=steps,
-                 time_budget_s=parse_duration(time_budget) if time_budget else None, input_shape=input_shape,
+                 time_budget_s=_time_budget_flag(time_budget), input_shape=input_shape,
                  normalize=normalize, mean=mean, std=std, labels=labels, eval_data=eval_data,
                  prior=prior, quantize=quantize, save_synthetic=save_synthetic or None,
                  from_synthetic=from_synthetic, race_share=race_share, min_agreement=min_agreement, device=device, seed=seed,
@@ -216,6 +217,7 @@ def compress(
     else:
         opts, recipes = resolve_compress(flags, set_ or [], DEMO_DIR / "demo.toml" if demo else config,
                                          overwrite=overwrite, trust_pickle=trust_pickle)
+    opts.dry_run = dry_run
     display = make_display(output_format.value)
     try:
         report = run_compress(opts, recipes, display)
@@ -223,8 +225,20 @@ def compress(
         display.close()
     if report is None:  # a distributed run's other ranks: rank 0 reports
         return
+    if report.get("dry_run"):
+        render_plan(report, output_format.value)
+        return
     render_compress(report, output_format.value)
     _check_gate(report)
+
+
+def _time_budget_flag(text: str | None) -> float | str | None:
+    """``--time-budget``: seconds, "none" (kept as such: no budget), or None when not given."""
+    from dfkd_cli.runtime import parse_duration
+
+    if text is None:
+        return None
+    return "none" if text.strip().lower() == "none" else parse_duration(text)
 
 
 def _compress_text(flags: dict[str, Any], overrides: list[str], overwrite: bool, trust_pickle: bool,
@@ -295,6 +309,7 @@ def quantize(
     output_format: FormatOption = OutputFormat.human,
 ) -> None:
     """Write RUN/student.int8.onnx, calibrated on the run's saved held-out synthetic samples."""
+    refuse_if_locked(run)  # a run still writing RUN fails before the slow imports
     from dfkd_cli.quantize import quantize_run
     from dfkd_cli.render import render_quantize
 
@@ -375,8 +390,8 @@ def recipes_list(ctx: typer.Context, output_format: FormatOption = OutputFormat.
 
 @recipes_app.command("show")
 @user_errors
-def recipes_show(name: Annotated[str, typer.Argument(help="Recipe name.")]) -> None:
-    """Print a recipe file."""
+def recipes_show(name: Annotated[str, typer.Argument(help="Recipe name (see `dfkd recipes`); not a path.")]) -> None:
+    """Print a shipped recipe."""
     from dfkd_cli.config import recipe_path
 
     print(recipe_path(name).read_text(encoding="utf-8"), end="")
@@ -385,28 +400,44 @@ def recipes_show(name: Annotated[str, typer.Argument(help="Recipe name.")]) -> N
 @recipes_app.command("cp")
 @user_errors
 def recipes_cp(
-    name: Annotated[str, typer.Argument(help="Recipe name.")],
+    name: Annotated[str, typer.Argument(help="Recipe name (see `dfkd recipes`); not a path.")],
     dest: Annotated[Path, typer.Argument(help="Where to write the copy (a .toml file) to edit and pass to --recipe.")],
 ) -> None:
-    """Copy a recipe to edit it; use the copy with `dfkd compress --recipe my.toml`."""
+    """Copy a shipped recipe to edit it; use the copy with `dfkd compress --recipe my.toml`."""
+    from dfkd_cli.atomic import atomic_write
     from dfkd_cli.config import recipe_path
 
-    if dest.exists():
+    text = recipe_path(name).read_text(encoding="utf-8")
+    if dest.exists() or dest.is_symlink():
         raise DfkdError(f"'{dest}' already exists; choose another destination")
-    shutil.copyfile(recipe_path(name), dest)
+    if not dest.parent.is_dir():
+        raise DfkdError(f"cannot write '{dest}': folder '{dest.parent}' does not exist; create it or choose another destination")
+    try:
+        with interrupts.while_writing():  # Ctrl-C leaves no half-written copy
+            atomic_write(dest, text)
+    except OSError as err:
+        raise DfkdError(f"cannot write '{dest}' ({err.strerror or err}); choose another destination") from None
     print(str(dest))
 
 
 @recipes_app.command("validate")
 @user_errors
 def recipes_validate(path: Annotated[Path, typer.Argument(help="A recipe .toml file.")]) -> None:
-    """Check a recipe file: known tables and keys, right types. Exit 0 when valid."""
+    """Check a recipe file: known tables and keys, right types, on a GPU and (with its [cpu] table) a CPU. Exit 0 when valid."""
     from dfkd_cli.config import build_recipe, read_toml
 
-    cfg = build_recipe(read_toml(path), [], default_name=path.stem)
-    print(f"{path}: valid ({cfg.recipe.synthesizer} synthesizer, {cfg.train.steps} student steps)")
+    data = read_toml(path)
+    cfg = build_recipe(data, [], default_name=path.stem, device_type="cuda")  # main tables; [cpu] keys checked too
+    try:
+        cpu = build_recipe(data, [], default_name=path.stem, device_type="cpu")
+    except DfkdError as err:  # the main tables built, so the [cpu] table's values are at fault
+        raise DfkdError(f"{err.message} (with the [cpu] table applied, as on a CPU)", err.exit_code) from None
+    on_cpu = f", {cpu.train.steps} on a CPU" if cpu.train.steps != cfg.train.steps else ""
+    print(f"{path}: valid ({cfg.recipe.synthesizer} synthesizer, {cfg.train.steps} student steps{on_cpu})")
 
 
 def main() -> None:
-    """Console entry point."""
+    """Console entry point. Ctrl-C and SIGTERM get their exit 130 and one line from here on, also
+    while torch is still being imported (see :mod:`dfkd_cli.interrupts`)."""
+    interrupts.install()
     app()

@@ -2,8 +2,10 @@
 
 A recipe file (``recipes/NAME.toml``) has four tables: ``[recipe]`` (what it is), ``[synth]``
 (the synthesizer's settings), ``[synth.loss]`` (weights of named loss terms) and ``[train]``
-(student trainer settings). ``-s key=value`` overrides any of them by dotted path, e.g.
-``-s train.lr=0.01`` or ``-s synth.loss.bn=5``. Recipe files are data: no key imports or calls code.
+(student trainer settings), which hold the paper's settings, and optionally ``[cpu]``: dotted keys
+that replace them on a CPU (:mod:`dfkd_cli.device_profile`). ``-s key=value`` overrides any of them
+by dotted path, e.g. ``-s train.lr=0.01`` or ``-s synth.loss.bn=5``. Recipe files are data: no key
+imports or calls code.
 
 Example:
     >>> cfg = load_recipe("deepinversion", overrides=["train.steps=100"])
@@ -22,6 +24,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from dfkd_cli.device_profile import (PROFILE_DEVICE, PROFILE_TABLE, apply_profile, check_profile_keys, flat_profile,
+                                     profile_under)
 from dfkd_cli.errors import DfkdError, shown
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -108,6 +112,7 @@ _POSITIVE = frozenset({
     "synth.batch_size", "synth.lr", "synth.latent_dim", "synth.ngf",
 })
 _INT64_MAX = 2**63 - 1  # what torch can hold; TOML integers are 64-bit too
+_TABLES = ("recipe", "synth", "train")  # the main tables; [cpu] (PROFILE_TABLE) may follow them
 
 
 @dataclass
@@ -143,14 +148,16 @@ def list_recipes() -> list[str]:
 
 
 def recipe_path(name: str) -> Path:
-    """Path of the recipe file ``name``; unknown names raise with the close matches."""
-    path = recipe_dir() / f"{name}.toml"
-    if not path.is_file():
-        names = list_recipes()
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    """Path of the shipped recipe ``name``, looked up among the shipped names (never joined into a
+    path, so ``../x`` reads nothing); unknown names raise with the close matches."""
+    names = list_recipes()
+    if name not in names:
+        close = difflib.get_close_matches(Path(name).stem if name.endswith(".toml") else name, names, n=3, cutoff=0.5)
         hint = f"did you mean: {', '.join(close)}? " if close else ""
-        raise DfkdError(f"unknown recipe {shown(name)}; {hint}available: {', '.join(names)} (see `dfkd recipes`)")
-    return path
+        file_hint = (" (a recipe file is given as --recipe FILE.toml to compress, or checked with `dfkd recipes "
+                     "validate FILE`)") if name.endswith(".toml") or "/" in name or "\\" in name else " (see `dfkd recipes`)"
+        raise DfkdError(f"unknown recipe {shown(name)}; {hint}available: {', '.join(names)}{file_hint}")
+    return recipe_dir() / f"{name}.toml"
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -186,25 +193,33 @@ def parse_toml(text: str, source: str) -> dict[str, Any]:
         raise DfkdError(f"'{source}' is not valid TOML (arrays or tables nested too deeply); fix the file") from None
 
 
-def load_recipe(name: str, overrides: list[str] | None = None) -> RecipeConfig:
-    """Load recipe ``name`` from the shipped recipes and apply ``key=value`` overrides."""
-    return build_recipe(read_toml(recipe_path(name)), overrides or [], default_name=name)
+def load_recipe(name: str, overrides: list[str] | None = None, device_type: str = "cpu") -> RecipeConfig:
+    """Load recipe ``name`` from the shipped recipes for a ``device_type`` ("cpu", "cuda") device and
+    apply ``key=value`` overrides."""
+    return build_recipe(read_toml(recipe_path(name)), overrides or [], default_name=name, device_type=device_type)
 
 
-def build_recipe(data: dict[str, Any], overrides: list[str], default_name: str = "") -> RecipeConfig:
-    """Validate recipe ``data`` (as parsed from TOML), apply overrides and return typed settings."""
+def build_recipe(data: dict[str, Any], overrides: list[str], default_name: str = "", device_type: str = "cpu") -> RecipeConfig:
+    """Validate recipe ``data`` (as parsed from TOML), apply its ``[cpu]`` table when ``device_type`` is
+    "cpu", then the overrides, and return typed settings: the numbers that run on that device."""
     from dfkd_cli.synth import synthesizer_class  # the registry imports heavy modules
 
     data = _deep_copy(data)
-    unknown = set(data) - {"recipe", "synth", "train"}
+    unknown = set(data) - {*_TABLES, PROFILE_TABLE}
     if unknown:
-        raise DfkdError(f"unknown recipe table(s) {sorted(unknown)}; valid tables: recipe, synth, train")
+        raise DfkdError(f"unknown recipe table(s) {sorted(unknown)}; valid tables: {', '.join(_TABLES)}, {PROFILE_TABLE}")
+    profile = flat_profile(data.pop(PROFILE_TABLE, {}))  # refuses keys outside synth. and train.
+    if device_type == PROFILE_DEVICE:
+        apply_profile(data, profile)  # under the overrides, which follow
     for item in overrides:
         key, value = parse_override(item)
         _set_path(data, key, value)
     info = _typed(RecipeInfo, data.get("recipe", {}), "recipe")
     info.name = info.name or default_name
     synth_cls = synthesizer_class(info.synthesizer)
+    # Checked on every device (a typo in [cpu] should not wait for a CPU run), before [synth] and
+    # [train] are typed so that a bad profile key is named as one.
+    check_profile_keys(profile, synth_cls, TrainConfig)
     synth_data = data.get("synth", {})
     if not isinstance(synth_data, dict):
         raise DfkdError("[synth] must be a table of key = value settings")
@@ -313,10 +328,18 @@ def _check_number(value: Any, key: str, hint: str) -> None:
 
 
 def merge_tables(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """``top``'s keys over ``base``'s, table by table (a run config's recipe tables over a recipe file)."""
+    """``top``'s keys over ``base``'s, table by table (a run config's recipe tables over a recipe file).
+    A key ``top`` sets also leaves ``base``'s ``[cpu]`` table, so the config's number wins on a CPU too."""
+    merged = _merge(base, top)
+    if PROFILE_TABLE in base:
+        merged[PROFILE_TABLE] = profile_under(base[PROFILE_TABLE], top)
+    return merged
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in top.items():
-        merged[key] = merge_tables(merged.get(key, {}), value) if isinstance(value, dict) else value
+        merged[key] = _merge(merged.get(key, {}), value) if isinstance(value, dict) else value
     return merged
 
 

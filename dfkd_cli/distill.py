@@ -101,7 +101,11 @@ def start(run: Run, budget: Budget, display: Display) -> None:
     if run.synth.online:
         run.selector = TrajectoryHoldout(run.synth, run.trainer, cfg.holdout)
     else:
-        display.stage(f"{run.stage_prefix}holdout", total=None)
+        batch = getattr(run.synth.config, "batch_size", cfg.holdout)
+        batches = -(-max(cfg.holdout, 2) // batch) if isinstance(batch, int) else 1
+        quarter = budget.left() / 4 if budget.left() is not None else None
+        display.stage(f"{run.stage_prefix}holdout", total=batches * getattr(run.synth.config, "iterations", 1),
+                      seconds_left=quarter)
         run.selector = FixedHoldout.make(run.synth, run.trainer, cfg.holdout, budget,
                                          lambda it, total, parts: display.advance(1, **parts))
     wire(run, budget)  # FixedHoldout stops synthesis at its own quarter; training follows the budget
@@ -172,7 +176,7 @@ def distill(run: Run, budget: Budget, display: Display, watch: StepWatch | None 
         start(run, budget, display)
     if watch is not None:
         watch.begin(run)
-    display.stage(f"{run.stage_prefix}distill", total=run.recipe.train.steps)
+    display.stage(f"{run.stage_prefix}distill", total=run.recipe.train.steps, seconds_left=budget.left())
     display.advance(run.trainer.steps_done)
     train(run, budget, display, run.recipe.train.steps, watch)
     if watch is not None:

@@ -158,12 +158,17 @@ def launch(nproc: int, args: list[str]) -> int:
     # each would oversubscribe them. A value the user set wins.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     command = [sys.executable, "-m", "dfkd_cli", *args]
+    processes: list[subprocess.Popen] = []
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the children get it from the terminal
-    processes = [subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
+    # SIGTERM (a scheduler stopping the job) reaches this process only: pass it on, so every
+    # process stops cleanly with exit 130 and this one returns that
+    previous_term = signal.signal(signal.SIGTERM, lambda *_: [p.terminate() for p in processes])
+    processes += [subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
     try:
         return _wait_all(processes)
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
         _stop(processes)
 
 

@@ -14,6 +14,8 @@ import math
 import os
 import statistics
 import time
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain, zip_longest
@@ -187,15 +189,12 @@ def _check_labels(y: torch.Tensor, path: Path, class_names: list[str] | None) ->
 
 
 def _load_npz(path: Path, input_shape: tuple[int, int, int], limit: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "x" not in archive.files:
-                found = ", ".join(archive.files) or "nothing"
-                raise DfkdError(f"eval data '{path}' has no array 'x' (found: {found}); save inputs as x=... and labels as y=...")
-            x = archive["x"][:limit]
-            y = archive["y"][:limit] if "y" in archive.files else None
-    except (OSError, ValueError) as error:  # bad zip, object arrays (pickles refused)
-        raise DfkdError(f"eval data '{path}' is not a readable .npz ({error}); write it with numpy.savez") from error
+    arrays, found = read_npz(path, "eval data", ("x", "y"))
+    if "x" not in arrays:
+        raise DfkdError(f"eval data '{path}' has no array 'x' (found: {', '.join(found) or 'nothing'}); "
+                        "save inputs as x=... and labels as y=...")
+    x = arrays["x"][:limit]
+    y = arrays["y"][:limit] if "y" in arrays else None
     if len(x) == 0:
         raise DfkdError(f"eval data '{path}' holds no samples; provide at least one")
     images = to_unit_nchw(x, input_shape, path)
@@ -204,6 +203,31 @@ def _load_npz(path: Path, input_shape: tuple[int, int, int], limit: int | None) 
     if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
         raise DfkdError(f"eval data '{path}': 'y' must be {len(x)} integer labels, got {y.dtype} {list(y.shape)}; store class indices")
     return images, torch.from_numpy(y.astype(np.int64))
+
+
+def read_npz(path: Path, what: str, names: Sequence[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The arrays ``names`` (those present, each with at least one dimension) of the ``.npz`` archive at
+    ``path`` and the names of all its arrays, read without pickles. A file that is no ``.npz`` (empty,
+    a single ``.npy`` array, text under that name, a damaged zip) is a one-line DfkdError naming
+    ``what`` it was meant to be (eval data, prior, synthetic set file)."""
+    fix = "write it with numpy.savez(path, x=...)"
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(6)
+        if not head.startswith(b"PK"):  # every .npz is a zip archive
+            kind = "empty (0 bytes)" if not head else (
+                "a single .npy array" if head.startswith(b"\x93NUMPY") else "not a zip archive")
+            raise DfkdError(f"{what} '{path}' is {kind}, not an .npz archive; {fix}")
+        with np.load(path, allow_pickle=False) as archive:
+            found = list(archive.files)
+            arrays = {name: archive[name] for name in names if name in found}
+    except (OSError, ValueError, EOFError, KeyError, NotImplementedError, zipfile.BadZipFile, zlib.error) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:100]
+        raise DfkdError(f"{what} '{path}' is not a readable .npz ({reason}); {fix}") from None
+    for name, array in arrays.items():
+        if array.ndim == 0:
+            raise DfkdError(f"{what} '{path}': '{name}' is a single value, not an array of samples; {fix}")
+    return arrays, found
 
 
 def to_unit_nchw(x: np.ndarray, input_shape: tuple[int, int, int], path: Path, what: str = "eval data") -> torch.Tensor:

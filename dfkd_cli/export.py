@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -34,7 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from dfkd_cli.errors import DfkdError, ExportError
+from dfkd_cli.atomic import replace, temporary_sibling
+from dfkd_cli import validate
+from dfkd_cli.errors import DfkdError, ExportError, shown
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -90,7 +91,9 @@ class StudentMeta:
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str] | None) -> StudentMeta:
-        """Inverse of :meth:`to_metadata`; :class:`DfkdError` when the metadata is not a dfkd student's."""
+        """Inverse of :meth:`to_metadata`, every value checked as a flag would be (a normalisation per
+        channel with every std above 0, a CxHxW shape, one distinct name per class); :class:`DfkdError`
+        when the metadata is not a dfkd student's or a value is malformed."""
         metadata = metadata or {}
         if METADATA_PREFIX + "arch" not in metadata:
             raise DfkdError("not a dfkd student file (no dfkd metadata); use the student.safetensors a dfkd run writes")
@@ -100,25 +103,31 @@ class StudentMeta:
             if key not in metadata:
                 raise DfkdError(f"dfkd student metadata lacks '{key}'; the file is damaged, re-export it with dfkd")
             values[field.name] = _decode_field(field.name, metadata[key])
+        where = {name: f"dfkd student metadata '{METADATA_PREFIX}{name}'" for name in values}
+        values["num_classes"] = validate.num_classes(values["num_classes"], where["num_classes"], _REEXPORT)
+        values["input_shape"] = validate.input_shape(values["input_shape"], where["input_shape"])
+        values["mean"], values["std"] = validate.normalisation(values["mean"], values["std"], values["input_shape"][0],
+                                                               where["mean"], where["std"], _REEXPORT)
+        values["class_names"] = validate.class_names(values["class_names"], values["num_classes"],
+                                                     where["class_names"], _REEXPORT)
+        for name in _STRING_FIELDS:
+            validate.text(values[name], where[name], fix=_REEXPORT)
         return cls(**values)
 
 
+_STRING_FIELDS = ("arch", "recipe", "teacher_arch", "teacher_sha256", "dfkd_version")
+_REEXPORT = "the file is damaged, re-export it with dfkd"
+
+
 def _decode_field(name: str, text: str) -> Any:
-    string_fields = {"arch", "recipe", "teacher_arch", "teacher_sha256", "dfkd_version"}
-    if name in string_fields:
+    """The JSON value of a metadata field (strings are stored as they are); types are checked by the caller."""
+    if name in _STRING_FIELDS:
         return text
     try:
-        value = json.loads(text)
-        if name == "num_classes":
-            return int(value)
-        if name == "input_shape":
-            return tuple(int(v) for v in value)
-        if name in ("mean", "std"):
-            return tuple(float(v) for v in value)
-        return [str(v) for v in value]
-    except (ValueError, TypeError) as error:
+        return json.loads(text)
+    except (ValueError, RecursionError) as error:
         raise DfkdError(
-            f"dfkd student metadata '{METADATA_PREFIX}{name}' is malformed ({text!r}); the file is damaged, re-export it with dfkd"
+            f"dfkd student metadata '{METADATA_PREFIX}{name}' is malformed ({shown(text)}); {_REEXPORT}"
         ) from error
 
 
@@ -135,7 +144,7 @@ def save_student(model: nn.Module, meta: StudentMeta, path: Path) -> None:
     state = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in model.state_dict().items()}
     with _temporary_sibling(path, suffix=".safetensors") as tmp_path:
         save_file(state, str(tmp_path), metadata=meta.to_metadata())
-        os.replace(tmp_path, path)
+        replace(tmp_path, path)
 
 
 def load_student(path: Path) -> tuple[nn.Module, StudentMeta]:
@@ -219,6 +228,7 @@ def export_onnx(
     check_inputs: torch.Tensor,
     atol: float = 1e-3,
     opset: int = MIN_OPSET,
+    role: str = "student",
 ) -> OnnxParity:
     """Export ``model`` to ONNX with a dynamic batch dimension and keep the file only if it matches PyTorch.
 
@@ -227,7 +237,10 @@ def export_onnx(
     repeated when fewer than needed) at batch sizes 1, 2 and 7. The file is written to a temp path and
     renamed to ``path`` only when the max |difference| is within ``atol`` (relative to the largest |logit|
     when that exceeds 1, as float32 rounding scales with magnitude) and top-1 agreement is 1.0;
-    otherwise :class:`ExportError` is raised and no file is left. Nothing is printed.
+    otherwise :class:`ExportError` is raised and no file is left. Nothing is printed. A broken model
+    (non-finite or enormous weights; or, when the export or parity fails, non-finite or enormous
+    outputs) is refused with that diagnosis: for the ``role`` "student" a training failure with its
+    fix (lower train.lr), not an exporter bug.
 
     Example:
         >>> parity = export_onnx(student, Path("student.onnx"), (3, 32, 32), holdout_x[:16])
@@ -239,19 +252,35 @@ def export_onnx(
     check_inputs = _check_rows(check_inputs, input_shape)
     path = Path(path)
     model = copy.deepcopy(model).to("cpu").eval()
-    with _temporary_sibling(path, suffix=".onnx") as tmp_path:
-        written_opset = _run_exporter(model, tmp_path, input_shape, opset)
-        max_abs_diff, top1_agreement, scale = _measure_parity(model, tmp_path, check_inputs)
-        parity = OnnxParity(list(PARITY_BATCH_SIZES), max_abs_diff, top1_agreement, written_opset, scale)
-        limit = atol * max(1.0, scale)  # absolute for logits up to 1, relative beyond
-        if not parity.max_abs_diff <= limit or parity.top1_agreement < 1.0:
-            raise ExportError(
-                f"ONNX parity check failed: max |diff| {parity.max_abs_diff:.3g} (limit {limit:.3g} for logits up to "
-                f"{scale:.3g}), top-1 agreement {parity.top1_agreement:.4f} (need 1.0) at batch sizes "
-                f"{parity.batch_sizes}; report this as a bug"
-            )
-        os.replace(tmp_path, path)
+    refuse_broken_model(model, None, role)  # diverged weights: refused before the exporter runs
+    try:
+        with _temporary_sibling(path, suffix=".onnx") as tmp_path:
+            written_opset = _run_exporter(model, tmp_path, input_shape, opset)
+            max_abs_diff, top1_agreement, scale = _measure_parity(model, tmp_path, check_inputs)
+            parity = OnnxParity(list(PARITY_BATCH_SIZES), max_abs_diff, top1_agreement, written_opset, scale)
+            limit = atol * max(1.0, scale)  # absolute for logits up to 1, relative beyond
+            if not parity.max_abs_diff <= limit or parity.top1_agreement < 1.0:
+                raise ExportError(
+                    f"ONNX parity check failed: max |diff| {parity.max_abs_diff:.3g} (limit {limit:.3g} for logits up to "
+                    f"{scale:.3g}), top-1 agreement {parity.top1_agreement:.4f} (need 1.0) at batch sizes "
+                    f"{parity.batch_sizes}; report this as a bug"
+                )
+            replace(tmp_path, path)
+    except ExportError:
+        refuse_broken_model(model, check_inputs, role)  # huge outputs: a diverged model, not the exporter, is to blame
+        raise
     return parity
+
+
+def refuse_broken_model(model: nn.Module, rows: torch.Tensor | None, role: str = "student") -> None:
+    """Raise :class:`ExportError` naming the failure when ``model`` is broken: its weights, and with
+    ``rows`` its outputs (see :func:`dfkd_cli.validate.broken_model`); for a student, a training failure."""
+    problem = validate.broken_weights(model) if rows is None else validate.broken_model(model, rows)
+    if problem is None:
+        return
+    fix = ("training failed (not the ONNX export): lower train.lr, e.g. -s train.lr=0.01, and run again"
+           if role == "student" else f"check the {role}'s weights")
+    raise ExportError(f"the {role} cannot be exported: {problem}; {fix}")
 
 
 def _check_rows(check_inputs: torch.Tensor, input_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -358,14 +387,6 @@ def _onnx_signature(path: Path) -> tuple[int, str | int]:
     return opset, dim.dim_param if dim.HasField("dim_param") else int(dim.dim_value)
 
 
-@contextlib.contextmanager
-def _temporary_sibling(path: Path, suffix: str) -> Iterator[Path]:
-    """A temp file path next to ``path`` (same filesystem, so ``os.replace`` is atomic), removed if left over."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(handle)
-    tmp_path = Path(name)
-    try:
-        yield tmp_path
-    finally:
-        tmp_path.unlink(missing_ok=True)
+# One helper for every atomic write (umask permissions, temp file removed on failure); the text
+# exporter imports it under this name too.
+_temporary_sibling = temporary_sibling

@@ -6,6 +6,7 @@ every artefact exists, so a failed run never leaves files that look like a finis
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -15,30 +16,31 @@ from typing import Any
 import torch
 
 from dfkd_cli import __version__
-from dfkd_cli.archs import default_student
 from dfkd_cli.config import RecipeConfig, applicable_recipes, dump_toml, prior_recipes
 from dfkd_cli.errors import DfkdError, ExportError
 from dfkd_cli.evaluate import EvalData, load_eval_data
 from dfkd_cli.export import StudentMeta, export_onnx, save_student
-from dfkd_cli.measure import eval_data_warnings, gate_result, measure_models, real_data_report
+from dfkd_cli.measure import deployment_checks, eval_data_warnings, gate_result, measure_models, real_data_report
 from dfkd_cli.prior import PriorData
 from dfkd_cli.report import SCHEMA_VERSION, save_sample_grid, write_report
 from dfkd_cli.precision import Precision, channels_last, contiguous, loss_scales, resolve_precision
 from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, hardware_description, library_versions,
-                              pool_memory_limit, resolve_device, seed_everything)
+                              resolve_device, seed_everything)
+from dfkd_cli.archs import default_student
+from dfkd_cli.build import RunBuilder
 from dfkd_cli.distill import Run, distill, finish
+from dfkd_cli.planner import export_reserve, make_plan
 from dfkd_cli.distributed import World
 from dfkd_cli.race import RACE_SHARE, run_race
 from dfkd_cli.resume import CheckpointDir
-from dfkd_cli.rundir import check_out_dir, clean, drop_checkpoints, move_into_place, staging_dir
-from dfkd_cli.selection import Reservoir, stability
+from dfkd_cli.rundir import claim_out_dir, drop_checkpoints, keep_failed, move_into_place, staging_dir
+from dfkd_cli.selection import stability
 from dfkd_cli.synth import Synthesizer, synthesizer_class
 from dfkd_cli.supervise import Supervisor
-from dfkd_cli.synth.from_synthetic import FromSyntheticSynthesizer
 from dfkd_cli.synth.generator import largest_batch_size
-from dfkd_cli.synthetic_set import SyntheticSet, load_synthetic_set, record_capacity, save_synthetic_set
+from dfkd_cli.synthetic_set import SyntheticSet, load_synthetic_set, save_synthetic_set
 from dfkd_cli.teacher import Teacher, build_student, load_teacher
-from dfkd_cli.trainer import StudentTrainer, predict_classes
+from dfkd_cli.trainer import predict_classes
 
 
 @dataclass
@@ -72,12 +74,21 @@ class CompressOptions:
     trust_pickle: bool = False
     overrides: list[str] = field(default_factory=list)
     resume: bool = False  # continue the run in ``out`` from its last checkpoint
+    dry_run: bool = False  # print the plan and stop
+    origins: dict[str, str] = field(default_factory=dict)  # where each given option came from, for the plan
+    explicit_keys: list[str] = field(default_factory=list)  # recipe keys the user set (never adjusted)
+    step_adjustments: dict[str, list[Any]] = field(default_factory=dict)  # per recipe: what a short --steps scaled
+
+    NOT_RECORDED = ("overwrite", "overrides", "out", "trust_pickle", "resume", "dry_run", "origins", "explicit_keys",
+                    "step_adjustments")
 
     def to_dict(self) -> dict[str, Any]:
         """The ``[run]`` table of config.toml: absolute paths, no output folder or trust flags."""
         data = dataclasses.asdict(self)
-        for key in ("overwrite", "overrides", "out", "trust_pickle", "resume"):
+        for key in self.NOT_RECORDED:
             data.pop(key)
+        if self.time_budget_s is None:
+            data["time_budget_s"] = "none"
         if self.recipe.endswith(".toml"):
             data["recipe"] = Path(self.recipe)
         return {k: str(v.resolve()) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
@@ -109,16 +120,17 @@ def compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displa
     return None)."""
     world = World.from_env()
     out = opts.out or default_out_dir(opts)
-    if world.is_main:  # the other ranks write nothing (and may see another file system)
-        check_out_dir(out, opts.overwrite, opts.resume)
-    if opts.resume and world.active:
-        raise DfkdError("--resume continues single-process runs; distributed runs do not checkpoint yet")
-    device = world.device(resolve_device(opts.device))
-    world.start(device)
-    try:
-        return _compress(opts, recipes, display, out, device, world)
-    finally:
-        world.stop()
+    inputs = [opts.teacher, opts.labels, opts.eval_data, opts.prior, opts.from_synthetic]
+    # rank 0 checks, locks and writes OUT; the other ranks write nothing (and may see another file system)
+    with claim_out_dir(out, opts.overwrite, opts.resume, inputs) if world.is_main else contextlib.nullcontext():
+        if opts.resume and world.active:
+            raise DfkdError("--resume continues single-process runs; distributed runs do not checkpoint yet")
+        device = world.device(resolve_device(opts.device))
+        world.start(device)
+        try:
+            return _compress(opts, recipes, display, out, device, world)
+        finally:
+            world.stop()
 
 
 def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Display, out: Path, device: torch.device,
@@ -129,43 +141,32 @@ def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displ
     seed_everything(opts.seed)  # before the student's random initialisation
     teacher, student, eval_data, prior, synthetic = _prepare(opts, recipes[0], display, world.rank)
     resume = _resume_state(out, teacher, recipes[0], device) if opts.resume else None
-    _log_recipes(recipes, display, world)
+    if world.active:
+        display.log(f"{world.size} processes: each synthesizes its own samples, gradients are averaged over all")
     watch.lap("load")
 
     teacher.to(device)
     if recipes[0].train.channels_last:
         channels_last(teacher.model)
-    students = iter([student])  # the first run gets the student made above; race entrants a fresh one each
+    builder = RunBuilder(opts, teacher, student, device, precision, prior, synthetic, world)
+    plan, recipes = make_plan(opts, recipes, teacher, device, precision, builder)
+    watch.lap("plan")
+    if opts.dry_run:
+        return {"dry_run": True, "plan": plan.to_dict(), "plan_lines": plan.lines()}
+    for line in plan.lines():
+        display.log(line)
 
     def make_run(recipe: RecipeConfig) -> Run:
-        model = next(students, None)
-        if model is None:
-            seed_everything(opts.seed)  # every entrant starts from the same initialisation
-            model = build_student(opts.student, teacher)
-        synth = _make_synthesizer(recipe, teacher, device, synthetic)
-        synth.pool.memory_limit = pool_memory_limit(recipe.train.pool_memory_mb, device)
-        synth.pool.on_spill = display.log
-        trainer = StudentTrainer(model, teacher.model, recipe.train, device, input_shape=teacher.input_shape,
-                                 precision=precision)
-        synth.use_precision(precision)
-        if recipe.train.attention:
-            display.log(trainer.attention.note)
-        if getattr(synth, "size_note", None):
-            display.log(synth.size_note)
-        synth.student, synth.prior, synth.world, trainer.world = trainer.student, prior, world, world
-        if world.active:
-            seed_everything(opts.seed + world.rank)  # same models on every rank, each its own samples
-        keep = opts.save_synthetic and not synth.keeps_pool
-        recorder = Reservoir(record_capacity(teacher.input_shape)) if keep else None
-        if opts.compile:
-            _compile(trainer.student, getattr(synth, "generator", None))
-        return Run(recipe.recipe.name, recipe, synth, trainer, recorder=recorder, autocast=precision.autocast)
+        return builder.run(recipe, display)
 
     def settings(run: Run) -> str:  # checkpoints/run.toml: what --resume repeats (a race's winner)
         return dump_toml({"run": {**opts.to_dict(), "recipe": run.name}, **run.recipe.to_dict()})
 
     with StopRequest() as stop:
-        budget = Budget(opts.time_budget_s, resume["elapsed"] if resume else 0.0, stop, world)
+        used = (resume["elapsed"] if resume else 0.0) + watch.total  # loading and planning count too
+        used = world.maximum([used])[0] if world.active else used  # one clock for every rank
+        budget = Budget(_distill_seconds(opts.time_budget_s), used, stop, world)
+        budget.paces = world.any(plan.budget_binds or len(recipes) > 1)  # every rank on one schedule
         supervisor = Supervisor(out, recipes[0].train, budget, display, teacher.sha256, settings, resume)
         if len(recipes) > 1:
             run, race = run_race(recipes, make_run, budget, display, opts.race_share, supervisor)
@@ -190,10 +191,23 @@ def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displ
                 "resumed_from_step": resume["run"]["trainer"]["steps_done"] if resume else None,
                 "precision": precision.name, "loss_scale": loss_scales(student=run.trainer.scaler, synthesizer=run.synth.scaler),
                 "channels_last": run.recipe.train.channels_last, "compiled": opts.compile,
-                "throughput": run.meter.to_dict(), "processes": processes,
+                "throughput": run.meter.to_dict(), "processes": processes, "plan": plan.to_dict(),
                 "health": {**supervisor.report(), "warnings": supervisor.warnings}}
     result = Distilled(teacher, student, run.synth, holdout, eval_data, _training_set(opts, run), run_info)
     return _publish(out, opts, run.recipe, result, display, watch)
+
+
+def ran_options(opts: CompressOptions, teacher: Teacher, run_info: dict[str, Any]) -> dict[str, Any]:
+    """config.toml's ``[run]``: the options with what they resolved to (input shape, normalisation,
+    student, device, precision), so the file says what ran and ``--config`` repeats it."""
+    return {**opts.to_dict(), "input_shape": list(teacher.input_shape), "mean": list(teacher.mean),
+            "std": list(teacher.std), "student": run_info["plan"]["student"], "device": run_info["device"],
+            "precision": run_info["precision"]}
+
+
+def _distill_seconds(budget: float | None) -> float | None:
+    """The part of ``--time-budget`` before export and evaluation, so the whole run ends within it."""
+    return budget - export_reserve(budget) if budget is not None else None
 
 
 def _check_precision(precision: Precision, recipes: list[RecipeConfig], display: Display) -> None:
@@ -202,13 +216,6 @@ def _check_precision(precision: Precision, recipes: list[RecipeConfig], display:
                         "use --precision bf16 or fp32, or train.update=replay")
     if note := precision.slow_note():
         display.log(note)
-
-
-def _compile(*models: torch.nn.Module | None) -> None:
-    """``--compile``: torch.compile the student and the generator in place (state dict names unchanged)."""
-    for model in models:
-        if model is not None:
-            model.compile()
 
 
 def _resume_state(out: Path, teacher: Teacher, recipe: RecipeConfig, device: torch.device) -> dict[str, Any]:
@@ -221,25 +228,6 @@ def _resume_state(out: Path, teacher: Teacher, recipe: RecipeConfig, device: tor
         raise DfkdError(f"the checkpoint in '{out}' belongs to recipe '{state['recipe']}', not "
                         f"'{recipe.recipe.name}'; its checkpoints/run.toml was changed")
     return state
-
-
-def _log_recipes(recipes: list[RecipeConfig], display: Display, world: World) -> None:
-    if world.active:
-        display.log(f"{world.size} processes: each synthesizes its own samples, gradients are averaged over all")
-    if len(recipes) == 1:
-        display.log(f"recipe: {recipes[0].recipe.name} ({recipes[0].recipe.description})")
-    else:
-        display.log(f"recipe: auto, a race of {', '.join(r.recipe.name for r in recipes)}; the leader on pooled "
-                    "held-out synthetic agreement gets the rest of the budget")
-
-
-def _make_synthesizer(recipe: RecipeConfig, teacher: Teacher, device: torch.device,
-                      synthetic: SyntheticSet | None) -> Synthesizer:
-    if synthetic is None:
-        return synthesizer_class(recipe.recipe.synthesizer)(teacher, recipe.synth, recipe.loss, device)
-    synth = FromSyntheticSynthesizer(teacher, FromSyntheticSynthesizer.Config(), {}, device)
-    synth.load(synthetic)
-    return synth
 
 
 def _training_set(opts: CompressOptions, run: Run) -> tuple[torch.Tensor, str] | None:
@@ -262,11 +250,9 @@ def _publish(out: Path, opts: CompressOptions, recipe: RecipeConfig, result: Dis
             write_report(staging, report)
             move_into_place(staging, out)
         except ExportError as err:
-            failed = out.parent / f"{out.name}.failed"
-            clean(failed)
             for onnx_file in ("student.onnx", "student.int8.onnx"):
                 (staging / onnx_file).unlink(missing_ok=True)
-            staging.rename(failed)
+            failed = keep_failed(staging, out)
             drop_checkpoints(out)  # resuming would end in the same failed export
             raise ExportError(f"{err.message} (the PyTorch student is kept in '{failed}')") from None
     return report
@@ -292,10 +278,7 @@ def _prepare(opts: CompressOptions, recipe: RecipeConfig, display: Display, rank
         usable = ", ".join(applicable_recipes(teacher)) or "none"
         raise DfkdError(f"recipe '{recipe.recipe.name}' needs a teacher with BatchNorm layers and {teacher.arch} has none; "
                         f"recipes that apply: {usable}")
-    if opts.student is None:
-        opts.student = default_student(teacher.arch)
-        display.log(f"student: {opts.student} (default for {teacher.arch}; choose another with --student)")
-    student = build_student(opts.student, teacher)
+    student = build_student(opts.student or default_student(teacher.arch), teacher)  # the latter raises: no default
     eval_data = None
     if opts.eval_data is not None:
         eval_data = load_eval_data(opts.eval_data, teacher.input_shape, teacher.mean, teacher.std, teacher.class_names)
@@ -332,7 +315,8 @@ def _write_artefacts(run_dir: Path, opts: CompressOptions, recipe: RecipeConfig,
                        dfkd_version=__version__)
     save_student(student, meta, run_dir / "student.safetensors")
     x_report = holdout[len(holdout) // 2 :].cpu()
-    parity = export_onnx(student, run_dir / "student.onnx", teacher.input_shape, x_report[:16])
+    parity = (export_onnx(student, run_dir / "student.onnx", teacher.input_shape, x_report[:16])
+              if deployment_checks() or opts.quantize == "int8" else None)  # int8 is made from student.onnx
     int8 = _quantize(opts, run_dir, teacher, holdout, eval_data, display)
     if result.training_set is not None:
         x_train, sampling = result.training_set
@@ -340,7 +324,7 @@ def _write_artefacts(run_dir: Path, opts: CompressOptions, recipe: RecipeConfig,
     pool_sample = result.synth.preview(1024).cpu()
     save_sample_grid(pool_sample, predict_classes(teacher.model, pool_sample), teacher.mean, teacher.std,
                      teacher.class_names, run_dir / "samples.png")
-    config = {"run": opts.to_dict(), **recipe.to_dict()}
+    config = {"run": ran_options(opts, teacher, result.run_info), **recipe.to_dict()}
     (run_dir / "config.toml").write_text(dump_toml(config), encoding="utf-8")
     watch.lap("export")
 
@@ -349,7 +333,7 @@ def _write_artefacts(run_dir: Path, opts: CompressOptions, recipe: RecipeConfig,
               **measure_models(teacher, student, opts.student, run_dir, x_report)}
     report["eval_data"] = real_data_report(teacher, student, eval_data) if eval_data else None
     report["warnings"] += eval_data_warnings(eval_data) if eval_data else []
-    report["onnx_parity"] = parity.to_dict()
+    report["onnx_parity"] = parity.to_dict() if parity else None
     report["int8"] = int8
     report["gate"] = gate_result(opts.min_agreement, report)
     watch.lap("evaluate")

@@ -25,12 +25,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dfkd_cli.errors import DfkdError
-from dfkd_cli.evaluate import IMAGE_SUFFIXES, is_image_file, read_image, to_unit_nchw
+from dfkd_cli.evaluate import IMAGE_SUFFIXES, is_image_file, read_image, read_npz, to_unit_nchw
 
 
 class _ImageFiles(Dataset):
@@ -132,14 +131,11 @@ class PriorData:
         return _stack(images, self.input_shape), (len(files) if images else None)
 
     def _open_npz(self, reserve: int) -> tuple[torch.Tensor, Dataset]:
-        try:
-            with np.load(self.path, allow_pickle=False) as archive:
-                if "x" not in archive.files:
-                    found = ", ".join(archive.files) or "nothing"
-                    raise DfkdError(f"prior '{self.path}' has no array 'x' (found: {found}); save the images as x=...")
-                x = archive["x"]
-        except (OSError, ValueError) as error:
-            raise DfkdError(f"prior '{self.path}' is not a readable .npz ({error}); write it with numpy.savez") from None
+        arrays, found = read_npz(self.path, "prior", ("x",))
+        if "x" not in arrays:
+            raise DfkdError(f"prior '{self.path}' has no array 'x' (found: {', '.join(found) or 'nothing'}); "
+                            "save the images as x=...")
+        x = arrays["x"]
         if len(x) == 0:
             raise DfkdError(f"prior '{self.path}' holds no images; provide at least one")
         images = to_unit_nchw(x, self.input_shape, self.path, what="prior")

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from dfkd_cli.atomic import replace, temporary_sibling
 from dfkd_cli.errors import ExportError
 from dfkd_cli.evaluate import EvalData, file_size_bytes, onnx_latency_ms, predict
 from dfkd_cli.export import onnx_predict, onnx_session
@@ -60,7 +62,9 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: torch.Tensor) -
         except Exception as error:  # onnxruntime raises many types; each means the same to the user
             raise ExportError(f"int8 quantization failed in onnxruntime ({type(error).__name__}: {error}); "
                               "run without --quantize or report this as a bug") from error
-        staged.replace(int8_path)
+        with temporary_sibling(int8_path, ".onnx") as sibling:  # the temporary folder may be on another disk
+            shutil.copyfile(staged, sibling)
+            replace(sibling, int8_path)
 
 
 def _onnx_classes(path: Path, x: torch.Tensor) -> torch.Tensor:
@@ -115,6 +119,7 @@ def quantize_run(run_dir: Path, eval_data_path: Path | None = None, min_agreemen
     from dfkd_cli.export import load_student
     from dfkd_cli.measure import check_fraction, gate_result
     from dfkd_cli.report import write_report
+    from dfkd_cli.rundir import updating_run
     from dfkd_cli.synthetic_set import load_synthetic_set
     from dfkd_cli.teacher import load_teacher
 
@@ -125,15 +130,16 @@ def quantize_run(run_dir: Path, eval_data_path: Path | None = None, min_agreemen
     if missing:
         hint = " (make the run with --save-synthetic, or use compress --quantize int8)" if "synthetic/manifest.json" in missing else ""
         raise DfkdError(f"'{run_dir}' is not a finished dfkd run with a saved synthetic set: it lacks {', '.join(missing)}{hint}")
-    _, meta = load_student(run_dir / "student.safetensors")
-    report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
-    teacher = load_teacher(Path(report["teacher"]["path"]), meta.teacher_arch, meta.input_shape, mean=list(meta.mean),
-                           std=list(meta.std), trust_pickle=trust_pickle)
-    holdout = load_synthetic_set(run_dir / "synthetic", teacher).holdout
-    eval_data = None
-    if eval_data_path is not None:
-        eval_data = load_eval_data(eval_data_path, meta.input_shape, meta.mean, meta.std, list(meta.class_names))
-    report["int8"] = quantize_and_measure(run_dir, teacher.model, teacher.input_shape, holdout, eval_data)
-    report["gate"] = gate_result(min_agreement, report)
-    write_report(run_dir, report)
+    with updating_run(run_dir):  # locked like compress --out; a signal leaves the files whole
+        _, meta = load_student(run_dir / "student.safetensors")
+        report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+        teacher = load_teacher(Path(report["teacher"]["path"]), meta.teacher_arch, meta.input_shape, mean=list(meta.mean),
+                               std=list(meta.std), trust_pickle=trust_pickle)
+        holdout = load_synthetic_set(run_dir / "synthetic", teacher).holdout
+        eval_data = None
+        if eval_data_path is not None:
+            eval_data = load_eval_data(eval_data_path, meta.input_shape, meta.mean, meta.std, list(meta.class_names))
+        report["int8"] = quantize_and_measure(run_dir, teacher.model, teacher.input_shape, holdout, eval_data)
+        report["gate"] = gate_result(min_agreement, report)
+        write_report(run_dir, report)
     return report

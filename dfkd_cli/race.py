@@ -60,14 +60,15 @@ def run_race(recipes: list[RecipeConfig], make_run: Callable[[RecipeConfig], Run
     for recipe in recipes:
         if budget.stop_requested:
             raise DfkdError(f"stopped by {budget.stop_requested} during the recipe race, before the first checkpoint; "
-                            "nothing to resume: run again", EXIT_INTERRUPTED)
+                            "nothing of this run was kept: run the command again", EXIT_INTERRUPTED)
         slice_budget = budget.part(budget.seconds * share / len(recipes) if budget.seconds else None)
         run = make_run(recipe)
         run.stage_prefix = f"race {run.name}: "
         began = time.monotonic()
         start(run, slice_budget, display)
-        display.stage(f"{run.stage_prefix}distill", total=None)
-        train(run, slice_budget, display, max(1, round(recipe.train.steps * share / len(recipes))))
+        slice_steps = max(1, round(recipe.train.steps * share / len(recipes)))
+        display.stage(f"{run.stage_prefix}distill", total=slice_steps, seconds_left=slice_budget.left())
+        train(run, slice_budget, display, slice_steps)
         runs.append(run)
         seconds.append(time.monotonic() - began)
     pooled = pooled_samples(runs)
@@ -83,7 +84,7 @@ def run_race(recipes: list[RecipeConfig], make_run: Callable[[RecipeConfig], Run
                 "on the pooled held-out synthetic samples; it gets the rest of the budget")
     winner.stage_prefix = ""
     wire(winner, budget)
-    display.stage("distill", total=winner.recipe.train.steps)
+    display.stage("distill", total=winner.recipe.train.steps, seconds_left=budget.left())
     display.advance(winner.trainer.steps_done)  # the leader's race steps count towards its run
     if watch is not None:
         watch.begin(winner)

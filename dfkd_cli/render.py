@@ -85,6 +85,14 @@ def _warnings(console: Console, report: dict[str, Any]) -> None:
         console.print(f"[yellow]warning:[/yellow] {warning}")
 
 
+def render_plan(result: dict[str, Any], output_format: str) -> None:
+    """``dfkd compress --dry-run``: the plan as lines, or as one JSON document."""
+    if output_format == "json":
+        _json(result["plan"])
+    elif output_format == "human":
+        print("\n".join(result["plan_lines"]))
+
+
 def render_compress(report: dict[str, Any], output_format: str) -> None:
     """Summary of a finished compress run."""
     _emit(report, output_format, _human_compress)

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from dfkd_cli.atomic import atomic_write, replace, temporary_sibling
 
 __all__ = ["REQUIRED_KEYS", "SCHEMA_VERSION", "render_markdown", "save_sample_grid", "write_report"]
 
@@ -52,8 +53,8 @@ def write_report(run_dir: Path, report: dict[str, Any]) -> None:
     text = json.dumps(_json_ready(report), indent=2, sort_keys=False, allow_nan=False, ensure_ascii=False)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(run_dir / "report.json", text + "\n")
-    _atomic_write_text(run_dir / "report.md", render_markdown(json.loads(text)))
+    atomic_write(run_dir / "report.json", text + "\n")
+    atomic_write(run_dir / "report.md", render_markdown(json.loads(text)))
 
 
 def _json_ready(value: Any) -> Any:
@@ -69,16 +70,6 @@ def _json_ready(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     return value
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(name, path)
-    finally:
-        Path(name).unlink(missing_ok=True)
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -352,13 +343,9 @@ def save_sample_grid(
     canvas = _label_rows(grid, classes, tile_height=images.shape[-2])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.png", dir=path.parent)
-    os.close(handle)
-    try:
-        canvas.save(name, format="PNG")
-        os.replace(name, path)
-    finally:
-        Path(name).unlink(missing_ok=True)
+    with temporary_sibling(path, ".png") as temporary:
+        canvas.save(temporary, format="PNG")
+        replace(temporary, path)
 
 
 def _displayable(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

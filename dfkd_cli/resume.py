@@ -18,14 +18,15 @@ Example:
 from __future__ import annotations
 
 import io
-import os
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from dfkd_cli import atomic, marker
 from dfkd_cli.errors import EXIT_RUNTIME, DfkdError
 
 FORMAT = 1
@@ -70,30 +71,7 @@ def decode(data: bytes, device: torch.device) -> dict[str, Any]:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file, fsync and rename: readers see the old
     file or the new one, never half of one. The temporary file is removed on failure."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-        _fsync_dir(path.parent)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+    atomic.atomic_write(path, data, durable=True)
 
 
 class CheckpointDir:
@@ -110,6 +88,15 @@ class CheckpointDir:
     def exists(self) -> bool:
         return bool(self.files())
 
+    def readable_files(self) -> list[Path]:
+        """The checkpoints that are whole, oldest first: a cheap look at the zip structure
+        ``torch.save`` writes (a truncated file has lost its end), without loading them."""
+        return [path for path in self.files() if _whole_zip(path)]
+
+    def damage(self) -> str:
+        """The checkpoints that are not whole, for a message: ``step-...pt: truncated; ...``."""
+        return "; ".join(f"{path.name}: truncated or not a checkpoint" for path in self.files() if not _whole_zip(path))
+
     def write_settings(self, text: str) -> None:
         self._write(self.path / SETTINGS, text.encode("utf-8"))
 
@@ -123,6 +110,7 @@ class CheckpointDir:
 
     def _write(self, target: Path, data: bytes) -> None:
         try:
+            marker.claim(self.run_dir, FOLDER)  # before the folder exists: records whether dfkd made the run folder
             self.path.mkdir(parents=True, exist_ok=True)
             atomic_write(target, data)
         except OSError as err:
@@ -135,7 +123,7 @@ class CheckpointDir:
         files = self.files()
         if not files:
             raise DfkdError(f"'{self.run_dir}' has no checkpoint to resume from ({self.path} is missing or empty); "
-                            "start the run again without --resume")
+                            f"start the run again with --out {self.run_dir} --overwrite instead of --resume")
         problems = []
         for path in reversed(files):
             try:
@@ -146,7 +134,8 @@ class CheckpointDir:
             if isinstance(payload, dict) and payload.get("format") == FORMAT:
                 return payload
             problems.append(f"{path.name}: not a dfkd checkpoint")
-        raise DfkdError(f"no readable checkpoint in '{self.path}' ({'; '.join(problems)}); start the run again")
+        raise DfkdError(f"no readable checkpoint in '{self.path}' ({'; '.join(problems)}), so the run cannot be "
+                        f"resumed; start it again with --out {self.run_dir} --overwrite instead of --resume")
 
     def settings(self) -> Path:
         path = self.path / SETTINGS
@@ -156,7 +145,21 @@ class CheckpointDir:
         return path
 
     def remove(self) -> None:
-        for path in self.files() + [self.path / SETTINGS]:
+        """Delete the checkpoints, ``run.toml`` and temporary files of interrupted writes (the
+        names dfkd gives them), then the folder if that left it empty."""
+        if not self.path.is_dir():
+            return
+        ours = self.files() + [self.path / SETTINGS]
+        ours += [p for p in self.path.glob(".*.tmp") if p.name.startswith((".step-", f".{Path(SETTINGS).stem}."))]
+        for path in ours:
             path.unlink(missing_ok=True)
-        if self.path.is_dir() and not any(self.path.iterdir()):
+        if not any(self.path.iterdir()):
             self.path.rmdir()
+
+
+def _whole_zip(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False

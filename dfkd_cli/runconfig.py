@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from dfkd_cli.archs import arch_has_bn
+from dfkd_cli import validate
+from dfkd_cli.archs import arch_has_bn, default_student
+from dfkd_cli.autopilot import DEFAULT_TIME_BUDGET_S, explicit_keys, resolve_time_budget, scale_to_steps
 from dfkd_cli.config import RecipeConfig, build_recipe, merge_tables, read_toml, recipe_path
-from dfkd_cli.errors import DfkdError
-from dfkd_cli.measure import check_fraction
+from dfkd_cli.errors import DfkdError, shown
 from dfkd_cli.pipeline import CompressOptions
 from dfkd_cli.race import RACE_SHARE, race_entrants
 from dfkd_cli.resume import CheckpointDir
 from dfkd_cli.precision import PRECISIONS
-from dfkd_cli.teacher import parse_input_shape
+from dfkd_cli.runtime import parse_duration, resolve_device
 
 _PATH_KEYS = ("teacher", "labels", "eval_data", "prior", "from_synthetic")
-_RUN_KEYS = [f.name for f in dataclasses.fields(CompressOptions) if f.name not in ("overwrite", "overrides", "out", "trust_pickle", "resume")]
+_RUN_KEYS = [f.name for f in dataclasses.fields(CompressOptions) if f.name not in CompressOptions.NOT_RECORDED]
 
 
 def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: Path | None, overwrite: bool = False,
@@ -36,7 +37,10 @@ def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: P
     if flags.get("recipe") is not None and flags["recipe"] != run.get("recipe"):
         # [synth] and [recipe] belong to the config's own recipe; [train] fits every recipe.
         recipe_tables = {k: v for k, v in recipe_tables.items() if k == "train"}
-    run.update({k: v for k, v in flags.items() if v is not None})
+    origins = {key: f"from {config_path}" for key in run}
+    given = checked_run_values({k: v for k, v in flags.items() if v is not None}, _flag_name)
+    origins.update({key: f"--{key.replace('_', '-')}" for key in given})
+    run.update(given)
     if run.get("teacher") is None:
         raise DfkdError("no teacher given; pass a checkpoint (dfkd compress teacher.pt --arch resnet18) or try --demo")
     if run.get("arch") is None:
@@ -44,16 +48,16 @@ def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: P
     opts = CompressOptions(
         teacher=Path(run["teacher"]),
         arch=run["arch"],
-        student=run.get("student"),
+        student=run.get("student") or _default_student(run["arch"]),
         recipe=str(run.get("recipe") or _synthetic_set_recipe(run.get("from_synthetic")) or "auto"),
         out=run.get("out"),
         overwrite=overwrite,
         steps=run.get("steps"),
-        time_budget_s=run.get("time_budget_s"),
-        input_shape=_shape(run.get("input_shape")),
+        time_budget_s=resolve_time_budget(run.get("time_budget_s", DEFAULT_TIME_BUDGET_S)),
+        input_shape=run.get("input_shape"),
         normalize=run.get("normalize"),
-        mean=_floats(run.get("mean"), "--mean"),
-        std=_floats(run.get("std"), "--std"),
+        mean=run.get("mean"),
+        std=run.get("std"),
         labels=_path(run.get("labels")),
         eval_data=_path(run.get("eval_data")),
         prior=_path(run.get("prior")),
@@ -68,14 +72,9 @@ def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: P
         seed=int(run.get("seed", 0)),
         trust_pickle=trust_pickle,
         overrides=list(overrides),
+        origins=origins,
+        explicit_keys=sorted(explicit_keys(overrides, recipe_tables)),
     )
-    check_fraction(opts.min_agreement, "--min-agreement")
-    if not 0 < opts.race_share < 1:
-        raise DfkdError(f"--race-share must be between 0 and 1 (the budget's share for the race), got {opts.race_share}")
-    if opts.precision not in PRECISIONS:
-        raise DfkdError(f"--precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}")
-    if opts.quantize not in ("none", "int8"):
-        raise DfkdError(f"--quantize must be none or int8, got {opts.quantize!r}")
     if opts.recipe == "auto":
         return opts, _race_recipes(opts, recipe_tables, overrides)
     return opts, [_build_recipe(opts, recipe_tables, overrides)]
@@ -112,6 +111,15 @@ def _race_recipes(opts: CompressOptions, tables: dict[str, Any], overrides: list
     return recipes
 
 
+def _default_student(arch: str) -> str | None:
+    """The architecture's default student; None (the pipeline then says to pass --student) when it
+    has none or ``arch`` is unknown (the teacher loader then says that first)."""
+    try:
+        return default_student(arch)
+    except DfkdError:
+        return None
+
+
 def _synthetic_set_recipe(folder: Any) -> str | None:
     """``--from-synthetic`` without ``--recipe`` trains with the [train] table of the set's own recipe."""
     from dfkd_cli.synthetic_set import read_manifest
@@ -126,38 +134,71 @@ def _build_recipe(opts: CompressOptions, tables: dict[str, Any], overrides: list
     else:
         data, name = read_toml(recipe_path(opts.recipe)), opts.recipe
     data = merge_tables(data, tables)
-    steps = [f"train.steps={opts.steps}"] if opts.steps is not None else []
-    return build_recipe(data, overrides + steps, default_name=name)
+    recipe = build_recipe(data, overrides, default_name=name, device_type=resolve_device(opts.device).type)
+    if opts.steps is None:
+        return recipe
+    recipe_steps, recipe.train.steps = recipe.train.steps, opts.steps
+    opts.step_adjustments[recipe.recipe.name] = scale_to_steps(recipe, opts.steps, recipe_steps, set(opts.explicit_keys))
+    return recipe
 
 
 def _read_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     data = read_toml(path)
-    run = dict(data.pop("run", {}))
+    run = data.pop("run", {})
+    if not isinstance(run, dict):
+        raise DfkdError(f"[run] in '{path}' must be a table of key = value settings, got {shown(run)}; fix the file")
     unknown = sorted(set(run) - set(_RUN_KEYS))
     if unknown:
         raise DfkdError(f"unknown key(s) {unknown} in [run] of '{path}'; valid keys: {', '.join(_RUN_KEYS)}")
+    run = checked_run_values(run, lambda key: f"'{path}' [run] {key}")
     for key in _PATH_KEYS:
         if run.get(key) is not None:
             run[key] = str((path.parent / run[key]) if not Path(run[key]).is_absolute() else Path(run[key]))
     return run, data
 
 
-def _shape(value: Any) -> tuple[int, int, int] | None:
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        return parse_input_shape("x".join(str(v) for v in value))
-    return parse_input_shape(str(value))
-
-
-def _floats(value: Any, flag: str) -> list[float] | None:
-    if value is None or isinstance(value, list):
-        return value
-    try:
-        return [float(v) for v in str(value).split(",")]
-    except ValueError:
-        raise DfkdError(f"{flag} '{value}' must be comma-separated numbers, e.g. 0.485,0.456,0.406") from None
-
-
 def _path(value: Any) -> Path | None:
     return Path(value) if value is not None else None
+
+
+def _flag_name(key: str) -> str:
+    return "--time-budget" if key == "time_budget_s" else f"--{key.replace('_', '-')}"
+
+
+def _time_budget(value: Any, where: str) -> float | str:
+    """Seconds, a duration (``"10m"``) or ``"none"``."""
+    if not isinstance(value, str):
+        return validate.positive_number(value, where, fix='give seconds, a duration like "10m", or "none"')
+    if value.strip().lower() == "none":
+        return "none"
+    try:
+        return parse_duration(value)
+    except DfkdError:
+        raise validate.fail(where, 'a duration like 90s, 10m or 2h, or "none"', value) from None
+
+
+# The check of each [run] key, the same for a flag and for a config file; ``where`` names the source.
+_RUN_CHECKS: dict[str, Callable[[Any, str], Any]] = {
+    **{key: validate.path for key in _PATH_KEYS},
+    **{key: validate.text for key in ("arch", "student", "recipe", "normalize", "device")},
+    "steps": validate.positive_int,
+    "time_budget_s": _time_budget,
+    "input_shape": validate.input_shape,
+    "mean": validate.finite_floats,
+    "std": validate.finite_floats,
+    "quantize": lambda value, where: validate.text(value, where, choices=("none", "int8")),
+    "precision": lambda value, where: validate.text(value, where, choices=PRECISIONS),
+    "save_synthetic": validate.boolean,
+    "compile": validate.boolean,
+    "race_share": lambda value, where: validate.fraction(value, where, open_interval=True,
+                                                         fix="the budget's share for the race, e.g. 0.15"),
+    "min_agreement": validate.fraction,
+    "seed": validate.seed,
+}
+
+
+def checked_run_values(values: dict[str, Any], where: Callable[[str], str]) -> dict[str, Any]:
+    """``values`` (flags or a config's [run] table) checked and in their canonical types; ``where(key)``
+    names the source in errors, so a config file gets the same checks and messages as the flags."""
+    checks = {key: _RUN_CHECKS.get(key, lambda value, _where: value) for key in values}
+    return {key: checks[key](value, where(key)) if value is not None else None for key, value in values.items()}

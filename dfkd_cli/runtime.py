@@ -103,6 +103,11 @@ class Stopwatch:
         self.memory_mb[stage] = peak_memory_mb(self.device)
         self._start = now
 
+    @property
+    def total(self) -> float:
+        """Seconds of the stages lapped so far."""
+        return sum(self.seconds.values())
+
 
 def pool_memory_limit(megabytes: float, device: torch.device) -> int:
     """Bytes of synthetic pool to hold in memory: ``megabytes``, or with 0 a quarter of the
@@ -153,6 +158,9 @@ class Budget:
         # decision is all-reduced in settle() and expired() returns it.
         self.world = world if world is not None and world.active else None
         self._settled, self._settled_elapsed = False, elapsed
+        # Whether schedules follow the share of time used: only when the budget, not the step
+        # count, is expected to end the run, since time makes a seeded CPU run unrepeatable.
+        self.paces = True
 
     def part(self, seconds: float | None, shared: bool = True) -> "Budget":
         """A budget of ``seconds`` from now that the same stop request ends (``shared``: settled
@@ -181,16 +189,23 @@ class Budget:
     def _expired_here(self) -> bool:
         return bool(self.stop_requested) or (self.seconds is not None and self.elapsed >= self.seconds)
 
+    def left(self) -> float | None:
+        """Seconds until the budget ends; None without one."""
+        return max(0.0, self.seconds - self.elapsed) if self.seconds is not None else None
+
     def fraction(self) -> float:
-        """Share of the budget used so far, in [0, 1]; 0 without a budget. With several processes,
-        the share agreed at the last student step."""
+        """Share of the budget used so far, in [0, 1]; 0 without a budget or when it does not pace
+        the run (see ``paces``). With several processes, the share agreed at the last student step."""
+        if not self.paces:
+            return 0.0
         elapsed = self._settled_elapsed if self.world is not None else self.elapsed
         return min(elapsed / self.seconds, 1.0) if self.seconds else 0.0
 
 
 class StopRequest:
     """Ctrl-C (SIGINT) and SIGTERM, while active, ask the run to stop at the end of its current
-    step instead of killing it; a second signal stops at once (``KeyboardInterrupt``).
+    step instead of killing it; a second signal stops at once (``KeyboardInterrupt`` carrying the
+    signal's name). The handlers before it (see :mod:`dfkd_cli.interrupts`) come back on exit.
 
     Example:
         >>> with StopRequest() as stop:
@@ -205,8 +220,8 @@ class StopRequest:
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
+        if self.requested:  # the caller turns this into exit 130 and says what was kept
+            raise KeyboardInterrupt(signal.Signals(signum).name)
         self.requested = signal.Signals(signum).name
 
     def __enter__(self) -> "StopRequest":
@@ -225,9 +240,13 @@ def is_ci() -> bool:
 
 
 class Display:
-    """Progress and logs on stderr. This base class is the quiet mode: it shows nothing."""
+    """Progress and logs on stderr. This base class is the quiet mode: it shows nothing.
 
-    def stage(self, name: str, total: int | None = None) -> None: ...
+    ``stage(name, total, seconds_left)``: a stage of ``total`` steps (None: unknown) that the
+    budget ends after ``seconds_left`` at most (None: unbounded); its ETA is the sooner of the two.
+    """
+
+    def stage(self, name: str, total: int | None = None, seconds_left: float | None = None) -> None: ...
 
     def advance(self, n: int = 1, **metrics: float) -> None: ...
 
@@ -240,6 +259,25 @@ def _format_metrics(metrics: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
 
 
+def stage_eta(done: int, total: int | None, elapsed: float, deadline_left: float | None) -> float | None:
+    """Seconds left in a stage: by its rate when ``total`` is known, capped by the budget's deadline.
+
+    Example:
+        >>> stage_eta(50, 200, 10.0, None), stage_eta(50, 200, 10.0, 12.0), stage_eta(3, None, 1.0, 5.0)
+        (30.0, 12.0, 5.0)
+    """
+    by_rate = (total - done) * elapsed / done if total and done else None
+    candidates = [v for v in (by_rate, deadline_left) if v is not None]
+    return max(0.0, min(candidates)) if candidates else None
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
 class PlainDisplay(Display):
     """Periodic plain lines, for logs and CI: ``[train] 120/200 kd=0.41 agreement=0.83 eta 0:32``."""
 
@@ -248,12 +286,15 @@ class PlainDisplay(Display):
         self._name, self._total, self._done = "", None, 0
         self._metrics: dict[str, float] = {}
         self._started = self._last = time.monotonic()
+        self._deadline: float | None = None
 
-    def stage(self, name: str, total: int | None = None) -> None:
+    def stage(self, name: str, total: int | None = None, seconds_left: float | None = None) -> None:
         self._name, self._total, self._done, self._metrics = name, total, 0, {}
         self._started = time.monotonic()
+        self._deadline = self._started + seconds_left if seconds_left is not None else None
         self._last = 0.0
-        self.log(f"[{name}] started" + (f" ({total} steps)" if total else ""))
+        bound = f", at most {_clock(seconds_left)}" if seconds_left is not None else ""
+        self.log(f"[{name}] started" + (f" ({total} steps{bound})" if total else f" ({bound[2:]})" if bound else ""))
 
     def advance(self, n: int = 1, **metrics: float) -> None:
         self._done += n
@@ -266,11 +307,9 @@ class PlainDisplay(Display):
             self.log(f"[{self._name}] {self._progress(now)} {_format_metrics(self._metrics)}".rstrip())
 
     def _progress(self, now: float) -> str:
-        if not self._total:
-            return str(self._done)
-        rate = self._done / max(now - self._started, 1e-9)
-        eta = int((self._total - self._done) / rate) if rate > 0 else 0
-        return f"{self._done}/{self._total} eta {eta // 60}:{eta % 60:02d}"
+        left = self._deadline - now if self._deadline is not None else None
+        eta = stage_eta(self._done, self._total, now - self._started, left)
+        return f"{self._done}/{self._total or '?'} eta {_clock(eta)}"
 
     def log(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -295,9 +334,10 @@ class RichDisplay(Display):
         self.progress.start()
         self._task = None
 
-    def stage(self, name: str, total: int | None = None) -> None:
+    def stage(self, name: str, total: int | None = None, seconds_left: float | None = None) -> None:
         self._finish_task()
-        self._task = self.progress.add_task(name, total=total, metrics="")
+        bound = f"(at most {_clock(seconds_left)}) " if seconds_left is not None else ""
+        self._task = self.progress.add_task(name, total=total, metrics=bound)
 
     def _finish_task(self) -> None:
         """Show the stage that ended as complete, also one without a known total."""

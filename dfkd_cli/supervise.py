@@ -7,6 +7,14 @@
 - A non-finite loss (or weights) rolls the run back to the last checkpoint, halves the learning
   rate of the component that diverged (the generator when its losses are non-finite, else the
   student) and retries, at most ``train.max_retries`` times before the run aborts (exit 3).
+- So does a student loss that explodes while still finite: above ``EXPLOSION_FACTOR`` (10^4) times
+  its reference, the median loss of the first ``REFERENCE_STEPS`` (10) student steps this
+  supervisor watched (floored at ``REFERENCE_FLOOR``, so a near-zero start does not make the limit
+  tiny). Healthy runs lower their loss from the start; a learning rate far too high (e.g.
+  ``-s train.lr=1e9``) sends it up by many orders of magnitude within a few steps. A resumed run
+  measures its reference again from the steps after the resume.
+- A checkpoint is kept only when the student's weights are finite and below ``BROKEN_WEIGHT``
+  (:func:`dfkd_cli.validate.broken_weights`), so a rollback never returns to an exploded state.
 - A collapsed generator, every sample of ``COLLAPSE_STEPS`` consecutive student batches in one
   teacher class, is reported once as a warning.
 
@@ -18,11 +26,10 @@ Example:
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
-
-import torch
 
 from dfkd_cli import __version__
 from dfkd_cli.config import TrainConfig
@@ -31,9 +38,13 @@ from dfkd_cli.distributed import World
 from dfkd_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DfkdError
 from dfkd_cli.resume import FORMAT, SETTINGS, CheckpointDir, decode, encode, rng_state, set_rng_state
 from dfkd_cli.runtime import Budget, Display
+from dfkd_cli.validate import broken_weights
 
 COLLAPSE_STEPS = 100
 LR_FACTOR = 0.5  # learning-rate multiplier after each rollback
+EXPLOSION_FACTOR = 1e4  # a student loss this many times its reference has exploded
+REFERENCE_STEPS = 10  # the reference: the median loss of the first watched student steps
+REFERENCE_FLOOR = 1e-2
 
 
 class Supervisor:
@@ -50,6 +61,7 @@ class Supervisor:
         self.retries = 0
         self.warnings: list[str] = []
         self._one_class_steps = 0
+        self._first_losses: list[float] = []  # of the first REFERENCE_STEPS watched steps: the loss reference
         self._last_good: bytes | None = None
         self._saved_step, self._saved_time = -1, time.monotonic()
         self._base_synth_lr: float | None = None
@@ -82,8 +94,16 @@ class Supervisor:
     def after_step(self, run: Run, loss: float) -> None:
         diverged = _diverged(run, loss, self.world)
         if diverged:
-            self._roll_back(run, diverged, loss)
+            what = "non-finite generator losses" if diverged == "synth" else f"non-finite student loss ({loss})"
+            self._roll_back(run, diverged, what)
             return
+        limit = self.loss_limit
+        if limit is not None and loss > limit:
+            self._roll_back(run, "student", f"student loss {loss:.3g} exploded (above {limit:.3g}, "
+                                            f"{EXPLOSION_FACTOR:g}x its median over the first steps)")
+            return
+        if len(self._first_losses) < REFERENCE_STEPS:
+            self._first_losses.append(loss)
         self._watch_collapse(run)
         if self._due(run.trainer.steps_done):
             self.checkpoint(run)
@@ -104,9 +124,16 @@ class Supervisor:
         raise DfkdError(f"stopped by {signal_name} at student step {step}; checkpoint saved, continue with: "
                         f"dfkd compress --resume {self.folder.run_dir}", EXIT_INTERRUPTED)
 
+    @property
+    def loss_limit(self) -> float | None:
+        """The student loss above which it has exploded; None before the first watched step."""
+        if not self._first_losses:
+            return None
+        return EXPLOSION_FACTOR * max(statistics.median(self._first_losses), REFERENCE_FLOOR)
+
     def checkpoint(self, run: Run) -> None:
         """Keep the run's state as the last good one and, with checkpoints on, write it to disk."""
-        if not _weights_finite(run):
+        if not _weights_sane(run):
             return  # never keep a diverged state as the one to roll back to
         self._last_good = encode(self._payload(run))
         self._saved_step, self._saved_time = run.trainer.steps_done, time.monotonic()
@@ -142,18 +169,18 @@ class Supervisor:
         if self._base_synth_lr is not None:
             run.synth.config.lr = self._base_synth_lr * self.scales["synth"]  # config is not in the state
 
-    def _roll_back(self, run: Run, component: str, loss: float) -> None:
+    def _roll_back(self, run: Run, component: str, what: str) -> None:
+        """Return to the last good state with ``component``'s learning rate halved; ``what`` went wrong."""
         step = run.trainer.steps_done
-        what = "generator losses" if component == "synth" else f"student loss ({loss})"
         if self._last_good is None or self.retries >= self.cfg.max_retries:
-            raise DfkdError(f"training diverged: non-finite {what} at student step {step} after {self.retries} "
+            raise DfkdError(f"training diverged: {what} at student step {step} after {self.retries} "
                             "rollback(s) at lower learning rates; lower train.lr or synth.lr "
                             "(-s train.lr=...) or raise train.max_retries", EXIT_RUNTIME)
         self.retries += 1
         self.scales[component] *= LR_FACTOR
         self._load(run, decode(self._last_good, next(run.trainer.student.parameters()).device))
         name = "generator" if component == "synth" else "student"
-        self.display.log(f"non-finite {what} at student step {step}: rolled back to step "
+        self.display.log(f"{what} at student step {step}: rolled back to step "
                          f"{run.trainer.steps_done}, {name} learning rate x{self.scales[component]:g} "
                          f"(retry {self.retries} of {self.cfg.max_retries})")
 
@@ -176,5 +203,6 @@ def _diverged(run: Run, loss: float, world: World) -> str | None:
     return None if math.isfinite(loss) else "student"
 
 
-def _weights_finite(run: Run) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in run.trainer.student.parameters())
+def _weights_sane(run: Run) -> bool:
+    """Every student weight finite and below BROKEN_WEIGHT (an exploded student's are not)."""
+    return broken_weights(run.trainer.student) is None

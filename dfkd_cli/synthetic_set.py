@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from dfkd_cli import __version__
+from dfkd_cli import validate
 from dfkd_cli.errors import DfkdError
-from dfkd_cli.evaluate import predict
+from dfkd_cli.evaluate import predict, read_npz
 from dfkd_cli.teacher import Teacher
 
 FORMAT = 1
@@ -86,7 +87,35 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise DfkdError(f"'{path}' is not valid JSON; the synthetic set is damaged") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DfkdError(f"'{path}' is not a dfkd synthetic set of format {FORMAT}")
+    where = f"synthetic set manifest '{path}' key"
+    for key in ("recipe", "teacher_sha256"):
+        validate.text(manifest.get(key), f"{where} '{key}'", fix=_DAMAGED)
+    if not isinstance(manifest.get("shards"), list):
+        raise validate.fail(f"{where} 'shards'", "a list of shard file names", manifest.get("shards"), _DAMAGED)
     return manifest
+
+
+_DAMAGED = "the synthetic set is damaged or was edited: save it again with --save-synthetic"
+
+
+def _check_manifest(manifest: dict[str, Any], folder: Path, teacher: Teacher) -> None:
+    """The manifest's shape, normalisation and classes are well-formed and the teacher's own."""
+    where = f"synthetic set manifest '{Path(folder) / 'manifest.json'}' key"
+    shape = validate.input_shape(manifest.get("input_shape"), f"{where} 'input_shape'")
+    if list(shape) != list(teacher.input_shape):
+        raise DfkdError(f"synthetic set '{folder}' holds {list(shape)} inputs but the teacher "
+                        f"takes {list(teacher.input_shape)}; pass the same --input-shape as when it was made")
+    mean, std = validate.normalisation(manifest.get("mean"), manifest.get("std"), shape[0], f"{where} 'mean'",
+                                       f"{where} 'std'", _DAMAGED)
+    if (mean, std) != (tuple(teacher.mean), tuple(teacher.std)):
+        raise DfkdError(f"synthetic set '{folder}' holds inputs normalised with mean {list(mean)}, std {list(std)} but "
+                        f"the teacher now uses {list(teacher.mean)}, {list(teacher.std)}; pass the same --mean/--std "
+                        "(or --normalize) as when it was made")
+    classes = validate.num_classes(manifest.get("num_classes"), f"{where} 'num_classes'", _DAMAGED)
+    validate.class_names(manifest.get("class_names"), classes, f"{where} 'class_names'", _DAMAGED)
+    if classes != teacher.num_classes:
+        raise DfkdError(f"synthetic set '{folder}' was made for {classes} classes but the teacher has "
+                        f"{teacher.num_classes}; {_DAMAGED}")
 
 
 def load_synthetic_set(folder: Path, teacher: Teacher) -> SyntheticSet:
@@ -96,14 +125,13 @@ def load_synthetic_set(folder: Path, teacher: Teacher) -> SyntheticSet:
         raise DfkdError(f"synthetic set '{folder}' was made for another teacher (sha256 "
                         f"{str(manifest.get('teacher_sha256'))[:12]}, this one {teacher.sha256[:12]}); "
                         "synthesize again for this teacher")
-    if list(manifest.get("input_shape", [])) != list(teacher.input_shape):
-        raise DfkdError(f"synthetic set '{folder}' holds {manifest.get('input_shape')} inputs but the teacher "
-                        f"takes {list(teacher.input_shape)}; pass the same --input-shape as when it was made")
-    shards = [_read_x(Path(folder) / _shard_name(name, folder)) for name in manifest.get("shards", [])]
-    train = torch.cat(shards) if shards else torch.empty(0, *teacher.input_shape)
+    _check_manifest(manifest, folder, teacher)
+    shape = teacher.input_shape
+    shards = [_read_x(Path(folder) / _shard_name(name, folder), shape) for name in manifest["shards"]]
+    train = torch.cat(shards) if shards else torch.empty(0, *shape)
     if len(train) == 0:
         raise DfkdError(f"synthetic set '{folder}' holds no training samples")
-    return SyntheticSet(train, _read_x(Path(folder) / "holdout.npz"), manifest)
+    return SyntheticSet(train, _read_x(Path(folder) / "holdout.npz", shape), manifest)
 
 
 def _shard_name(name: Any, folder: Path) -> str:
@@ -114,9 +142,17 @@ def _shard_name(name: Any, folder: Path) -> str:
     return name
 
 
-def _read_x(path: Path) -> torch.Tensor:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return torch.from_numpy(archive["x"].astype(np.float32))
-    except (OSError, ValueError, KeyError) as error:
-        raise DfkdError(f"synthetic set file '{path}' is missing or damaged ({error}); save the set again") from None
+def _read_x(path: Path, input_shape: tuple[int, int, int]) -> torch.Tensor:
+    """A shard's (or the holdout's) inputs: finite floats ``[N, *input_shape]``."""
+    if not path.is_file():
+        raise DfkdError(f"synthetic set file '{path}' is missing; save the set again")
+    arrays, found = read_npz(path, "synthetic set file", ("x",))
+    x = arrays.get("x")
+    if x is None or not np.issubdtype(x.dtype, np.floating) or tuple(x.shape[1:]) != tuple(input_shape):
+        got = f"{x.dtype} {list(x.shape)}" if x is not None else f"no array 'x' (found: {', '.join(found) or 'nothing'})"
+        raise DfkdError(f"synthetic set file '{path}' must hold float inputs 'x' of shape [N, "
+                        f"{', '.join(map(str, input_shape))}], got {got}; {_DAMAGED}")
+    tensor = torch.from_numpy(x.astype(np.float32))
+    if not bool(torch.isfinite(tensor).all()):
+        raise DfkdError(f"synthetic set file '{path}' holds NaN or infinite inputs; {_DAMAGED}")
+    return tensor

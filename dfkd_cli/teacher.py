@@ -12,14 +12,14 @@ Example:
 
 from __future__ import annotations
 
-import math
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from dfkd_cli import validate
 from dfkd_cli.archs import (
     NORMALIZE_PRESETS,
     ArchSpec,
@@ -37,10 +37,10 @@ from dfkd_cli.errors import DfkdError
 from dfkd_cli.zoo_lenet import remap_fast_datafree_keys
 
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
-_SHAPE_PATTERN = re.compile(r"^\s*(\d+)\s*[x×,]\s*(\d+)\s*[x×,]\s*(\d+)\s*$", re.IGNORECASE)
 # Architectures checked for an exact key match when a checkpoint does not fit the chosen one.
 _SUGGESTION_FAMILIES = ("cifar", "lenet")
 _SUGGESTION_TORCHVISION = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+PROBE_INPUTS = 4  # random inputs a loaded teacher is run on before any work starts
 
 
 @dataclass
@@ -85,41 +85,28 @@ class Teacher:
         return self
 
 
-def parse_input_shape(text: str) -> tuple[int, int, int]:
-    """"3x32x32" -> (3, 32, 32).
+def parse_input_shape(text: str, where: str = "--input-shape") -> tuple[int, int, int]:
+    """"3x32x32" -> (3, 32, 32) (see :func:`dfkd_cli.validate.input_shape`).
 
     Example:
         >>> parse_input_shape("1x28x28")
         (1, 28, 28)
     """
-    match = _SHAPE_PATTERN.match(text)
-    shape = tuple(int(g) for g in match.groups()) if match else ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise DfkdError(f"bad input shape {text!r}; write it as CxHxW with positive sizes, e.g. 3x32x32")
-    return shape  # type: ignore[return-value]
+    return validate.input_shape(text, where)
 
 
-def _per_channel(values: tuple[float, ...] | list[float], channels: int, what: str) -> tuple[float, ...]:
-    if len(values) == channels:
-        return tuple(float(v) for v in values)
-    if len(values) == 1:
-        return tuple(float(values[0]) for _ in range(channels))
-    raise DfkdError(
-        f"{what} has {len(values)} values but the input has {channels} channels; "
-        f"pass {channels} values (or one for all channels)"
-    )
-
-
-def _preset_values(values: tuple[float, ...], channels: int, what: str) -> tuple[float, ...]:
+def _preset_values(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
     if len(values) == 3 and channels == 1:  # e.g. ImageNet statistics for a grayscale teacher
         return (sum(values) / 3,)
-    return _per_channel(values, channels, what)
+    return values
 
 
 def resolve_normalization(
-    preset: str | None, mean: list[float] | None, std: list[float] | None, channels: int, arch_default: str
+    preset: str | None, mean: Sequence[float] | None, std: Sequence[float] | None, channels: int, arch_default: str
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel (mean, std): explicit values win over ``preset``, which wins over ``arch_default``.
+    Explicit values are checked as :func:`dfkd_cli.validate.normalisation` checks every source (errors
+    name ``--mean``/``--std``, or the file a :class:`~dfkd_cli.validate.SourcedValues` was read from).
 
     Example:
         >>> resolve_normalization(None, None, None, 1, "imagenet")
@@ -130,20 +117,17 @@ def resolve_normalization(
         choices = ", ".join(NORMALIZE_PRESETS)
         raise DfkdError(f"unknown normalization preset {name!r}; use one of: {choices} (or pass --mean and --std)")
     preset_mean, preset_std = NORMALIZE_PRESETS[name]
-    out_mean = _per_channel(mean, channels, "--mean") if mean is not None else _preset_values(
-        preset_mean, channels, f"preset {name} mean")
-    out_std = _per_channel(std, channels, "--std") if std is not None else _preset_values(
-        preset_std, channels, f"preset {name} std")
-    if not all(math.isfinite(v) for v in out_mean + out_std):
-        raise DfkdError(f"--mean and --std must be finite numbers, got {list(out_mean)} and {list(out_std)}; "
-                        "pass the training mean and std")
-    if min(out_std) <= 0:
-        raise DfkdError(f"--std values must be positive, got {list(out_std)}; pass the training std")
-    return out_mean, out_std
+    return validate.normalisation(
+        mean if mean is not None else _preset_values(preset_mean, channels),
+        std if std is not None else _preset_values(preset_std, channels),
+        channels,
+        where_mean=None if mean is not None else f"preset {name} mean",
+        where_std=None if std is not None else f"preset {name} std",
+    )
 
 
 def read_labels(path: Path, num_classes: int) -> list[str]:
-    """Class names, one per line (trailing blank lines ignored).
+    """Class names, one per line (trailing blank lines ignored): ``num_classes`` distinct names.
 
     Example:
         >>> read_labels(Path("cifar10_labels.txt"), 10)[:2]
@@ -162,12 +146,7 @@ def read_labels(path: Path, num_classes: int) -> list[str]:
         names.pop()
     if "" in names:
         raise DfkdError(f"labels file '{path}' has an empty line {names.index('') + 1}; put one class name per line")
-    if len(names) != num_classes:
-        raise DfkdError(
-            f"labels file '{path}' has {len(names)} names but the teacher has {num_classes} classes; "
-            "put one class name per line"
-        )
-    return names
+    return validate.class_names(names, num_classes, f"labels file '{path}'")
 
 
 def _read_dim(arch: str, state: dict[str, torch.Tensor], keys: dict[str, int]) -> int | None:
@@ -280,6 +259,42 @@ def _with_batch_counters(model: nn.Module, state: dict[str, torch.Tensor]) -> di
     return filled
 
 
+def _check_classes(spec: ArchSpec, num_classes: int, path: Path) -> None:
+    """A teacher to distil is a classifier: at least two outputs."""
+    if num_classes < validate.MIN_CLASSES:
+        head = next(iter(classifier_keys(spec.name)))
+        raise DfkdError(f"checkpoint '{path}' is a {num_classes}-output network ({head} has {num_classes} output row); "
+                        f"dfkd distils classifiers with at least {validate.MIN_CLASSES} classes")
+
+
+def _check_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Every tensor the model holds as floats is stored as float16/bfloat16/float32/float64 and finite
+    (``load_state_dict`` would cast complex or integer values silently)."""
+    floats = {key for key, value in model.state_dict().items() if value.is_floating_point()}
+    for key, tensor in state.items():
+        if key in floats:
+            validate.weight(key, tensor, f"checkpoint '{path}'")
+
+
+@torch.no_grad()
+def probe_outputs(model: nn.Module, shape: tuple[int, ...], mean: Sequence[float], std: Sequence[float],
+                  where: str) -> None:
+    """Run ``model`` on a few random normalised inputs; refuse it when the outputs are non-finite or
+    the same for every input (weights that overflow, zeroed or collapsed weights). A local random
+    generator leaves the run's seeded ones untouched."""
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.rand(PROBE_INPUTS, *shape, generator=generator)
+    x = (pixels - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = model(x).float()
+    finally:
+        model.train(was_training)
+    validate.distinct_finite_outputs(outputs, where, "check that the checkpoint holds the trained weights "
+                                                    "of this --arch (and its --mean/--std)")
+
+
 def load_teacher(
     path: Path,
     arch: str,
@@ -306,12 +321,15 @@ def load_teacher(
     num_classes = ckpt_classes or _default_num_classes(spec)
     shape = _resolve_input_shape(spec, input_shape, ckpt_chans)
     _check_fits(spec, state, num_classes, shape[0], path)
+    _check_classes(spec, num_classes, path)
     mean_t, std_t = resolve_normalization(normalize, mean, std, shape[0], spec.default_normalize)
     class_names = read_labels(labels, num_classes) if labels is not None else [str(i) for i in range(num_classes)]
 
     model = create_model(spec.name, num_classes, shape)
+    _check_weights(model, state, path)
     model.load_state_dict(_with_batch_counters(model, state), strict=True)
     model.eval().requires_grad_(False)
+    probe_outputs(model, shape, mean_t, std_t, f"teacher '{path}'")
     return Teacher(
         model=model, arch=spec.name, num_classes=num_classes, input_shape=shape, mean=mean_t, std=std_t,
         class_names=class_names, sha256=sha256_file(path), path=str(path),

@@ -1,13 +1,16 @@
-"""Shared fixtures: a tiny teacher trained on a synthetic task, so agreement means something."""
+"""Shared fixtures (a tiny teacher trained on a synthetic task, so agreement means something; tiny
+text models) and the test tiers: markers ``slow``, ``subprocess`` and ``export`` (pyproject.toml)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from dfkd_cli import measure
 from dfkd_cli.archs import create_model
 
 SHAPE = (1, 16, 16)
@@ -16,6 +19,23 @@ NUM_CLASSES = 4
 # The test models are tiny: a second OpenMP thread buys little, and on a shared 2-core machine it
 # made steps 5-13x slower (threads spin-waiting for a busy core).
 torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts another interpreter (marker ``subprocess``) pays for importing torch again:
+    it belongs to the slow tier, left out by ``-m "not slow"``."""
+    for item in items:
+        if item.get_closest_marker("subprocess") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """ONNX export and latency loops only for tests marked ``export``: a run in any other test skips
+    them (its report says so). Set before the test's fixtures, so a module-scoped run made for it
+    follows its marker; see tests/kit.py for runs shared by tests of both kinds."""
+    measure.DEPLOYMENT_CHECKS = item.get_closest_marker("export") is not None
 
 
 def quadrant_task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,3 +81,19 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> dict:
     np.savez(eval_npz, x=(x_eval[:, 0].numpy() * 255).astype(np.uint8), y=y_eval.numpy())
     return {"path": path, "eval": eval_npz, "model": model, "accuracy": accuracy,
             "args": ["--arch", "resnet8", "--input-shape", "1x16x16", "--mean", "0.5", "--std", "0.5"]}
+
+
+@pytest.fixture(scope="session")
+def bert_teacher_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny trained BERT teacher of tests/textkit.py, built once per session; copy it before changing it."""
+    from textkit import make_bert_teacher
+
+    return make_bert_teacher(tmp_path_factory.mktemp("text-models") / "bert")
+
+
+@pytest.fixture(scope="session")
+def gpt2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny GPT-2 language model of tests/textkit.py, built once per session; copy it before changing it."""
+    from textkit import make_gpt2
+
+    return make_gpt2(tmp_path_factory.mktemp("text-models") / "gpt2")

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from dfkd_cli.cli import app
+from dfkd_cli.marker import seal
 
 runner = CliRunner()
 FAST_DI = ["-s", "synth.iterations=30", "-s", "synth.batch_size=64", "-s", "synth.flip=false", "-s", "synth.jitter=0",
@@ -43,6 +44,8 @@ def di_run(tiny_teacher, tmp_path_factory):
     return out, json.loads(result.stdout)
 
 
+@pytest.mark.slow
+@pytest.mark.export
 def test_compress_writes_every_artefact(di_run):
     out, report = di_run
     for name in ("student.safetensors", "student.onnx", "report.json", "report.md", "samples.png", "config.toml"):
@@ -51,6 +54,8 @@ def test_compress_writes_every_artefact(di_run):
     assert json.loads((out / "report.json").read_text()) == report
 
 
+@pytest.mark.slow
+@pytest.mark.export
 def test_report_measures_agreement_accuracy_sizes_and_time(di_run):
     _, report = di_run
     assert report["schema_version"] == 1
@@ -67,6 +72,7 @@ def test_report_measures_agreement_accuracy_sizes_and_time(di_run):
     assert "Agreement" in (di_run[0] / "report.md").read_text() or "agreement" in (di_run[0] / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_student_file_is_self_describing(di_run, tiny_teacher):
     out, _ = di_run
     from safetensors import safe_open
@@ -79,6 +85,7 @@ def test_student_file_is_self_describing(di_run, tiny_teacher):
         assert expected in text
 
 
+@pytest.mark.slow
 def test_config_repeats_the_run_exactly(di_run, tmp_path):
     out, _ = di_run
     config = tomllib.loads((out / "config.toml").read_text())
@@ -91,6 +98,8 @@ def test_config_repeats_the_run_exactly(di_run, tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first), "a seeded CPU run did not repeat"
 
 
+@pytest.mark.slow
+@pytest.mark.export
 def test_eval_gate_passes_and_fails(di_run, tiny_teacher):
     out, report = di_run
     measured = report["eval_data"]["top1_agreement"]
@@ -107,6 +116,7 @@ def test_eval_gate_passes_and_fails(di_run, tiny_teacher):
     assert "below --min-agreement" in failed.stderr
 
 
+@pytest.mark.slow
 def test_eval_without_teacher_reports_accuracy(di_run, tiny_teacher):
     out, report = di_run
     result = run("eval", out / "student.safetensors", "--eval-data", tiny_teacher["eval"], "--format", "json")
@@ -114,6 +124,7 @@ def test_eval_without_teacher_reports_accuracy(di_run, tiny_teacher):
     assert json.loads(result.stdout)["eval_data"]["student_accuracy"] == pytest.approx(report["eval_data"]["student_accuracy"])
 
 
+@pytest.mark.slow
 def test_deepinversion_beats_the_noise_baseline(di_run, tiny_teacher, tmp_path):
     _, di_report = di_run
     result = run(*compress_args(tiny_teacher, tmp_path / "noise", "--recipe", "noise", "--steps", "120",
@@ -167,6 +178,7 @@ def test_inspect_shows_what_dfkd_sees(tiny_teacher):
     assert "with --prior images only: avkd, prior-kd" in human.stdout
 
 
+@pytest.mark.subprocess
 def test_installed_entry_point_runs_as_a_subprocess(tiny_teacher, tmp_path):
     dfkd = Path(sys.executable).parent / "dfkd"
     out = tmp_path / "sub"
@@ -185,6 +197,7 @@ def test_time_budget_stops_the_run_and_overwrite_replaces_the_folder(tiny_teache
     out = tmp_path / "budget"
     out.mkdir()
     (out / "old.txt").write_text("from an earlier run")
+    seal(out)  # a run folder dfkd wrote: --overwrite may replace it (any other folder is refused)
     result = run(*compress_args(tiny_teacher, out, "--recipe", "deepinversion", "--steps", "1000", "--time-budget", "3s",
                                 "--overwrite", "-s", "synth.iterations=100000", "-s", "synth.batch_size=16",
                                 "-s", "train.holdout=16"))
@@ -211,6 +224,7 @@ def test_class_names_from_labels_reach_report_and_student(tiny_teacher, tmp_path
     assert load_student(out / "student.safetensors")[1].class_names == ["top-left", "top-right", "bottom-left", "bottom-right"]
 
 
+@pytest.mark.slow
 def test_eval_reads_an_image_folder_like_the_npz(di_run, tiny_teacher, tmp_path):
     from PIL import Image
 
@@ -234,6 +248,7 @@ def test_eval_reads_an_image_folder_like_the_npz(di_run, tiny_teacher, tmp_path)
     assert folder_report["student_accuracy"] == pytest.approx(npz_report["student_accuracy"])
 
 
+@pytest.mark.export
 def test_failed_onnx_parity_exits_3_and_keeps_only_the_pytorch_student(tiny_teacher, tmp_path, monkeypatch):
     from dfkd_cli import export
 

@@ -12,22 +12,25 @@ import pytest
 
 from dfkd_cli.cli import _without_nproc
 
-SETTINGS = ["--student", "resnet8", "--recipe", "dfad", "--seed", "0", "--device", "cpu", "--format", "json",
-            "-s", "synth.batch_size=16", "-s", "synth.ngf=8", "-s", "synth.latent_dim=16", "-s", "train.holdout=32",
-            "-s", "train.eval_every=10", "-s", "train.steps_per_round=4"]
+import kit
 
 
-def _dfkd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def _dfkd(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "true"}
-    return subprocess.run([sys.executable, "-m", "dfkd_cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "dfkd_cli", *map(str, args)], capture_output=True, text=True, env=env,
                           timeout=timeout)
 
 
+def _compress_args(teacher, out: Path, steps: int, batch: int, *extra: object) -> list[object]:
+    return kit.compress_args(teacher, out, "dfad", steps, *kit.generator(), *kit.train(batch_size=batch, steps_per_round=4),
+                             *extra)
+
+
 def _compress(teacher, out: Path, batch: int, *extra: str) -> subprocess.CompletedProcess:
-    return _dfkd("compress", str(teacher["path"]), *teacher["args"], *SETTINGS, "--steps", "60", "--out", str(out),
-                 "--eval-data", str(teacher["eval"]), "-s", f"train.batch_size={batch}", *extra)
+    return _dfkd(*_compress_args(teacher, out, 60, batch, "--eval-data", teacher["eval"], *extra))
 
 
+@pytest.mark.subprocess
 def test_two_processes_train_one_student_and_only_rank_0_writes(tiny_teacher, tmp_path):
     runs = tmp_path / "runs"
     result = _compress(tiny_teacher, runs / "two", 16, "--nproc", "2")
@@ -36,6 +39,8 @@ def test_two_processes_train_one_student_and_only_rank_0_writes(tiny_teacher, tm
     assert report["run"]["processes"] == {"count": 2, "identical_students": True}
     assert report["run"]["steps"] == 60
     assert sorted(p.name for p in runs.iterdir()) == ["two"]  # no staging or second run folder
+    # A real dfkd process exports and times the student: only this test process turns that off.
+    assert (runs / "two" / "student.onnx").is_file() and report["student"]["latency_ms"]["onnx"] > 0
     assert "rank 1" not in result.stderr and result.stderr.count("[distill] started") == 1  # rank 0 shows progress
     single = _compress(tiny_teacher, runs / "one", 32)  # the same global batch in one process
     assert single.returncode == 0, single.stderr
@@ -45,16 +50,17 @@ def test_two_processes_train_one_student_and_only_rank_0_writes(tiny_teacher, tm
     assert abs(two_acc - one_acc) < 0.15, (two_acc, one_acc)
 
 
+@pytest.mark.subprocess
 def test_ranks_stay_identical_when_a_time_budget_drives_the_schedules(tiny_teacher, tmp_path):
     """The cosine schedules follow the budget's elapsed share, which each rank's own clock would
     make differ: the ranks use the share agreed at each step."""
-    result = _dfkd("compress", str(tiny_teacher["path"]), *tiny_teacher["args"], *SETTINGS, "--steps", "100000",
-                   "--time-budget", "6s", "--out", str(tmp_path / "run"), "-s", "train.batch_size=16", "--nproc", "2")
+    result = _dfkd(*_compress_args(tiny_teacher, tmp_path / "run", 100000, 16, "--time-budget", "6s", "--nproc", "2"))
     assert result.returncode == 0, result.stderr
     run = json.loads(result.stdout)["run"]
     assert run["processes"] == {"count": 2, "identical_students": True} and run["steps"] > 10
 
 
+@pytest.mark.subprocess
 def test_a_failing_rank_ends_the_job_with_its_error(tiny_teacher, tmp_path):
     (tmp_path / "taken").mkdir()  # rank 0 refuses the existing folder; rank 1 must not hang
     result = _compress(tiny_teacher, tmp_path / "taken", 16, "--nproc", "2")
@@ -63,6 +69,7 @@ def test_a_failing_rank_ends_the_job_with_its_error(tiny_teacher, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.subprocess
 def test_a_bad_rank_environment_is_one_line(tiny_teacher, tmp_path):
     env = {**os.environ, "RANK": "3", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
     result = subprocess.run([sys.executable, "-m", "dfkd_cli", "compress", str(tiny_teacher["path"]),

@@ -126,7 +126,8 @@ def test_missing_or_corrupt_student_file_gives_dfkd_error(tmp_path: Path, fake_a
 
 def test_weights_that_do_not_fit_the_architecture_give_dfkd_error(tmp_path: Path, fake_archs: list[tuple]) -> None:
     path = tmp_path / "student.safetensors"
-    save_student(trained_cnn(), make_meta(num_classes=7), path)  # head has 4 outputs, metadata claims 7
+    names = [str(i) for i in range(7)]
+    save_student(trained_cnn(), make_meta(num_classes=7, class_names=names), path)  # head has 4 outputs, metadata claims 7
     with pytest.raises(DfkdError, match="does not fit architecture 'tiny_cnn'"):
         load_student(path)
 

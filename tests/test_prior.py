@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from dfkd_cli.cli import app
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.prior import PriorData
 
+import kit
 from conftest import quadrant_task
 
 SHAPE = (1, 16, 16)
@@ -101,11 +100,9 @@ def test_bad_priors_are_one_line_errors(tmp_path, make, message):
         prior(path)
 
 
-def compress(tiny_teacher, tmp_path, recipe: str, *extra: str):
-    args = ["compress", tiny_teacher["path"], *tiny_teacher["args"], "--student", "resnet8", "--recipe", recipe,
-            "--out", tmp_path / "run", "--device", "cpu", "--format", "json", "--eval-data", tiny_teacher["eval"],
-            *extra]
-    return CliRunner().invoke(app, [str(a) for a in args])
+def compress(tiny_teacher, tmp_path, recipe: str, *extra: str, steps: int = 2):
+    return kit.cli(*kit.compress_args(tiny_teacher, tmp_path / "run", recipe, steps, "--eval-data", tiny_teacher["eval"],
+                                      *extra))
 
 
 def quadrant_folder(folder, n: int) -> None:
@@ -117,21 +114,21 @@ def quadrant_folder(folder, n: int) -> None:
 
 def test_prior_with_a_recipe_that_does_not_use_it_is_refused(tiny_teacher, tmp_path):
     quadrant_folder(tmp_path / "prior", 4)
-    result = compress(tiny_teacher, tmp_path, "noise", "--prior", tmp_path / "prior", "--steps", "2")
+    result = compress(tiny_teacher, tmp_path, "noise", "--prior", tmp_path / "prior")
     assert result.exit_code == 2
     assert "does not use --prior" in result.stderr and "avkd" in result.stderr and "prior-kd" in result.stderr
     assert not (tmp_path / "run").exists()
 
 
 def test_a_prior_recipe_without_prior_is_refused(tiny_teacher, tmp_path):
-    result = compress(tiny_teacher, tmp_path, "avkd", "--steps", "2")
+    result = compress(tiny_teacher, tmp_path, "avkd")
     assert result.exit_code == 2 and "needs --prior" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 def test_an_empty_prior_folder_is_a_one_line_error(tiny_teacher, tmp_path):
     (tmp_path / "empty").mkdir()
-    result = compress(tiny_teacher, tmp_path, "prior-kd", "--prior", tmp_path / "empty", "--steps", "2")
+    result = compress(tiny_teacher, tmp_path, "prior-kd", "--prior", tmp_path / "empty")
     assert result.exit_code == 2 and "has no images" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
@@ -139,9 +136,8 @@ def test_an_empty_prior_folder_is_a_one_line_error(tiny_teacher, tmp_path):
 def test_prior_kd_distils_on_prior_images_and_reports_skipped_files(tiny_teacher, tmp_path):
     quadrant_folder(tmp_path / "prior", 160)
     (tmp_path / "prior" / "broken.png").write_bytes(b"not a png")
-    result = compress(tiny_teacher, tmp_path, "prior-kd", "--prior", tmp_path / "prior", "--steps", "60",
-                      "-s", "train.batch_size=32", "-s", "train.holdout=32", "-s", "train.eval_every=20",
-                      "-s", "train.lr=0.05")
+    result = compress(tiny_teacher, tmp_path, "prior-kd", "--prior", tmp_path / "prior", *kit.train(batch_size=32, eval_every=20, lr=0.05),
+                      steps=60)
     assert result.exit_code == 0, (result.stderr, result.exception)
     report = json.loads(result.stdout)
     prior_info = report["run"]["prior"]

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from dfkd_cli.cli import app
 from dfkd_cli.export import export_onnx, onnx_predict
 from dfkd_cli.quantize import quantize_int8
+
+import kit
 
 SHAPE = (1, 16, 16)
 
@@ -31,13 +31,11 @@ def test_int8_student_is_smaller_and_agrees_with_fp32(tmp_path, tiny_teacher):
 
 
 def compress(tiny_teacher, tmp_path, *extra):
-    args = ["compress", tiny_teacher["path"], *tiny_teacher["args"], "--student", "resnet8", "--recipe", "noise",
-            "--steps", "30", "--out", tmp_path / "run", "--device", "cpu", "--format", "json",
-            "-s", "train.batch_size=32", "-s", "train.holdout=64", "-s", "train.eval_every=10",
-            "-s", "train.optimizer=\"adam\"", "-s", "train.lr=0.003", *extra]
-    return CliRunner().invoke(app, [str(a) for a in args])
+    settings = kit.train(holdout=64, optimizer="adam", lr=0.003)
+    return kit.cli(*kit.compress_args(tiny_teacher, tmp_path / "run", "noise", 30, *settings, *extra))
 
 
+@pytest.mark.slow
 def test_compress_writes_an_int8_student_calibrated_on_synthetic_samples_only(tiny_teacher, tmp_path, monkeypatch):
     import dfkd_cli.quantize as quantize
 
@@ -68,6 +66,7 @@ def test_a_bad_quantize_value_is_a_one_line_error(tiny_teacher, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_quantization_leaves_no_finished_looking_run(tiny_teacher, tmp_path, monkeypatch):
     import dfkd_cli.quantize as quantize
 
@@ -83,6 +82,7 @@ def test_a_failed_quantization_leaves_no_finished_looking_run(tiny_teacher, tmp_
     assert not (failed / "student.onnx").exists() and not (failed / "student.int8.onnx").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_eval", [False, True])
 def test_min_agreement_gates_the_int8_student(tiny_teacher, tmp_path, with_eval):
     extra = ["--eval-data", tiny_teacher["eval"]] if with_eval else []
@@ -94,22 +94,25 @@ def test_min_agreement_gates_the_int8_student(tiny_teacher, tmp_path, with_eval)
 
 
 
+@pytest.mark.slow
+@pytest.mark.export  # `dfkd quantize` reads the run's student.onnx (compress --quantize exports it anyway)
 def test_quantize_command_adds_int8_to_a_saved_run(tiny_teacher, tmp_path):
     made = compress(tiny_teacher, tmp_path, "--save-synthetic")
     assert made.exit_code == 0, (made.stderr, made.exception)
-    result = CliRunner().invoke(app, ["quantize", str(tmp_path / "run"), "--format", "json", "--min-agreement", "0.0",
-                                      "--eval-data", str(tiny_teacher["eval"])])
+    result = kit.cli("quantize", tmp_path / "run", "--format", "json", "--min-agreement", "0.0", "--eval-data", tiny_teacher["eval"])
     assert result.exit_code == 0, (result.stderr, result.exception)
     assert (tmp_path / "run" / "student.int8.onnx").is_file()
     saved = json.loads((tmp_path / "run" / "report.json").read_text())
     assert saved["int8"]["synthetic"]["n"] == 32 and saved["int8"]["eval_data"]["n"] == 256
     assert saved["gate"]["metric"] == "int8_top1_agreement"
-    human = CliRunner().invoke(app, ["quantize", str(tmp_path / "run")])
+    human = kit.cli("quantize", tmp_path / "run")
     assert human.exit_code == 0 and "int8 agreement with the teacher" in human.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.export  # so the refusal is for the missing set alone
 def test_quantize_command_needs_a_saved_synthetic_set(tiny_teacher, tmp_path):
     assert compress(tiny_teacher, tmp_path).exit_code == 0
-    result = CliRunner().invoke(app, ["quantize", str(tmp_path / "run")])
+    result = kit.cli("quantize", tmp_path / "run")
     assert result.exit_code == 2 and "--save-synthetic" in result.stderr
     assert not (tmp_path / "run" / "student.int8.onnx").exists()

@@ -4,7 +4,6 @@ shown on the tiny trained teacher with small settings."""
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
@@ -19,6 +18,8 @@ from dfkd_cli.synth.cmi import FeatureBank, instance_contrast, random_resized_cr
 from dfkd_cli.synth.inversion import InversionInputs, masked_adversarial
 from dfkd_cli.synth.losses import BatchNormStatistics
 from dfkd_cli.teacher import load_teacher
+
+import kit
 
 # The quadrant task's class is where the square is: no crops or flips for the teacher's view.
 SMALL = ["synth.latent_dim=16", "synth.ngf=8", "synth.head_dim=32", "synth.crop_pad=0", "synth.flip=false"]
@@ -347,14 +348,9 @@ def test_recipe_refuses_a_teacher_without_batchnorm(recipe, tmp_path):
 @pytest.mark.parametrize("recipe", ["cmi", "fast"])
 def test_compress_end_to_end(recipe, tiny_teacher, tmp_path):
     out = tmp_path / recipe
-    extra = ["-s", "synth.head_dim=32"] if recipe == "cmi" else ["-s", "synth.warmup=1"]
-    result = CliRunner().invoke(app, [
-        "compress", str(tiny_teacher["path"]), *tiny_teacher["args"], "--student", "resnet8", "--recipe", recipe,
-        "--steps", "40", "--out", str(out), "--seed", "0", "--device", "cpu", "--format", "json",
-        "--eval-data", str(tiny_teacher["eval"]), "-s", "synth.iterations=4", "-s", "synth.batch_size=32",
-        "-s", "synth.latent_dim=16", "-s", "synth.ngf=8", "-s", "train.batch_size=32", "-s", "train.steps_per_round=10",
-        "-s", "train.eval_every=20", "-s", "train.holdout=32", "-s", "train.crop_pad=1", *extra])
-    assert result.exit_code == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert report["run"]["recipe"] == recipe and report["run"]["steps"] == 40
-    assert (out / "student.onnx").is_file() and (out / "samples.png").is_file()
+    specific = {"head_dim": 32} if recipe == "cmi" else {"warmup": 1}
+    report = kit.report_of(kit.cli(*kit.compress_args(
+        tiny_teacher, out, recipe, 20, "--eval-data", tiny_teacher["eval"], *kit.generator(iterations=4, **specific),
+        *kit.train(steps_per_round=10, crop_pad=1))))
+    assert report["run"]["recipe"] == recipe and report["run"]["steps"] == 20
+    assert (out / "student.safetensors").is_file() and (out / "samples.png").is_file()

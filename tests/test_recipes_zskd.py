@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,11 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from typer.testing import CliRunner
 
+import kit
 from conftest import quadrant_task
 from dfkd_cli.archs import create_model
-from dfkd_cli.cli import app
 from dfkd_cli.config import load_recipe
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.synth import synthesizer_class, zskd
@@ -162,25 +160,17 @@ def lenet_teacher(tmp_path_factory) -> dict:
     x_eval, y_eval = quadrant_task(256, seed=2)
     x_eval = F.interpolate(x_eval, size=(32, 32), mode="nearest")
     np.savez(root / "eval.npz", x=(x_eval[:, 0].numpy() * 255).astype(np.uint8), y=y_eval.numpy())
-    return {"path": root / "lenet5.pt", "eval": root / "eval.npz"}
+    return {"path": root / "lenet5.pt", "eval": root / "eval.npz",
+            "args": ["--arch", "lenet5", "--input-shape", "1x32x32", "--mean", "0.5", "--std", "0.5"]}
 
 
 def test_zskd_distils_a_lenet5_teacher_without_batchnorm_end_to_end(lenet_teacher, tmp_path):
-    runner = CliRunner()
-    args = [lenet_teacher["path"], "--arch", "lenet5", "--input-shape", "1x32x32"]
-    listed = runner.invoke(app, ["inspect", *map(str, args), "--format", "json"])
-    assert listed.exit_code == 0, listed.stderr
-    info = json.loads(listed.stdout)
+    info = kit.report_of(kit.cli("inspect", lenet_teacher["path"], *lenet_teacher["args"][:4], "--format", "json"))
     assert not info["bn_layers"] and "zskd" in info["recipes"] and "deepinversion" not in info["recipes"]
-    tiny = ["synth.iterations=10", "synth.batch_size=64", "synth.impressions=512", "train.batch_size=64",
-            "train.steps_per_round=20", "train.eval_every=20", "train.holdout=128", "train.crop_pad=1"]
-    result = runner.invoke(app, ["compress", *map(str, args), "--mean", "0.5", "--std", "0.5",
-                                 "--student", "lenet5_half", "--recipe", "zskd", "--steps", "160",
-                                 "--eval-data", str(lenet_teacher["eval"]),
-                                 "--out", str(tmp_path / "run"), "--seed", "0", "--device", "cpu", "--format", "json",
-                                 *[part for item in tiny for part in ("-s", item)]])
-    assert result.exit_code == 0, result.stderr
-    report = json.loads(result.stdout)
+    report = kit.report_of(kit.cli(*kit.compress_args(
+        lenet_teacher, tmp_path / "run", "zskd", 80, "--eval-data", lenet_teacher["eval"],
+        *kit.synth(iterations=10, batch_size=64, impressions=256),
+        *kit.train(batch_size=64, steps_per_round=20, eval_every=20, holdout=64, crop_pad=1), student="lenet5_half")))
     assert report["teacher"]["has_bn"] is False and report["run"]["recipe"] == "zskd"
     assert report["eval_data"]["teacher_accuracy"] > 0.95
     # Chance is 0.25 and the noise recipe reaches 0.23 in the same setting.

@@ -18,30 +18,29 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from dfkd_cli import resume as resume_module
 from dfkd_cli import supervise
-from dfkd_cli.cli import app
 from dfkd_cli.trainer import StudentTrainer
 
-SMALL = ["--student", "resnet8", "--seed", "0", "--device", "cpu", "--format", "json",
-         "-s", "train.batch_size=16", "-s", "train.holdout=32", "-s", "train.eval_every=10", "-s", "train.checkpoint_every=15"]
+import kit
+
+SMALL = kit.train(checkpoint_every=15)
 RECIPES = {  # recipe -> settings small enough for seconds; together they cover every kind of state
-    "dfad": ["-s", "synth.batch_size=16", "-s", "synth.ngf=8", "-s", "synth.latent_dim=16", "-s", "train.steps_per_round=4"],
-    "dafl": ["-s", "synth.batch_size=16", "-s", "synth.ngf=8", "-s", "synth.latent_dim=16", "-s", "train.update=\"lra\"",
-             "-s", "train.memory_size=64", "-s", "train.steps_per_round=3"],
-    "cmi": ["-s", "synth.iterations=3", "-s", "synth.batch_size=16", "-s", "synth.ngf=8", "-s", "synth.latent_dim=16",
-            "-s", "synth.head_dim=16", "-s", "synth.bank_size=64", "-s", "train.steps_per_round=7", "-s", "train.crop_pad=1"],
-    "fast": ["-s", "synth.iterations=2", "-s", "synth.batch_size=16", "-s", "synth.ngf=8", "-s", "synth.latent_dim=16",
-             "-s", "synth.warmup=1", "-s", "train.steps_per_round=7"],
+    "dfad": [*kit.generator(), *kit.overrides("train.steps_per_round=4")],
+    "dafl": [*kit.generator(), *kit.overrides('train.update="lra"', "train.memory_size=64", "train.steps_per_round=3")],
+    "cmi": [*kit.generator(iterations=3, head_dim=16, bank_size=64), *kit.overrides("train.steps_per_round=7", "train.crop_pad=1")],
+    "fast": [*kit.generator(iterations=2, warmup=1), *kit.overrides("train.steps_per_round=7")],
 }
 
 
 def _compress(teacher, out: Path, recipe: str, steps: int = 40, extra: tuple[str, ...] = ()):
-    args = ["compress", str(teacher["path"]), *teacher["args"], "--recipe", recipe, "--steps", str(steps),
-            "--out", str(out), *SMALL, *RECIPES.get(recipe, []), *extra]
-    return CliRunner().invoke(app, args)
+    return kit.cli(*kit.compress_args(teacher, out, recipe, steps, *SMALL, *RECIPES.get(recipe, []), *extra))
+
+
+def _nothing_published(out: Path) -> bool:
+    """No artefact of a finished run in ``out`` (the ONNX export comes after the student file)."""
+    return not any((out / name).exists() for name in ("student.safetensors", "student.onnx", "report.json"))
 
 
 def _same_weights(a: Path, b: Path) -> bool:
@@ -61,21 +60,22 @@ def _stop_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(supervise.Supervisor, "after_step", after_step)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(recipe, tiny_teacher, tmp_path, monkeypatch):
-    whole = _compress(tiny_teacher, tmp_path / "whole", recipe)
+    whole = _compress(tiny_teacher, tmp_path / "whole", recipe, steps=30)
     assert whole.exit_code == 0, whole.stderr
     with monkeypatch.context() as patch:
         _stop_at(patch, 23)  # mid-round and between checkpoints
-        stopped = _compress(tiny_teacher, tmp_path / "split", recipe)
+        stopped = _compress(tiny_teacher, tmp_path / "split", recipe, steps=30)
     assert stopped.exit_code == 130
     assert stopped.stderr.strip().splitlines()[-1] == (f"error: stopped by SIGINT at student step 23; checkpoint saved, continue with: "
                                       f"dfkd compress --resume {tmp_path / 'split'}")
-    assert not (tmp_path / "split" / "student.onnx").exists() and not (tmp_path / "split" / "report.json").exists()
-    resumed = CliRunner().invoke(app, ["compress", "--resume", str(tmp_path / "split"), "--format", "json"])
+    assert _nothing_published(tmp_path / "split")
+    resumed = kit.cli("compress", "--resume", tmp_path / "split", "--format", "json")
     assert resumed.exit_code == 0, resumed.stderr
     report = json.loads(resumed.stdout)
-    assert report["run"]["resumed_from_step"] == 23 and report["run"]["steps"] == 40
+    assert report["run"]["resumed_from_step"] == 23 and report["run"]["steps"] == 30
     assert _same_weights(tmp_path / "whole", tmp_path / "split")
     assert not (tmp_path / "split" / "checkpoints").exists()  # a finished run keeps no checkpoints
 
@@ -90,9 +90,25 @@ def test_checkpoints_are_kept_two_at_a_time_and_load_without_pickled_code(tiny_t
     assert {"python", "numpy", "torch", "cuda"} <= set(state["rng"])
 
 
+SIGNAL_STEPS = 60
+# dfkd's console entry point, except that each student step after the 20th sleeps 50 ms: the signal
+# then always finds the run still going, without hundreds of steps of margin. No number changes.
+SLOWED_DFKD = """import sys, time
+from dfkd_cli import supervise
+from dfkd_cli.cli import main
+after_step = supervise.Supervisor.after_step
+def slowed(self, run, loss):
+    after_step(self, run, loss)
+    if run.trainer.steps_done >= 20:
+        time.sleep(0.05)
+supervise.Supervisor.after_step = slowed
+main()
+"""
+
+
 def _subprocess_run(teacher, out: Path) -> subprocess.Popen:
-    args = [sys.executable, "-m", "dfkd_cli", "compress", str(teacher["path"]), *teacher["args"], "--recipe", "dfad",
-            "--steps", "400", "--out", str(out), *SMALL, *RECIPES["dfad"], "-s", "train.checkpoint_every=10"]
+    args = [sys.executable, "-c", SLOWED_DFKD, *map(str, kit.compress_args(
+        teacher, out, "dfad", SIGNAL_STEPS, *SMALL, *RECIPES["dfad"], "-s", "train.checkpoint_every=10"))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CI": "true"}
     return subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
 
@@ -105,6 +121,7 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> No
         time.sleep(0.2)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
 def test_a_real_signal_then_resume_matches_an_uninterrupted_run(how, tiny_teacher, tmp_path):
     """SIGTERM: the run checkpoints its current step and exits 130. kill -9: the last periodic
@@ -120,11 +137,11 @@ def test_a_real_signal_then_resume_matches_an_uninterrupted_run(how, tiny_teache
         assert lines[-1].startswith("error: stopped by SIGTERM at student step ") and f"--resume {out}" in lines[-1]
     else:
         assert process.returncode == -signal.SIGKILL
-    assert not (out / "student.onnx").exists() and not (out / "report.json").exists()
+    assert _nothing_published(out)
     assert all(path.name.startswith("step-") for path in resume_module.CheckpointDir(out).files())
-    resumed = CliRunner().invoke(app, ["compress", "--resume", str(out), "--format", "json"])
+    resumed = kit.cli("compress", "--resume", out, "--format", "json")
     assert resumed.exit_code == 0, resumed.stderr
-    whole = _compress(tiny_teacher, tmp_path / "whole", "dfad", steps=400, extra=("-s", "train.checkpoint_every=10"))
+    whole = _compress(tiny_teacher, tmp_path / "whole", "dfad", steps=SIGNAL_STEPS, extra=("-s", "train.checkpoint_every=10"))
     assert whole.exit_code == 0, whole.stderr
     assert _same_weights(out, tmp_path / "whole")
 
@@ -147,7 +164,7 @@ def test_a_full_disk_is_one_line_and_earlier_checkpoints_stay_intact(tiny_teache
     files = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert files == ["run.toml", "step-000000000.pt", "step-000000015.pt"]
     monkeypatch.setattr(resume_module, "atomic_write", original)
-    resumed = CliRunner().invoke(app, ["compress", "--resume", str(tmp_path / "run"), "--format", "json"])
+    resumed = kit.cli("compress", "--resume", tmp_path / "run", "--format", "json")
     assert resumed.exit_code == 0 and json.loads(resumed.stdout)["run"]["resumed_from_step"] == 15
 
 
@@ -179,7 +196,7 @@ def _nan_loss_at(monkeypatch, steps: set[int] | None) -> list[float]:
 
 def test_a_non_finite_loss_rolls_back_and_halves_the_student_lr(tiny_teacher, tmp_path, monkeypatch):
     rates = _nan_loss_at(monkeypatch, {20})
-    result = _compress(tiny_teacher, tmp_path / "run", "dfad", extra=("-s", "train.schedule=\"constant\""))
+    result = _compress(tiny_teacher, tmp_path / "run", "dfad", steps=30, extra=("-s", "train.schedule=\"constant\""))
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["run"]["health"]["rollbacks"] == 1 and report["run"]["health"]["lr_scales"]["student"] == 0.5
@@ -195,10 +212,12 @@ def test_a_run_that_keeps_diverging_aborts_after_the_retries(tiny_teacher, tmp_p
     assert result.exit_code == 3
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: training diverged: non-finite student loss (nan) at student step 1 after 2 rollback(s)")
-    assert not (tmp_path / "run" / "student.onnx").exists()
+    assert _nothing_published(tmp_path / "run")
 
 
-def test_a_collapsed_generator_is_a_warning_in_the_report(tiny_teacher, tmp_path):
+@pytest.mark.slow
+def test_a_collapsed_generator_is_a_warning_in_the_report(tiny_teacher, tmp_path, monkeypatch):
+    monkeypatch.setattr(supervise, "COLLAPSE_STEPS", 25)  # the detector's threshold, not its logic, made smaller
     state = torch.load(tiny_teacher["path"], weights_only=True)
     state["fc.bias"] = torch.tensor([1e4, 0.0, 0.0, 0.0])  # the teacher now answers class 0 to everything
     teacher = {**tiny_teacher, "path": tmp_path / "one_class.pt"}
@@ -223,7 +242,7 @@ def test_resume_refusals_are_one_line(tiny_teacher, tmp_path, monkeypatch):
         "missing": (["compress", "--resume", str(tmp_path / "nope")], "is not a folder"),
     }
     for name, (args, message) in cases.items():
-        result = CliRunner().invoke(app, args)
+        result = kit.cli(*args)
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], (name, result.stderr)
     other = tmp_path / "other.pt"
@@ -231,7 +250,7 @@ def test_resume_refusals_are_one_line(tiny_teacher, tmp_path, monkeypatch):
     torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, other)
     settings = run / "checkpoints" / "run.toml"
     settings.write_text(settings.read_text().replace(str(tiny_teacher["path"]), str(other)))
-    result = CliRunner().invoke(app, ["compress", "--resume", str(run)])
+    result = kit.cli("compress", "--resume", run)
     assert result.exit_code == 2 and "made for another teacher file" in result.stderr
 
 
@@ -242,7 +261,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tiny_teacher, 
     newest = run / "checkpoints" / "step-000000020.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
     monkeypatch.undo()
-    result = CliRunner().invoke(app, ["compress", "--resume", str(run), "--format", "json"])
+    result = kit.cli("compress", "--resume", run, "--format", "json")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["run"]["resumed_from_step"] == 15
 
@@ -268,7 +287,7 @@ def test_running_out_of_memory_is_one_line_exit_3(tiny_teacher, tmp_path, monkey
     result = _compress(tiny_teacher, tmp_path / "run", "dfad")
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
     assert result.exit_code == 3 and len(errors) == 1 and "out of memory" in errors[0] and "batch_size" in errors[0]
-    assert not (tmp_path / "run" / "student.onnx").exists()
+    assert _nothing_published(tmp_path / "run")
 
 
 def test_a_stop_with_checkpoints_off_says_it_cannot_resume(tiny_teacher, tmp_path, monkeypatch):

@@ -8,18 +8,17 @@ import json
 
 import numpy as np
 import torch
-from typer.testing import CliRunner
 
-from dfkd_cli.cli import app
 from dfkd_cli.selection import Reservoir
 
-SMALL = ["-s", "train.batch_size=32", "-s", "train.holdout=32", "-s", "train.eval_every=10"]
+import kit
+
+BATCH = kit.TRAIN["batch_size"]
 
 
 def compress(teacher_path, args, out, *extra):
-    argv = ["compress", teacher_path, *args, "--student", "resnet8", "--out", out, "--device", "cpu",
-            "--format", "json", *SMALL, *extra]
-    return CliRunner().invoke(app, [str(a) for a in argv])
+    argv = ["compress", teacher_path, *args, "--student", "resnet8", "--out", out, *kit.CPU_JSON, *kit.train(), *extra]
+    return kit.cli(*argv)
 
 
 def test_a_fresh_batch_recipe_saves_a_sample_of_what_the_student_trained_on(tiny_teacher, tmp_path):
@@ -28,11 +27,11 @@ def test_a_fresh_batch_recipe_saves_a_sample_of_what_the_student_trained_on(tiny
     assert result.exit_code == 0, (result.stderr, result.exception)
     folder = tmp_path / "run" / "synthetic"
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["recipe"] == "noise" and manifest["train_samples"] == 20 * 32
+    assert manifest["recipe"] == "noise" and manifest["train_samples"] == 20 * BATCH
     assert manifest["holdout_samples"] == 32 and manifest["input_shape"] == [1, 16, 16]
-    assert "uniform sample of the 640 training inputs" in manifest["sampling"]
+    assert f"uniform sample of the {20 * BATCH} training inputs" in manifest["sampling"]
     with np.load(folder / manifest["shards"][0]) as shard:
-        assert shard["x"].dtype == np.float16 and shard["x"].shape == (640, 1, 16, 16)
+        assert shard["x"].dtype == np.float16 and shard["x"].shape == (20 * BATCH, 1, 16, 16)
         assert np.allclose(shard["probs"].astype(np.float32).sum(1), 1.0, atol=1e-2)
 
 

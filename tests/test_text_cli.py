@@ -12,7 +12,10 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from dfkd_cli.cli import app
-from textkit import make_bert_teacher, make_gpt2, toy_corpus
+from dfkd_cli.measure import DEPLOYMENT_SKIPPED
+
+import kit
+from textkit import toy_corpus
 
 runner = CliRunner()
 FAST = ["--steps", "6", "-s", "train.eval_every=3", "-s", "train.holdout=32", "-s", "train.steps_per_round=2",
@@ -25,26 +28,29 @@ def run(*args: object):
 
 
 @pytest.fixture(scope="module")
-def text_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def text_files(bert_teacher_folder: Path, gpt2_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("text-cli")
     dev = root / "dev.tsv"
     dev.write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in toy_corpus(60, seed=7)))
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(s for s, _ in toy_corpus(200, seed=8)) + "\n")
-    return {"bert": make_bert_teacher(root / "bert"), "gpt2": make_gpt2(root / "gpt2"), "dev": dev, "corpus": corpus,
-            "root": root}
+    return {"bert": bert_teacher_folder, "gpt2": gpt2_folder, "dev": dev, "corpus": corpus, "root": root}
 
 
 @pytest.fixture(scope="module")
 def rl_run(text_files):
+    """One promptdfd-rl run, exported to ONNX whichever of its tests comes first."""
     out = text_files["root"] / "runs" / "rl"
-    result = run("compress", text_files["bert"], "--recipe", "promptdfd-rl", "--generator", text_files["gpt2"],
-                 "--prompter", text_files["gpt2"], "--eval-data", text_files["dev"], "--out", out, *FAST, *GENERATE,
-                 "-s", "synth.prompt_length=3")
+    with kit.deployment_checks(True):
+        result = run("compress", text_files["bert"], "--recipe", "promptdfd-rl", "--generator", text_files["gpt2"],
+                     "--prompter", text_files["gpt2"], "--eval-data", text_files["dev"], "--out", out, *FAST, *GENERATE,
+                     "-s", "synth.prompt_length=3")
     assert result.exit_code == 0, (result.stderr, result.exception)
     return out, json.loads(result.stdout)
 
 
+@pytest.mark.slow
+@pytest.mark.export
 def test_rl_run_writes_a_loadable_student_folder_safetensors_and_onnx(rl_run, text_files) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -61,6 +67,7 @@ def test_rl_run_writes_a_loadable_student_folder_safetensors_and_onnx(rl_run, te
     assert report["onnx_parity"]["top1_agreement"] == 1.0
 
 
+@pytest.mark.slow
 def test_rl_report_measures_agreement_accuracy_and_shows_texts_per_class(rl_run) -> None:
     out, report = rl_run
     assert report["family"] == "text" and report["run"]["steps"] == 6 and report["run"]["precision"] in ("fp32", "bf16")
@@ -75,6 +82,8 @@ def test_rl_report_measures_agreement_accuracy_and_shows_texts_per_class(rl_run)
     assert report["student"]["params"] < report["teacher"]["params"]
 
 
+@pytest.mark.slow
+@pytest.mark.export
 def test_eval_measures_the_student_folder_and_its_onnx_on_a_tsv(rl_run, text_files) -> None:
     out, report = rl_run
     result = run("eval", out / "student", "--teacher", text_files["bert"], "--eval-data", text_files["dev"],
@@ -97,7 +106,9 @@ def test_each_text_recipe_runs_through_the_cli(recipe, text_files, tmp_path) -> 
     result = run("compress", text_files["bert"], "--recipe", recipe, "--out", tmp_path / "r", *FAST, *extra)
     assert result.exit_code == 0, (result.stderr, result.exception)
     report = json.loads(result.stdout)
-    assert report["run"]["recipe"] == recipe and (tmp_path / "r" / "student.onnx").is_file()
+    assert report["run"]["recipe"] == recipe and (tmp_path / "r" / "student.safetensors").is_file()
+    assert report["onnx_parity"] is None and DEPLOYMENT_SKIPPED in report["warnings"]  # not an export test: said so
+    assert report["student"]["latency_ms"] == {"torch": None, "onnx": None} and not (tmp_path / "r" / "student.onnx").exists()
     if recipe == "promptdfd-manual":
         texts = [t for texts in report["samples"].values() for t in texts]
         assert texts and all(any(w in t for w in ("news", "document", "review", "sentence")) for t in texts)
@@ -191,6 +202,7 @@ def test_inspect_shows_a_text_teacher(text_files) -> None:
     assert info["default_student"] == "bert-1" and "promptdfd-rl" in info["recipes"] and "dfad" not in info["recipes"]
 
 
+@pytest.mark.slow
 def test_config_toml_repeats_a_text_run(rl_run, text_files, tmp_path) -> None:
     out, report = rl_run
     result = run("compress", "--config", out / "config.toml", "--out", tmp_path / "again", "--format", "json")
@@ -201,6 +213,8 @@ def test_config_toml_repeats_a_text_run(rl_run, text_files, tmp_path) -> None:
     assert again["synthetic_holdout"]["top1_agreement"] == report["synthetic_holdout"]["top1_agreement"]
 
 
+@pytest.mark.slow
+@pytest.mark.export
 def test_a_distilbert_teacher_gets_a_bert_n_student_and_onnx_without_token_type_ids(text_files, tmp_path) -> None:
     from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
 

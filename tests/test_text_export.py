@@ -20,7 +20,7 @@ from dfkd_cli.text.export import (
     save_text_student,
 )
 from dfkd_cli.text.load import load_text_student
-from textkit import make_bert_teacher, toy_corpus
+from textkit import toy_corpus
 
 META = {
     "class_names": ["negative", "positive"],
@@ -37,12 +37,12 @@ TEXTS = ["good", "bad", "the film was awful", "a really great story about music"
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def bert(bert_teacher_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The tiny trained BERT teacher (as the student), its tokenizer, and a run folder it was saved to."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     quiet_transformers()
-    folder = make_bert_teacher(tmp_path_factory.mktemp("bert") / "model")
+    folder = bert_teacher_folder
     model = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     run_dir = tmp_path_factory.mktemp("run")
@@ -300,6 +300,7 @@ def test_failed_parity_raises_and_leaves_no_file(bert: dict, onnx_export: dict, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_distilbert_exports_without_token_type_ids_quietly(bert: dict, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 

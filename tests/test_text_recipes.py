@@ -15,15 +15,14 @@ from dfkd_cli.text.models import build_text_student, load_causal_lm, load_text_t
 from dfkd_cli.text.prompter import RLPromptSynthesizer, repeat_divergence, repetition_rate
 from dfkd_cli.text.synth import ManualPromptSynthesizer, RandomTextSynthesizer, UnlabeledTextSynthesizer
 from dfkd_cli.text.trainer import TextTrainer
-from textkit import make_bert_teacher, make_gpt2, toy_corpus
+from textkit import toy_corpus
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("text-models")
-    return {"bert": make_bert_teacher(root / "bert"), "gpt2": make_gpt2(root / "gpt2")}
+def models(bert_teacher_folder: Path, gpt2_folder: Path) -> dict[str, Path]:
+    return {"bert": bert_teacher_folder, "gpt2": gpt2_folder}
 
 
 @pytest.fixture(scope="module")

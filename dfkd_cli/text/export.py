@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dfkd_cli.atomic import replace, temporary_folder
 from dfkd_cli.errors import DfkdError, ExportError
 from dfkd_cli.export import (
     METADATA_PREFIX,
@@ -116,7 +116,7 @@ def save_text_student(model: nn.Module, tokenizer: Any, meta: dict[str, Any], ru
     # safetensors cannot store twice, and save_pretrained refuses unless declared tied) save as two tensors.
     state = {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in model.state_dict().items()}
 
-    tmp_folder = Path(tempfile.mkdtemp(prefix=f".{STUDENT_DIR}.", suffix=".tmp", dir=run_dir))
+    tmp_folder = temporary_folder(run_dir, f".{STUDENT_DIR}.tmp-")  # umask permissions, unlike mkdtemp's 0700
     try:
         kwargs: dict[str, Any] = {"state_dict": dict(state)}  # a copy: save_pretrained pops what it writes
         if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
@@ -129,13 +129,13 @@ def save_text_student(model: nn.Module, tokenizer: Any, meta: dict[str, Any], ru
             shutil.rmtree(folder)
         elif folder.exists() or folder.is_symlink():
             folder.unlink()
-        os.replace(tmp_folder, folder)
+        replace(tmp_folder, folder)
     finally:
         shutil.rmtree(tmp_folder, ignore_errors=True)
 
     with _temporary_sibling(file, suffix=".safetensors") as tmp_path:
         save_file(state, str(tmp_path), metadata=metadata)
-        os.replace(tmp_path, file)
+        replace(tmp_path, file)
 
     folder_bytes = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     return {"student_dir": folder_bytes, STUDENT_FILE: file.stat().st_size}
@@ -221,7 +221,7 @@ def export_text_onnx(
                 f"top-1 agreement {top1_agreement:.4f} (need 1.0) at batch sizes {sizes} and lengths {lengths}; "
                 "the PyTorch student was saved, report this as a bug"
             )
-        os.replace(tmp_path, path)
+        replace(tmp_path, path)
     return {
         "batch_sizes": sizes,
         "lengths": lengths,

@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dfkd_cli.autopilot import DEFAULT_TIME_BUDGET_S, resolve_time_budget
 from dfkd_cli.config import RecipeConfig, build_recipe, list_recipes, merge_tables, read_toml, recipe_info, recipe_path
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.measure import check_fraction
 from dfkd_cli.precision import PRECISIONS
+from dfkd_cli.runtime import resolve_device
 
 # Image-only flags (their names in the CLI's flag dict) and how the user wrote them.
 IMAGE_ONLY = {"arch": "--arch", "input_shape": "--input-shape", "normalize": "--normalize", "mean": "--mean",
@@ -53,6 +55,8 @@ class TextOptions:
         data = dataclasses.asdict(self)
         for key in ("overwrite", "overrides", "out", "trust_pickle"):
             data.pop(key)
+        if data["time_budget_s"] is None:
+            data["time_budget_s"] = "none"
         return {k: str(Path(v).resolve()) if isinstance(v, Path) else v for k, v in data.items()}
 
 
@@ -85,6 +89,7 @@ def resolve_text(flags: dict[str, Any], overrides: list[str], overwrite: bool, t
     known = {f.name for f in dataclasses.fields(TextOptions)}
     run.update({k: v for k, v in flags.items() if k in known and v is not None})
     values = {k: Path(v) if k in PATH_KEYS and v is not None else v for k, v in run.items()}
+    values["time_budget_s"] = resolve_time_budget(values.get("time_budget_s", DEFAULT_TIME_BUDGET_S))
     opts = TextOptions(**values, overwrite=overwrite, trust_pickle=trust_pickle, overrides=list(overrides))
     check_fraction(opts.min_agreement, "--min-agreement")
     if opts.precision not in PRECISIONS:
@@ -96,7 +101,8 @@ def resolve_text(flags: dict[str, Any], overrides: list[str], overwrite: bool, t
     else:
         data, name = read_toml(recipe_path(opts.recipe)), opts.recipe
     steps = [f"train.steps={opts.steps}"] if opts.steps is not None else []
-    return opts, build_recipe(merge_tables(data, tables), list(overrides) + steps, default_name=name)
+    return opts, build_recipe(merge_tables(data, tables), list(overrides) + steps, default_name=name,
+                              device_type=resolve_device(opts.device).type)
 
 
 def read_text_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:

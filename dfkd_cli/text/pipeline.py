@@ -16,7 +16,7 @@ import torch
 from dfkd_cli.config import RecipeConfig, dump_toml, recipe_info
 from dfkd_cli.errors import EXIT_INTERRUPTED, DfkdError
 from dfkd_cli.report import write_report
-from dfkd_cli.rundir import check_out_dir, move_into_place, staging_dir
+from dfkd_cli.rundir import claim_out_dir, move_into_place, staging_dir
 from dfkd_cli.precision import Precision, loss_scales, resolve_text_precision
 from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, hardware_description, library_versions,
                               resolve_device, seed_everything)
@@ -29,10 +29,15 @@ from dfkd_cli.text.trainer import TextTrainer
 
 def compress_text(opts: TextOptions, recipe: RecipeConfig, display: Display) -> dict[str, Any]:
     """Distil a Hugging Face sequence classifier with a text recipe; returns the report."""
+    out = opts.out or Path("runs") / f"{opts.teacher.name}-{recipe.recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    inputs = [opts.teacher, opts.labels, opts.eval_data, opts.prior, opts.generator, opts.prompter]
+    with claim_out_dir(out, opts.overwrite, inputs=inputs):  # checked and locked for the whole run
+        return _compress_text(opts, recipe, display, out)
+
+
+def _compress_text(opts: TextOptions, recipe: RecipeConfig, display: Display, out: Path) -> dict[str, Any]:
     from dfkd_cli.text.publish import publish
 
-    out = opts.out or Path("runs") / f"{opts.teacher.name}-{recipe.recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    check_out_dir(out, opts.overwrite)
     device = resolve_device(opts.device)
     stages, started = Stopwatch(device), datetime.now(timezone.utc)
     precision = Precision(resolve_text_precision(opts.precision, device), device)

@@ -17,7 +17,7 @@ from dfkd_cli import __version__
 from dfkd_cli.config import RecipeConfig
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.evaluate import _median_ms, agreement_report, count_params
-from dfkd_cli.measure import check_fraction, gate_result
+from dfkd_cli.measure import DEPLOYMENT_SKIPPED, check_fraction, deployment_checks, gate_result
 from dfkd_cli.report import SCHEMA_VERSION
 from dfkd_cli.runtime import Display, library_versions
 from dfkd_cli.text.models import TextTeacher, load_text_teacher
@@ -44,20 +44,20 @@ def publish(run_dir: Path, opts: Any, recipe: RecipeConfig, teacher: TextTeacher
     sizes = save_text_student(student, teacher.tokenizer, meta, run_dir)
     texts, teacher_logits = holdout
     half = len(texts) // 2
-    parity = export_text_onnx(student, teacher.tokenizer, run_dir / "student.onnx", texts[half:][:32], trainer.max_length)
+    onnx = run_dir / "student.onnx"
+    parity = export_text_onnx(student, teacher.tokenizer, onnx, texts[half:][:32], trainer.max_length) if deployment_checks() else None
     display.stage("evaluate", total=None)
     report_half = agreement_report(teacher_logits[half:], trainer.student_logits(texts[half:]), teacher.class_names)
-    warnings: list[str] = []
+    warnings: list[str] = [] if parity else [DEPLOYMENT_SKIPPED]
     real = measure_table(teacher, trainer, eval_table, str(opts.eval_data)) if eval_table else None
     report = {
         "schema_version": SCHEMA_VERSION, "dfkd_version": __version__, "kind": "compress", "family": "text",
         "teacher": {"arch": teacher.kind, "path": str(teacher.path), "sha256": teacher.sha256,
                     "num_classes": teacher.num_classes, "class_names": teacher.class_names, "params": teacher.num_params,
-                    "latency_ms": {"torch": text_latency_ms(teacher.model, teacher.tokenizer), "onnx": None}},
+                    "latency_ms": _latency_ms(teacher.model, teacher.tokenizer, None)},
         "student": {"arch": opts.student, "params": count_params(student), "layers": int(student.config.num_hidden_layers),
-                    "file_bytes": {"safetensors": sizes.get("student.safetensors"), "onnx": (run_dir / "student.onnx").stat().st_size},
-                    "latency_ms": {"torch": text_latency_ms(student, teacher.tokenizer),
-                                   "onnx": onnx_text_latency_ms(run_dir / "student.onnx", teacher.tokenizer)},
+                    "file_bytes": {"safetensors": sizes.get("student.safetensors"), "onnx": onnx.stat().st_size if parity else None},
+                    "latency_ms": _latency_ms(student, teacher.tokenizer, onnx if parity else None),
                     "compression_ratio": round(teacher.num_params / count_params(student), 3)},
         "synthetic_holdout": report_half, "eval_data": real, "onnx_parity": parity,
         "samples": synth.pool.by_class(teacher.class_names, SAMPLES_PER_CLASS),
@@ -91,6 +91,13 @@ def measure_table(teacher: TextTeacher | None, trainer: TextTrainer, table: tupl
             report["onnx_accuracy"] = float((onnx.argmax(1) == y).float().mean())
     report["source"] = source
     return report
+
+
+def _latency_ms(model: Any, tokenizer: Any, onnx_path: Path | None) -> dict[str, float | None]:
+    """Batch-1 CPU latency in PyTorch and (when exported) onnxruntime; None when deployment checks are off."""
+    if not deployment_checks():
+        return {"torch": None, "onnx": None}
+    return {"torch": text_latency_ms(model, tokenizer), "onnx": onnx_text_latency_ms(onnx_path, tokenizer) if onnx_path else None}
 
 
 def text_latency_ms(model: Any, tokenizer: Any, iters: int = 20) -> float:

@@ -1,0 +1,77 @@
+"""``--recipe auto``: the recipe that leads for this kind of teacher, read from a policy file.
+
+The policy is data (``recipes/policy/auto.toml``, shipped beside the recipes): rules read top to
+bottom, each with the conditions it holds for, the recipe it picks, the recipes that may race and
+the benchmark rows it comes from.
+
+Example:
+    >>> rule = choose_rule(has_bn=True, input_shape=(1, 32, 32), device="cpu", budget_s=120)
+    >>> rule.recipe, rule.name
+    ('dfad', 'BatchNorm, small inputs, short budget on a CPU')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dfkd_cli.config import recipe_dir, read_toml
+from dfkd_cli.errors import DfkdError
+
+_CONDITIONS = ("batchnorm", "max_input", "device", "max_budget_s")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One policy rule (see the policy file's header for the conditions)."""
+
+    name: str
+    recipe: str
+    race: tuple[str, ...] = ()
+    evidence: str = ""
+    conditions: dict[str, Any] = field(default_factory=dict)
+
+    def holds(self, has_bn: bool, input_shape: tuple[int, int, int], device: str, budget_s: float | None) -> bool:
+        c = self.conditions
+        return (("batchnorm" not in c or c["batchnorm"] == has_bn)
+                and ("max_input" not in c or max(input_shape[1:]) <= c["max_input"])
+                and ("device" not in c or c["device"] == device)
+                and ("max_budget_s" not in c or (budget_s is not None and budget_s <= c["max_budget_s"])))
+
+
+@dataclass(frozen=True)
+class Policy:
+    rules: tuple[Rule, ...]
+    race_min_steps: int
+
+
+def policy_path() -> Path:
+    return recipe_dir() / "policy" / "auto.toml"
+
+
+def load_policy(path: Path | None = None) -> Policy:
+    """Read and check the policy file (a broken shipped file is a packaging bug, said in one line)."""
+    path = path or policy_path()
+    data = read_toml(path)
+    rules = []
+    for index, raw in enumerate(data.get("rule", [])):
+        unknown = set(raw) - {"name", "recipe", "race", "evidence", *_CONDITIONS}
+        if unknown or "recipe" not in raw:
+            raise DfkdError(f"policy '{path}' rule {index + 1}: unknown keys {sorted(unknown)} or no recipe")
+        rules.append(Rule(name=str(raw.get("name", f"rule {index + 1}")), recipe=str(raw["recipe"]),
+                          race=tuple(raw.get("race", ())), evidence=" ".join(str(raw.get("evidence", "")).split()),
+                          conditions={k: raw[k] for k in _CONDITIONS if k in raw}))
+    if not rules:
+        raise DfkdError(f"policy '{path}' has no [[rule]]")
+    return Policy(tuple(rules), int(data.get("race_min_steps", 300)))
+
+
+def choose_rule(has_bn: bool, input_shape: tuple[int, int, int], device: str, budget_s: float | None,
+                policy: Policy | None = None) -> Rule:
+    """The first rule that holds for this teacher, device and budget."""
+    policy = policy or load_policy()
+    for rule in policy.rules:
+        if rule.holds(has_bn, input_shape, device, budget_s):
+            return rule
+    raise DfkdError("no --recipe auto rule fits this teacher; name a recipe with --recipe (see `dfkd recipes`)")
