@@ -89,7 +89,7 @@ class Plan:
         data = dataclasses.asdict(self)
         data["adjustments"] = [adjustment.to_dict() for adjustment in self.adjustments]
         data["estimate_s"] = round(self.estimate_s, 1)
-        data["stages"] = [{**dataclasses.asdict(stage), "estimate_s": round(stage.estimate_s, 1)}
+        data["stages"] = [{**dataclasses.asdict(stage), "estimate_s": round(stage.estimate_s, 3)}
                           for stage in self.stages]
         return data
 

@@ -7,7 +7,7 @@ the benchmark rows it comes from.
 Example:
     >>> rule = choose_rule(has_bn=True, input_shape=(1, 32, 32), device="cpu", budget_s=120)
     >>> rule.recipe, rule.name
-    ('dfad', 'BatchNorm, small inputs, short budget on a CPU')
+    ('dfq', 'BatchNorm, small grayscale inputs, short budget on a CPU')
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 from dfkd_cli.config import recipe_dir, read_toml
 from dfkd_cli.errors import DfkdError
 
-_CONDITIONS = ("batchnorm", "max_input", "device", "max_budget_s")
+_CONDITIONS = ("batchnorm", "channels", "max_input", "device", "max_budget_s")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class Rule:
     def holds(self, has_bn: bool, input_shape: tuple[int, int, int], device: str, budget_s: float | None) -> bool:
         c = self.conditions
         return (("batchnorm" not in c or c["batchnorm"] == has_bn)
+                and ("channels" not in c or c["channels"] == input_shape[0])
                 and ("max_input" not in c or max(input_shape[1:]) <= c["max_input"])
                 and ("device" not in c or c["device"] == device)
                 and ("max_budget_s" not in c or (budget_s is not None and budget_s <= c["max_budget_s"])))
