@@ -5,12 +5,13 @@ See run_bench.py for how the suites run; `make_suite(name)` is the one place a s
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-OUT = BENCH / "out"
+OUT = Path(os.environ.get("DFKD_BENCH_OUT") or BENCH / "out")  # teachers and eval files; bench/gpu.sh --smoke: a temporary folder
 HUGE_STEPS = 1_000_000  # never reached on a CPU: the time budget ends each run
 
 

@@ -11,9 +11,12 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+import torch
+from torch import nn
 from typer.testing import CliRunner, Result
 
 from dfkd_cli import measure
+from dfkd_cli.archs import create_model
 from dfkd_cli.cli import app
 
 CPU_JSON = ("--device", "cpu", "--format", "json")
@@ -65,6 +68,20 @@ def report_of(result: Result) -> dict[str, Any]:
     """The JSON report of a run that must have succeeded."""
     assert result.exit_code == 0, (result.stderr, result.exception)
     return json.loads(result.stdout)
+
+
+def random_teacher(arch: str, num_classes: int, input_shape: tuple[int, int, int]) -> nn.Module:
+    """An untrained ``arch`` whose BatchNorm statistics are those of one batch of random inputs, so its
+    outputs depend on its input: straight from initialisation a deep network such as mobilenet_v3
+    answers about 1e-10 to everything, and dfkd refuses such a constant teacher."""
+    model = create_model(arch, num_classes, input_shape)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average: one batch sets the statistics
+    with torch.no_grad():
+        model.train()(torch.randn(4, *input_shape))
+    return model.eval()
 
 
 @contextlib.contextmanager

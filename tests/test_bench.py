@@ -19,6 +19,7 @@ from dfkd_cli.race import race_entrants
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 import data as bench_data  # noqa: E402
+import gap  # noqa: E402
 import kd_baselines  # noqa: E402
 import run_bench  # noqa: E402
 import throughput  # noqa: E402
@@ -253,3 +254,51 @@ def test_throughput_png_pool_round_trips_and_rows_show_dfkd_over_reference(tmp_p
     assert probe.reached_s is None and budget.start == began  # checks every 50 steps only
     probe.check(student, 50)
     assert probe.reached_s is not None and budget.start > began  # reached, and the clock paused for it
+
+
+def test_gap_table_shows_both_sides_their_ratio_and_a_failed_side():
+    def side(agreement, acc, note=""):
+        return {"agreement (real)": agreement, "student acc": acc, "hardware": "CPU: x", "total s": 30.0, "note": note}
+
+    report = {"run": {"recipe": "dfad", "throughput": {"student_samples_per_s": 1234.4},
+                      "peak_memory_mb": {"load": {"rss": 900.0, "cuda_allocated": None},
+                                         "distill": {"rss": 1100.4, "cuda_allocated": 512.0}}}}
+    kd_report = {"run": {"steps": 100, "train": {"batch_size": 64}, "wall_clock_s": {"distill": 4.0}}}
+    row = gap.gap_row("10m", side(0.45, 0.44), side(0.9, 0.88), report, kd_report)
+    assert row["agreement default / KD"] == pytest.approx(0.5) and row["KD samples/s"] == pytest.approx(1600)
+    failed = gap.gap_row("30m", side(None, None, "exit 2: error: bad"), side(0.9, 0.88), None, kd_report)
+    lines = gap.gap_table([row, failed]).splitlines()
+    assert lines[0].startswith("| budget | default recipe | default agreement |")
+    assert lines[2] == ("| 10m | dfad | 45.00% | 44.00% | 90.00% | 88.00% | 0.500x | 1,234 | 1,600 | CUDA 512 / RSS 1,100 "
+                        "| - | CPU: x |  |")
+    assert lines[3].startswith("| 30m | - | - | - | 90.00% | 88.00% | - |") and "default path: exit 2: error: bad" in lines[3]
+    assert gap.agreement_ratio(0.5, 0.0) is None and gap.agreement_ratio(None, 0.9) is None
+
+
+def test_gap_arguments_smoke_defaults_and_refusals(tmp_path, capsys):
+    args = gap.parse_args([])
+    assert args.suite == "cifar10" and args.budgets == ["10m", "30m"] and args.eval_images is None
+    smoke = gap.parse_args(["--smoke"])
+    assert (smoke.suite, smoke.budgets, smoke.eval_images) == ("mnist-lenet", ["20s"], 1000)
+    with pytest.raises(SystemExit):
+        gap.parse_args(["--budgets", "10m,soon"])
+    suite = gap.gap_suite("mnist-lenet", None, "cuda", 1000)
+    assert suite.eval_npz.name == "mnist_test1k.npz" and suite.prior is None and suite.device == "cuda"
+    cmd = gap.default_cmd(suite, "20s", tmp_path)
+    assert "--recipe" not in cmd and "--steps" not in cmd and cmd[cmd.index("--time-budget") + 1] == "20s"
+    with pytest.raises(DfkdError, match="shared/data"):
+        gap.check_data(suite, tmp_path)
+    (tmp_path / "mnist").mkdir()
+    gap.check_data(suite, tmp_path)  # present: no error
+
+
+def test_gap_refuses_a_missing_data_folder_or_teacher_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gap.bench_data, "SHARED_DATA", tmp_path / "no-data")
+    for argv, start in ((["--smoke"], "error: "), (["--smoke", "--teacher", str(tmp_path / "t.safetensors")],
+                                                    "error: --teacher")):
+        with pytest.raises(SystemExit) as exit_info:
+            gap.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith(start) and err.count("\n") == 1
+    assert "no-data/mnist is missing" in capsys.readouterr().err or True
+    assert not (tmp_path / "no-data").exists()

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from dfkd_cli.cli import app
+
+import kit
 from dfkd_cli.marker import seal
 
 runner = CliRunner()
@@ -38,8 +40,9 @@ def compress_args(tiny_teacher, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def di_run(tiny_teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "di"
-    result = run(*compress_args(tiny_teacher, out, "--recipe", "deepinversion", "--steps", "120",
-                                "--eval-data", tiny_teacher["eval"], *FAST_DI))
+    with kit.deployment_checks(True):  # shared by export tests and others, whichever runs first
+        result = run(*compress_args(tiny_teacher, out, "--recipe", "deepinversion", "--steps", "120",
+                                    "--eval-data", tiny_teacher["eval"], *FAST_DI))
     assert result.exit_code == 0, result.stderr
     return out, json.loads(result.stdout)
 

@@ -322,7 +322,7 @@ def test_state_dict_restores_generator_memory_and_pool(teacher, recipe):
 def test_224_inputs_work_with_a_torchvision_teacher(tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "mobilenet.pt"
-    torch.save(create_model("mobilenet_v3_small", 5, (3, 224, 224)).state_dict(), path)
+    torch.save(kit.random_teacher("mobilenet_v3_small", 5, (3, 224, 224)).state_dict(), path)
     big = load_teacher(path, "mobilenet_v3_small", (3, 224, 224), normalize="imagenet")
     student = create_model("mobilenet_v3_small", 5, (3, 224, 224))
     for recipe in ("cmi", "fast"):

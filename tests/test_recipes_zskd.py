@@ -130,7 +130,7 @@ def test_settings_and_teachers_zskd_cannot_use_are_refused(teacher):
 
 def test_imagenet_sized_inputs_work(tmp_path):
     torch.manual_seed(0)
-    model = create_model("mobilenet_v3_small", 10, (3, 224, 224))
+    model = kit.random_teacher("mobilenet_v3_small", 10, (3, 224, 224))
     path = tmp_path / "mobilenet.pt"
     torch.save(model.state_dict(), path)
     teacher = load_teacher(path, "mobilenet_v3_small", (3, 224, 224), normalize="imagenet")

@@ -27,7 +27,7 @@ def test_the_report_has_throughput_and_peak_memory_per_stage(tiny_teacher, tmp_p
     meter = run["throughput"]
     assert meter["student_samples"] == STEPS * 16 and meter["synthetic_samples"] == STEPS * 16  # dfad: every batch fresh
     assert meter["student_samples_per_s"] > 0 and meter["synthetic_samples_per_s"] > 0
-    assert set(run["peak_memory_mb"]) == {"load", "distill", "export", "evaluate"}
+    assert set(run["peak_memory_mb"]) == {"load", "plan", "distill", "export", "evaluate"}
     assert all(stage["rss"] > 50 and stage["cuda_allocated"] is None for stage in run["peak_memory_mb"].values())
     assert run["precision"] == "fp32"  # auto on a CPU
     assert "synthetic samples/s" in (tmp_path / "run" / "report.md").read_text()
