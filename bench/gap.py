@@ -157,7 +157,9 @@ def run_budget(suite: Suite, budget: str, workdir: Path) -> dict[str, Any]:
         log(f"{budget} {name}: {' '.join(cmd)}")
         rows[name] = run_row(name, cmd)
         reports[name] = read_report(out) if rows[name]["student acc"] is not None else None
-        log(f"{budget} {name}: agreement {rows[name]['agreement (real)']} in {rows[name]['process_s']} s")
+        agreement = rows[name]["agreement (real)"]
+        done = f"agreement {100 * agreement:.2f}%" if agreement is not None else rows[name]["note"]
+        log(f"{budget} {name}: {done} in {rows[name]['process_s']} s")
     return gap_row(budget, rows[DEFAULT], rows[KD], reports[DEFAULT], reports[KD])
 
 

@@ -32,7 +32,7 @@ if ((smoke)); then
   teacher_args=(--dataset mnist --arch lenet5 --epochs 1 --lr 0.05 --device cpu)
   step_limit=120
 else
-  device=cuda tput_budget=20s gap_args=(--budgets 75s --suite cifar10)
+  device=cuda tput_budget=20s gap_args=(--budgets 75s --suite cifar10 --eval-images 10000)
   teacher_args=(--dataset cifar10 --arch resnet20 --epochs 10 --crop-pad 4 --flip --device cuda)
   step_limit=330
 fi
