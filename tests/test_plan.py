@@ -179,3 +179,12 @@ def test_a_three_step_deepinversion_run_on_resnet18_takes_under_a_minute(tmp_pat
     # resnet18 teacher (for its latency) and the mobilenet_v2 student; the suite runs on one thread
     assert report["run"]["steps"] == 3 and clock["load"] + clock["plan"] + clock["distill"] < 45, clock
     assert elapsed < 120, elapsed
+
+
+def test_text_runs_follow_the_clock_only_for_a_budget_the_user_gave(tmp_path):
+    from dfkd_cli.text.options import resolve_text
+
+    default, _ = resolve_text({"teacher": tmp_path, "recipe": "random-text"}, [], False, False)
+    given, _ = resolve_text({"teacher": tmp_path, "recipe": "random-text", "time_budget_s": 90.0}, [], False, False)
+    assert default.time_budget_s == 600 and not default.budget_paces and "time_budget_s" not in default.to_dict()
+    assert given.budget_paces and given.to_dict()["time_budget_s"] == 90.0

@@ -50,13 +50,18 @@ class TextOptions:
     seed: int = 0
     trust_pickle: bool = False
     overrides: list[str] = field(default_factory=list)
+    # Schedules follow the clock only for a budget the user gave: the default one would make a
+    # seeded CPU run unrepeatable (image runs decide this from their measured plan instead).
+    budget_paces: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for key in ("overwrite", "overrides", "out", "trust_pickle"):
+        for key in ("overwrite", "overrides", "out", "trust_pickle", "budget_paces"):
             data.pop(key)
         if data["time_budget_s"] is None:
             data["time_budget_s"] = "none"
+        elif not self.budget_paces:
+            del data["time_budget_s"]  # the default budget: a repeat gets it again, unpaced
         return {k: str(Path(v).resolve()) if isinstance(v, Path) else v for k, v in data.items()}
 
 
@@ -89,6 +94,7 @@ def resolve_text(flags: dict[str, Any], overrides: list[str], overwrite: bool, t
     known = {f.name for f in dataclasses.fields(TextOptions)}
     run.update({k: v for k, v in flags.items() if k in known and v is not None})
     values = {k: Path(v) if k in PATH_KEYS and v is not None else v for k, v in run.items()}
+    values["budget_paces"] = "time_budget_s" in values
     values["time_budget_s"] = resolve_time_budget(values.get("time_budget_s", DEFAULT_TIME_BUDGET_S))
     opts = TextOptions(**values, overwrite=overwrite, trust_pickle=trust_pickle, overrides=list(overrides))
     check_fraction(opts.min_agreement, "--min-agreement")
@@ -109,7 +115,8 @@ def read_text_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``[run]`` table of a text run's config.toml (paths relative to its folder) and its recipe tables."""
     data = read_toml(path)
     run = dict(data.pop("run", {}))
-    known = {f.name for f in dataclasses.fields(TextOptions)} - {"overwrite", "overrides", "out", "trust_pickle"}
+    known = {f.name for f in dataclasses.fields(TextOptions)} - {"overwrite", "overrides", "out", "trust_pickle",
+                                                                 "budget_paces"}
     unknown = sorted(set(run) - known)
     if unknown:
         raise DfkdError(f"unknown key(s) {unknown} in [run] of '{path}' for a text teacher; valid keys: {', '.join(sorted(known))}")

@@ -52,6 +52,7 @@ def _compress_text(opts: TextOptions, recipe: RecipeConfig, display: Display, ou
     teacher.model.to(device)
     with StopRequest() as stop:
         budget = Budget(opts.time_budget_s, stop=stop)
+        budget.paces = opts.budget_paces
         holdout, curve = distill_text(synth, trainer, recipe, budget, display, precision.autocast)
     if budget.stop_requested:
         raise DfkdError(f"stopped by {budget.stop_requested} at student step {trainer.steps_done}; text runs do not "
