@@ -194,6 +194,8 @@ def _human_inspect(console: Console, info: dict[str, Any]) -> None:
     console.print(f"BatchNorm     {len(bn)} layers" + (f" ({', '.join(bn[:4])}, ...)" if bn else ""))
     console.print(f"student       default {info['default_student'] or '- (pass --student)'}")
     console.print(f"recipes       {', '.join(info['recipes'])}")
-    console.print(f"              --recipe auto races: {', '.join(info['race'])}")
+    auto = info["auto"]
+    console.print(f"              --recipe auto: {auto['recipe']} (policy rule '{auto['rule']}', "
+                  f"{auto['budget_s'] / 60:g} min on {auto['device']}); may race: {', '.join(auto['race']) or '-'}")
     if info.get("recipes_needing_prior"):
         console.print(f"              with --prior images only: {', '.join(info['recipes_needing_prior'])}")

@@ -174,10 +174,13 @@ def test_inspect_shows_what_dfkd_sees(tiny_teacher):
     info = json.loads(result.stdout)
     assert info["num_classes"] == 4 and info["input_shape"] == [1, 16, 16]
     assert len(info["bn_layers"]) == 9  # stem, 2 per block, 2 downsample
-    assert "deepinversion" in info["recipes"] and set(info["race"]) < set(info["recipes"])
-    assert info["recipes_needing_prior"] == ["avkd", "prior-kd"] and not set(info["race"]) & {"avkd", "prior-kd", "noise"}
+    auto = info["auto"]
+    assert "deepinversion" in info["recipes"] and auto["recipe"] in info["recipes"] and set(auto["race"]) < set(info["recipes"])
+    assert auto["recipe"] == "dfq" and auto["device"] == "cpu" and "MNIST resnet8" in auto["evidence"]  # 1x16x16 with BatchNorm
+    assert info["recipes_needing_prior"] == ["avkd", "prior-kd"] and not set(auto["race"]) & {"avkd", "prior-kd", "noise"}
     human = run("inspect", tiny_teacher["path"], "--arch", "resnet8", "--input-shape", "1x16x16")
     assert "BatchNorm" in human.stdout and "deepinversion" in human.stdout
+    assert "--recipe auto: dfq (policy rule 'BatchNorm, small grayscale inputs" in human.stdout
     assert "with --prior images only: avkd, prior-kd" in human.stdout
 
 
