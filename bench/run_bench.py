@@ -278,7 +278,8 @@ def footer(suite: Suite, budget: str, steps: int) -> str:
     stop = f"the budget (--steps {steps:,} is never reached)" if steps == HUGE_STEPS else f"--steps {steps:,} or it"
     which = f" of classes {', '.join(map(str, suite.classes))}" if suite.classes else ""
     text = (f"Accuracy and agreement on {images} {DATA_NAMES[dataset]} test images{which} (never used for selection). "
-            f"Every row but the teacher's: `--time-budget {budget}` for distillation, ended by {stop}; \"total s\" "
+            f"Every row but the teacher's: `--time-budget {budget}` (for a dfkd row the whole run, export included; "
+            f"for a KD row its training), ended by {stop}; \"total s\" "
             "is the row's whole wall clock (loading, distillation, export, evaluation) on the hardware named.")
     kd_like = [name for name in suite.kd_like if (suite.prior or name != "prior-kd")
                and (not suite.only_variants or name in suite.variants)]
