@@ -332,6 +332,7 @@ def inspect(
     """What dfkd sees in a teacher: classes, input shape, BatchNorm layers, parameters, recipes."""
     from dfkd_cli.archs import get_arch
     from dfkd_cli.config import applicable_recipes, prior_recipes
+    from dfkd_cli.policy import auto_choice
     from dfkd_cli.render import render_inspect
     from dfkd_cli.teacher import load_teacher, parse_input_shape
 
@@ -348,23 +349,9 @@ def inspect(
     info = {"path": str(teacher), "arch": t.arch, "sha256": t.sha256, "num_classes": t.num_classes,
             "class_names": t.class_names, "input_shape": list(t.input_shape), "mean": list(t.mean), "std": list(t.std),
             "params": t.num_params, "bn_layers": t.bn_layers, "has_bn": t.has_bn,
-            "default_student": spec.default_student, "recipes": applicable_recipes(t), "auto": _auto_choice(t),
+            "default_student": spec.default_student, "recipes": applicable_recipes(t), "auto": auto_choice(t),
             "recipes_needing_prior": [r for r in prior_recipes() if r in applicable_recipes(t)]}
     render_inspect(info, output_format.value)
-
-
-def _auto_choice(teacher: Any) -> dict[str, Any]:
-    """What ``--recipe auto`` picks for ``teacher`` at the default budget on this machine's device."""
-    from dfkd_cli.autopilot import DEFAULT_TIME_BUDGET_S
-    from dfkd_cli.policy import choose_rule
-    from dfkd_cli.race import race_entrants
-    from dfkd_cli.runtime import resolve_device
-
-    device = resolve_device("auto").type
-    rule = choose_rule(teacher.has_bn, teacher.input_shape, device, DEFAULT_TIME_BUDGET_S)
-    entrants = race_entrants(teacher.has_bn)
-    return {"recipe": rule.recipe, "rule": rule.name, "race": [n for n in rule.race if n in entrants],
-            "device": device, "budget_s": DEFAULT_TIME_BUDGET_S, "evidence": rule.evidence}
 
 
 @app.command()

@@ -76,3 +76,17 @@ def choose_rule(has_bn: bool, input_shape: tuple[int, int, int], device: str, bu
         if rule.holds(has_bn, input_shape, device, budget_s):
             return rule
     raise DfkdError("no --recipe auto rule fits this teacher; name a recipe with --recipe (see `dfkd recipes`)")
+
+
+def auto_choice(teacher: Any) -> dict[str, Any]:
+    """What ``--recipe auto`` picks for ``teacher`` at the default budget on this machine's device
+    (``dfkd inspect``)."""
+    from dfkd_cli.autopilot import DEFAULT_TIME_BUDGET_S
+    from dfkd_cli.race import race_entrants
+    from dfkd_cli.runtime import resolve_device
+
+    device = resolve_device("auto").type
+    rule = choose_rule(teacher.has_bn, teacher.input_shape, device, DEFAULT_TIME_BUDGET_S)
+    entrants = race_entrants(teacher.has_bn)
+    return {"recipe": rule.recipe, "rule": rule.name, "race": [n for n in rule.race if n in entrants],
+            "device": device, "budget_s": DEFAULT_TIME_BUDGET_S, "evidence": rule.evidence}
