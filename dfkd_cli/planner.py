@@ -26,7 +26,6 @@ from dfkd_cli.plan import Plan, Stage
 from dfkd_cli.policy import choose_rule, load_policy
 from dfkd_cli.precision import Precision
 from dfkd_cli.probe import Costs, available_memory, probe_run
-from dfkd_cli.runtime import distributed_env
 from dfkd_cli.synth import synthesizer_class
 from dfkd_cli.synth.generator import resolve_generator_size
 from dfkd_cli.teacher import Teacher
@@ -43,13 +42,9 @@ def export_reserve(budget: float | None) -> float:
     return EXPORT_SECONDS if budget is None else min(EXPORT_SECONDS, budget / 4)
 
 
-def origin(opts: "CompressOptions", key: str) -> str | None:
-    return opts.origins.get(key)
-
-
 def input_shape_source(opts: "CompressOptions", teacher: Teacher) -> str:
     if opts.input_shape is not None:
-        return origin(opts, "input_shape") or "given"
+        return opts.origins.get("input_shape") or "given"
     spec = get_arch(teacher.arch)
     return (f"default for {teacher.arch}: {spec.default_input[1]}x{spec.default_input[2]} pixels, channels from the "
             "checkpoint; set --input-shape CxHxW if the teacher was trained on another size")
@@ -57,12 +52,12 @@ def input_shape_source(opts: "CompressOptions", teacher: Teacher) -> str:
 
 def normalisation_source(opts: "CompressOptions", teacher: Teacher) -> str:
     if opts.mean is not None or opts.std is not None:
-        return origin(opts, "mean") or origin(opts, "std") or "given"
+        return opts.origins.get("mean") or opts.origins.get("std") or "given"
     preset = opts.normalize or get_arch(teacher.arch).default_normalize
     averaged = (" averaged over its 3 channels for this 1-channel input"
                 if teacher.input_shape[0] == 1 and len(NORMALIZE_PRESETS[preset.lower()][0]) == 3 else "")
     if opts.normalize is not None:
-        return f"{origin(opts, 'normalize') or 'given'}: {preset}{averaged}"
+        return f"{opts.origins.get('normalize') or 'given'}: {preset}{averaged}"
     return (f"default for {teacher.arch}: {preset} statistics{averaged}; set --normalize or --mean/--std to the "
             "teacher's training normalisation")
 
@@ -120,7 +115,7 @@ def make_plan(opts: "CompressOptions", recipes: list[RecipeConfig], teacher: Tea
         reason = f"auto, policy rule '{rule.name}': {rule.evidence}"
     else:
         lead = recipes[0].recipe.name
-        reason = f"{origin(opts, 'recipe') or 'given'}"
+        reason = opts.origins.get("recipe") or "given"
     notes, adjustments, costs, peaks = [], list(opts.step_adjustments.get(lead, [])), {}, {}
     available = None
     for name in [lead] + [n for n in race_names if n != lead]:
@@ -129,9 +124,11 @@ def make_plan(opts: "CompressOptions", recipes: list[RecipeConfig], teacher: Tea
         costs[name] = _probe(recipe, builder)
         made, peaks[name], available = _fit(recipe, costs[name], device, explicit)
         adjustments += made
-        if name == lead and not _race_decision(opts, race_names, by_name, costs, policy, only=lead):
+        distributed = builder.world.active
+        if name == lead and not _race_decision(opts, race_names, by_name, costs, policy, distributed, only=lead):
             break  # the lead alone cannot get enough race steps: no race, no need to probe the others
-    racing = _race_decision(opts, race_names, by_name, costs, policy) if set(race_names) <= set(costs) else []
+    probed = set(race_names) <= set(costs)
+    racing = _race_decision(opts, race_names, by_name, costs, policy, builder.world.active) if probed else []
     chosen = [by_name[name] for name in racing] if racing else [by_name[lead]]
     if racing and "race_share" in opts.origins:
         reason += f"; a race of {', '.join(racing)} (asked for with --race-share)"
@@ -146,7 +143,7 @@ def make_plan(opts: "CompressOptions", recipes: list[RecipeConfig], teacher: Tea
         input_shape=list(teacher.input_shape), input_shape_from=input_shape_source(opts, teacher),
         mean=list(teacher.mean), std=list(teacher.std), normalisation_from=normalisation_source(opts, teacher),
         student=opts.student,
-        student_from=origin(opts, "student") or f"default for {teacher.arch}; choose another with --student",
+        student_from=opts.origins.get("student") or f"default for {teacher.arch}; choose another with --student",
         recipe=chosen[0].recipe.name if len(chosen) == 1 else "auto (race)", recipe_reason=reason,
         race=list(racing), device=str(device), precision=precision.name, time_budget_s=budget,
         steps=chosen[0].train.steps, device_settings=notes, adjustments=adjustments,
@@ -161,24 +158,20 @@ def make_plan(opts: "CompressOptions", recipes: list[RecipeConfig], teacher: Tea
 
 
 def _race_decision(opts: "CompressOptions", names: list[str], recipes: dict[str, RecipeConfig],
-                   costs: dict[str, Costs], policy, only: str | None = None) -> list[str]:
+                   costs: dict[str, Costs], policy, distributed: bool, only: str | None = None) -> list[str]:
     """The recipes that race: all of ``names`` when each would get ``race_min_steps`` student
     steps in its slice (judged on ``only`` alone when given), else none."""
     if policy is None or len(names) < 2:
         return []
     if "race_share" in opts.origins:  # the user asked for a race
         return names
-    if opts.time_budget_s is None or _distributed():
+    if opts.time_budget_s is None or distributed:
         return []  # a timed decision could differ between the processes of a distributed run
     slice_s = (opts.time_budget_s - export_reserve(opts.time_budget_s)) * opts.race_share / len(names)
     steps = [min(recipes[n].train.steps * opts.race_share / len(names),
                  (slice_s - _holdout_seconds(recipes[n], costs[n])) / _step_seconds(recipes[n], costs[n]))
              for n in ([only] if only else names)]
     return names if min(steps) >= policy.race_min_steps else []
-
-
-def _distributed() -> bool:
-    return distributed_env()[1] > 1
 
 
 def _stages(opts: "CompressOptions", chosen: list[RecipeConfig], costs: dict[str, Costs], budget: float | None) -> list[Stage]:
