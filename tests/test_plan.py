@@ -82,6 +82,10 @@ def test_steps_scaling_reaches_the_run_and_its_config(tiny_teacher, tmp_path):
     ran = config["run"]
     assert ran["device"] == "cpu" and ran["precision"] == "fp32" and ran["mean"] == [0.5] and ran["std"] == [0.5]
     assert ran["input_shape"] == [1, 16, 16] and ran["time_budget_s"] == 600
+    auto = run("compress", tiny_teacher["path"], *tiny_teacher["args"], "--student", "resnet8", "--recipe", "noise",
+               "--steps", "2", "--out", tmp_path / "auto", "--format", "json")  # --device auto, the default
+    assert auto.exit_code == 0, auto.stderr
+    assert tomllib.loads((tmp_path / "auto" / "config.toml").read_text())["run"]["device"] == "cpu"  # what ran
 
 
 def test_time_budget_bounds_the_whole_run(tiny_teacher, tmp_path):
@@ -93,6 +97,8 @@ def test_time_budget_bounds_the_whole_run(tiny_teacher, tmp_path):
     report = json.loads(result.stdout)
     assert report["run"]["steps"] < 5000  # the budget, not the recipe's steps, ended it
     assert report["run"]["wall_clock_s"]["total"] <= 20 + 3 and elapsed <= 20 + 8
+    clock = report["run"]["wall_clock_s"]
+    assert clock["load"] + clock["plan"] + clock["distill"] <= 20 - 5 + 2, clock  # 5 s kept for export
 
 
 def test_time_budget_none_is_recorded_and_repeated(tiny_teacher, tmp_path):
