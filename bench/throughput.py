@@ -59,8 +59,7 @@ from dfkd_cli.distill import Run, start, train, wire
 from dfkd_cli.evaluate import load_eval_data
 from dfkd_cli.precision import Precision, channels_last
 from dfkd_cli.runtime import Budget, Display, hardware_description, parse_duration, seed_everything
-from dfkd_cli.synth import Synthesizer, synthesizer_class
-from dfkd_cli.synth.base import SyntheticPool
+from dfkd_cli.synth import StudentView, SynthContext, Synthesizer, synthesizer_class
 from dfkd_cli.teacher import Teacher, build_student, load_teacher, parse_input_shape
 from dfkd_cli.trainer import StudentTrainer, augment, kd_loss, predict_classes
 
@@ -169,7 +168,7 @@ class PngPool:
         self.batches: Iterator[torch.Tensor] = iter(())
 
     def synthesize(self) -> int:
-        self.synth.pool = SyntheticPool()  # scratch only: the reference trains on what is on disk
+        self.synth.pool.clear()  # scratch only: the reference trains on what is on disk
         self.synth.synthesize()
         x = self.synth.pool.tensor()
         save_pngs(x, self.folder, self.teacher.mean, self.teacher.std, self.saved)
@@ -235,10 +234,10 @@ class Bench:
         recipe = self.recipe(name)
         seed_everything(self.seed)
         student = build_student(self.suite.student, teacher)
-        synth = synthesizer_class(recipe.recipe.synthesizer)(teacher, recipe.synth, recipe.loss, CPU)
+        context = SynthContext(teacher, CPU, student=StudentView(student))  # the trainer trains this module
+        synth = synthesizer_class(recipe.recipe.synthesizer)(context, recipe.synth, recipe.loss)
         trainer = StudentTrainer(student, teacher.model, recipe.train, CPU, input_shape=teacher.input_shape,
                                  precision=Precision(self.precision, CPU))
-        synth.student = trainer.student
         return recipe, synth, trainer
 
     def probe(self, budget: Budget) -> Probe:
@@ -271,12 +270,13 @@ def run_reference(bench: Bench, name: str, seconds: float, folder: Path, workers
     teacher.model.requires_grad_(True).to(memory_format=torch.contiguous_format)  # as a naive script leaves it
     recipe, synth, trainer = bench.build(name, teacher)
     trainer.student.to(memory_format=torch.contiguous_format)
-    if isinstance(getattr(synth, "generator", None), nn.Module):  # dfkd's Generator is channels_last
-        synth.generator.to(memory_format=torch.contiguous_format)
+    generator = synth.generator_module()
+    if generator is not None:  # dfkd's Generator is channels_last
+        generator.to(memory_format=torch.contiguous_format)
     cfg, budget = recipe.train, Budget(seconds)
     wire(Run(name, recipe, synth, trainer), budget)
     folder.mkdir(parents=True, exist_ok=True)
-    pool = None if synth.online else PngPool(synth, folder, teacher, cfg.batch_size, workers)
+    pool = None if synth.capabilities.online else PngPool(synth, folder, teacher, cfg.batch_size, workers)
     probe, measured, round_left = bench.probe(budget), Measured("reference"), 0
     while not budget.expired():
         began = time.perf_counter()
@@ -287,7 +287,7 @@ def run_reference(bench: Bench, name: str, seconds: float, folder: Path, workers
                 measured.made += pool.synthesize()
             round_left = cfg.steps_per_round
         x = synth.sample(cfg.batch_size) if pool is None else pool.sample()
-        measured.made += 0 if synth.keeps_pool else len(x)  # online recipes make every batch fresh
+        measured.made += 0 if synth.capabilities.keeps_pool else len(x)  # online recipes make every batch fresh
         sampled = time.perf_counter()
         reference_step(trainer, teacher.model, x)
         measured.synthesis_s += sampled - began
@@ -330,7 +330,7 @@ def run_suite(bench: Bench, recipes: list[str], seconds: float, workdir: Path,
     table's rows and every loop's raw measurements."""
     has_bn, rows, measured = bench.teacher().has_bn, [], []
     for index, name in enumerate(recipes):
-        if synthesizer_class(load_recipe(name).recipe.synthesizer).requires_bn and not has_bn:
+        if synthesizer_class(load_recipe(name).recipe.synthesizer).capabilities.requires_bn and not has_bn:
             log(f"{bench.suite.name} {name}: skipped, it needs a BatchNorm teacher and {bench.suite.arch} has none")
             continue
         results: dict[str, Measured] = {}

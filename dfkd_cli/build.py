@@ -1,8 +1,8 @@
 """Turn resolved options and a recipe into a :class:`dfkd_cli.distill.Run`: synthesizer, trainer, wiring.
 
 The pipeline builds one run per recipe (a race builds several, the probe a throwaway one of probe
-size); everything a run needs is given to :class:`RunBuilder` once, so no caller sets attributes
-on a synthesizer or trainer after the fact.
+size); everything a run needs is given to :class:`RunBuilder` once, and a synthesizer gets all of
+its part in one :class:`~dfkd_cli.synth.SynthContext` when it is built.
 
 Example:
     >>> builder = RunBuilder(opts, teacher, student, device, precision, prior=None, synthetic=None, world=World())
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -23,7 +23,8 @@ from dfkd_cli.distributed import World
 from dfkd_cli.precision import Precision
 from dfkd_cli.runtime import Display, pool_memory_limit, seed_everything
 from dfkd_cli.selection import Reservoir
-from dfkd_cli.synth import Synthesizer, synthesizer_class
+from dfkd_cli.synth import StudentView, SynthContext, Synthesizer, synthesizer_class
+from dfkd_cli.synth.context import ignore_note
 from dfkd_cli.synth.from_synthetic import FromSyntheticSynthesizer
 from dfkd_cli.synthetic_set import SyntheticSet, record_capacity
 from dfkd_cli.teacher import Teacher, build_student
@@ -55,34 +56,37 @@ class RunBuilder:
         seed_everything(self.opts.seed)  # every entrant starts from the same initialisation
         return build_student(self.opts.student, self.teacher)
 
-    def synthesizer(self, recipe: RecipeConfig) -> Synthesizer:
+    def context(self, recipe: RecipeConfig, student: torch.nn.Module, world: World,
+                on_spill: Callable[[str], None] = ignore_note) -> SynthContext:
+        """What the synthesizer of ``recipe`` is given: ``student`` is the model its trainer trains."""
+        return SynthContext(teacher=self.teacher, device=self.device, precision=self.precision, world=world,
+                            prior=self.prior, student=StudentView(student),
+                            pool_memory_limit=pool_memory_limit(recipe.train.pool_memory_mb, self.device),
+                            on_spill=on_spill)
+
+    def synthesizer(self, recipe: RecipeConfig, context: SynthContext) -> Synthesizer:
+        """The recipe's synthesizer, or with ``--from-synthetic`` the saved set's."""
         if self.synthetic is None:
-            return synthesizer_class(recipe.recipe.synthesizer)(self.teacher, recipe.synth, recipe.loss, self.device)
-        synth = FromSyntheticSynthesizer(self.teacher, FromSyntheticSynthesizer.Config(), {}, self.device)
+            return synthesizer_class(recipe.recipe.synthesizer)(context, recipe.synth, recipe.loss)
+        synth = FromSyntheticSynthesizer(context, FromSyntheticSynthesizer.Config(), {})
         synth.load(self.synthetic)
         return synth
 
-    def _wire(self, synth: Synthesizer, trainer: StudentTrainer, recipe: RecipeConfig, world: World) -> None:
-        synth.pool.memory_limit = pool_memory_limit(recipe.train.pool_memory_mb, self.device)
-        synth.use_precision(self.precision)
-        synth.student, synth.prior, synth.world, trainer.world = trainer.student, self.prior, world, world
-
     def run(self, recipe: RecipeConfig, display: Display) -> Run:
         """The run of ``recipe`` (its notes logged on ``display``)."""
-        model = self._student()
-        synth = self.synthesizer(recipe)
-        synth.pool.on_spill = display.log
+        model = self._student()  # the trainer trains this very module, the synthesizer sees it live
+        synth = self.synthesizer(recipe, self.context(recipe, model, self.world, on_spill=display.log))
         trainer = StudentTrainer(model, self.teacher.model, recipe.train, self.device,
                                  input_shape=self.teacher.input_shape, precision=self.precision)
-        self._wire(synth, trainer, recipe, self.world)
+        trainer.world = self.world
         if recipe.train.attention:
             display.log(trainer.attention.note)
         if self.world.active:
             seed_everything(self.opts.seed + self.world.rank)  # same models on every rank, each its own samples
-        keep = self.opts.save_synthetic and not synth.keeps_pool
+        keep = self.opts.save_synthetic and not synth.capabilities.keeps_pool
         recorder = Reservoir(record_capacity(self.teacher.input_shape)) if keep else None
         if self.opts.compile:
-            for module in (trainer.student, getattr(synth, "generator", None)):
+            for module in (trainer.student, synth.generator_module()):
                 if module is not None:
                     module.compile()
         return Run(recipe.recipe.name, recipe, synth, trainer, recorder=recorder, autocast=self.precision.autocast)
@@ -93,10 +97,9 @@ class RunBuilder:
         small = dataclasses.replace(recipe, synth=_with_batch(recipe.synth, batch),
                                     train=dataclasses.replace(recipe.train, batch_size=batch))
         student = copy.deepcopy(self.student) if self.student is not None else build_student(self.opts.student, self.teacher)
-        synth = self.synthesizer(small)
+        synth = self.synthesizer(small, self.context(small, student, World()))  # the probe's own: no collectives
         trainer = StudentTrainer(student, self.teacher.model, small.train, self.device,
                                  input_shape=self.teacher.input_shape, precision=self.precision)
-        self._wire(synth, trainer, small, World())  # one process's own probe: no collectives
         return synth, trainer
 
 

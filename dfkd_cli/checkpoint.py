@@ -3,7 +3,9 @@
 PyTorch files are read with ``torch.load(weights_only=True)``, which runs no pickled code; a file
 that needs pickled code (a whole saved ``nn.Module``) is refused unless ``trust_pickle`` is set.
 Nested checkpoints (``{"state_dict": ...}``, ``{"model": ...}``) are unwrapped and the
-``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) prefixes stripped.
+``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) prefixes stripped. The per-module
+format versions a PyTorch state dict records (its ``_metadata``) are kept: some modules need them
+to load (:func:`with_module_versions`).
 
 Example:
     >>> state = read_state_dict(Path("teacher.pt"))
@@ -21,6 +23,7 @@ import os
 import pickletools
 import warnings
 import zipfile
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -73,13 +76,54 @@ def read_state_dict(path: Path, trust_pickle: bool = False) -> dict[str, torch.T
         raw: Any = _load_safetensors(path)
     else:
         raw = _load_torch(path, trust_pickle)
-    state = _find_tensors(_unwrap(raw))
-    if not state:
+    source = _tensor_source(_unwrap(raw))
+    if source is None:
         raise DfkdError(
             f"checkpoint '{path}' contains no tensors{_describe_keys(raw)}; "
             "save the weights with torch.save(model.state_dict(), PATH)"
         )
-    return {_strip_prefixes(key): tensor for key, tensor in state.items()}
+    state: OrderedDict[str, torch.Tensor] = OrderedDict(
+        (_strip_prefixes(str(key)), value) for key, value in source.items() if isinstance(value, torch.Tensor)
+    )
+    state._metadata = _module_versions(getattr(source, "_metadata", None))  # type: ignore[attr-defined]
+    return state
+
+
+def with_module_versions(model: nn.Module, state: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    """A copy of ``state`` whose ``_metadata`` gives every module of ``model`` a format version.
+
+    ``load_state_dict`` passes each module the version its weights were saved with, and some
+    modules need it to read them (torchvision's MNASNet refuses a missing one; BatchNorm and ViT's
+    MLP block read a missing one as the oldest format). A version the file recorded is kept; a
+    module it says nothing about (safetensors files and rebuilt dicts record none) is taken to be
+    in the model's own, current format.
+
+    Example:
+        >>> model.load_state_dict(with_module_versions(model, read_state_dict(Path("m.safetensors"))))
+    """
+    recorded = getattr(state, "_metadata", None) or {}
+    filled: OrderedDict[str, torch.Tensor] = OrderedDict(state)
+    filled._metadata = {  # type: ignore[attr-defined]
+        name: {"version": recorded.get(name, {}).get("version", module._version)}
+        for name, module in model.named_modules()
+    }
+    return filled
+
+
+def _module_versions(metadata: Any) -> dict[str, dict[str, int]]:
+    """The per-module ``{"version": int}`` entries of a state dict's ``_metadata``, their names with
+    the prefixes :func:`_strip_prefixes` removes from keys stripped too. A wrapper's own entry
+    ("" of a DataParallel) gives way to the wrapped model's ("module")."""
+    if not isinstance(metadata, Mapping):
+        return {}
+    versions: dict[str, dict[str, int]] = {}
+    names = sorted((str(name) for name in metadata), key=lambda name: _strip_prefixes(name + ".") != name + ".")
+    for name in names:
+        entry = metadata[name]
+        version = entry.get("version") if isinstance(entry, Mapping) else None
+        if isinstance(version, int) and not isinstance(version, bool):
+            versions[_strip_prefixes(name + ".")[:-1]] = {"version": version}
+    return versions
 
 
 def _check_file(path: Path) -> None:
@@ -250,18 +294,18 @@ def _unwrap(obj: Any) -> Any:
     return obj
 
 
-def _find_tensors(obj: Any) -> dict[str, torch.Tensor]:
-    """The tensor entries of ``obj``; failing that, of its only sub-dict made of tensors."""
+def _tensor_source(obj: Any) -> Mapping[Any, Any] | None:
+    """``obj`` when it holds tensors (its other entries are skipped); failing that, its only
+    sub-dict made of tensors; else None."""
     if not isinstance(obj, Mapping):
-        return {}
-    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if tensors:
-        return tensors
+        return None
+    if any(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
     candidates = [
         v for v in obj.values()
         if isinstance(v, Mapping) and v and all(isinstance(t, torch.Tensor) for t in v.values())
     ]
-    return {str(k): v for k, v in candidates[0].items()} if len(candidates) == 1 else {}
+    return candidates[0] if len(candidates) == 1 else None
 
 
 def _describe_keys(obj: Any) -> str:

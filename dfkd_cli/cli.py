@@ -6,6 +6,7 @@ failed, 2 bad input or usage, 3 runtime or export failure, 130 interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from enum import Enum
@@ -138,9 +139,9 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 @app.command()
 @user_errors
 def compress(
-    teacher: Annotated[Optional[Path], typer.Argument(help="Teacher checkpoint (.pt/.pth state dict or .safetensors).")] = None,
-    arch: Annotated[Optional[str], typer.Option(help="Teacher architecture (see `dfkd archs`).")] = None,
-    student: Annotated[Optional[str], typer.Option(help="Student architecture; default depends on --arch.")] = None,
+    teacher: Annotated[Optional[Path], typer.Argument(help="Teacher: a weights file (.safetensors, .pt) with --arch, a torch.export program (.pt2), or a Hugging Face image or text classifier folder.")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="Teacher architecture of a weights file (see `dfkd archs`; timm:NAME for timm).")] = None,
+    student: Annotated[Optional[str], typer.Option(help="Student: a name from `dfkd archs` (timm:NAME too), hf:small or a Hugging Face config folder for a Hugging Face teacher; default: the teacher's own default student.")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="Recipe name (see `dfkd recipes`), a .toml file, or auto (default): the strongest recipe that applies to the teacher.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a recipe key: -s train.lr=0.01 (repeatable).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder to create (default runs/<teacher>-<recipe>-<time>).")] = None,
@@ -188,7 +189,7 @@ def compress(
     if nproc is not None and nproc > 1:
         from dfkd_cli.distributed import launch
 
-        if teacher is not None and (teacher / "config.json").is_file():
+        if teacher is not None and _is_text_folder(teacher, arch):
             raise DfkdError("--nproc: text runs use one process; leave it out")
         raise typer.Exit(launch(nproc, _without_nproc(sys.argv[1:])))
     flags = dict(teacher=teacher, arch=arch, student=student, recipe=recipe, out=out, steps=steps,
@@ -200,10 +201,8 @@ def compress(
     text_flags = dict(generator=generator, prompter=prompter, text_column=text_column, label_column=label_column)
     from dfkd_cli.text.options import config_names_text_teacher, refuse_text_flags
 
-    # a folder is a Hugging Face text teacher (an image checkpoint is a file; a folder given with
-    # --arch and no config.json gets the image loader's own message)
     if teacher is not None:
-        is_text = teacher.is_dir() and ((teacher / "config.json").is_file() or arch is None)
+        is_text = _is_text_folder(teacher, arch)
     else:
         is_text = config is not None and config_names_text_teacher(config)
     if is_text and resume is None and not demo:
@@ -217,7 +216,7 @@ def compress(
     else:
         opts, recipes = resolve_compress(flags, set_ or [], DEMO_DIR / "demo.toml" if demo else config,
                                          overwrite=overwrite, trust_pickle=trust_pickle)
-    opts.dry_run = dry_run
+    opts = dataclasses.replace(opts, dry_run=dry_run)
     display = make_display(output_format.value)
     try:
         report = run_compress(opts, recipes, display)
@@ -230,6 +229,16 @@ def compress(
         return
     render_compress(report, output_format.value)
     _check_gate(report)
+
+
+def _is_text_folder(teacher: Path, arch: str | None) -> bool:
+    """A folder is a Hugging Face text teacher unless its config names an image classifier (an image
+    checkpoint is a file; a folder given with --arch and no config.json gets the image loader's message)."""
+    from dfkd_cli.sources import teacher_kind
+
+    if not teacher.is_dir() or teacher_kind(teacher) != "checkpoint":  # an image folder, or a .pt2 name
+        return False
+    return (teacher / "config.json").is_file() or arch is None
 
 
 def _time_budget_flag(text: str | None) -> float | str | None:
@@ -321,8 +330,8 @@ def quantize(
 @app.command()
 @user_errors
 def inspect(
-    teacher: Annotated[Path, typer.Argument(help="Teacher checkpoint, or a Hugging Face text classifier folder.")],
-    arch: Annotated[Optional[str], typer.Option(help="Teacher architecture (see `dfkd archs`); not for text teachers.")] = None,
+    teacher: Annotated[Path, typer.Argument(help="Teacher: a weights file with --arch, a .pt2 program, or a Hugging Face image or text classifier folder.")],
+    arch: Annotated[Optional[str], typer.Option(help="Architecture of a weights file (see `dfkd archs`); folders and .pt2 programs carry their own.")] = None,
     input_shape: Annotated[Optional[str], typer.Option(help="Input as CxHxW, e.g. 3x32x32.")] = None,
     normalize: Annotated[Optional[str], typer.Option(help="Normalisation preset: imagenet, cifar10 or mnist.")] = None,
     labels: Annotated[Optional[Path], typer.Option(help="Text file with one class name per line.")] = None,
@@ -330,26 +339,22 @@ def inspect(
     output_format: FormatOption = OutputFormat.human,
 ) -> None:
     """What dfkd sees in a teacher: classes, input shape, BatchNorm layers, parameters, recipes."""
-    from dfkd_cli.archs import get_arch
     from dfkd_cli.config import applicable_recipes, prior_recipes
     from dfkd_cli.policy import auto_choice
     from dfkd_cli.render import render_inspect
     from dfkd_cli.teacher import load_teacher, parse_input_shape
 
-    if teacher.is_dir():
+    if _is_text_folder(teacher, arch):
         from dfkd_cli.text.options import inspect_text_teacher
 
         render_inspect(inspect_text_teacher(teacher, labels, trust_pickle), output_format.value)
         return
-    if arch is None:
-        raise DfkdError("no teacher architecture given; pass --arch NAME (list them with `dfkd archs`)")
     shape = parse_input_shape(input_shape) if input_shape else None
     t = load_teacher(teacher, arch, shape, normalize=normalize, labels=labels, trust_pickle=trust_pickle)
-    spec = get_arch(t.arch)
-    info = {"path": str(teacher), "arch": t.arch, "sha256": t.sha256, "num_classes": t.num_classes,
+    info = {"path": str(teacher), "arch": t.arch, "source": t.source, "sha256": t.sha256, "num_classes": t.num_classes,
             "class_names": t.class_names, "input_shape": list(t.input_shape), "mean": list(t.mean), "std": list(t.std),
             "params": t.num_params, "bn_layers": t.bn_layers, "has_bn": t.has_bn,
-            "default_student": spec.default_student, "recipes": applicable_recipes(t), "auto": auto_choice(t),
+            "default_student": t.default_student, "recipes": applicable_recipes(t), "auto": auto_choice(t),
             "recipes_needing_prior": [r for r in prior_recipes() if r in applicable_recipes(t)]}
     render_inspect(info, output_format.value)
 
@@ -357,18 +362,21 @@ def inspect(
 @app.command()
 @user_errors
 def archs(
-    pattern: Annotated[str, typer.Argument(help="Glob filter, e.g. 'resnet*' or '*wrn*'.")] = "*",
+    pattern: Annotated[str, typer.Argument(help="Glob filter, e.g. 'resnet*' or '*wrn*'; 'timm:resnet*' for timm's models.")] = "*",
     output_format: FormatOption = OutputFormat.human,
 ) -> None:
     """List the architectures dfkd can build, filtered by a glob pattern."""
     from dfkd_cli.archs import get_arch, list_archs
+    from dfkd_cli.archs_timm import is_timm_name
     from dfkd_cli.render import render_rows
 
     rows = [{"name": n, "family": get_arch(n).family, "default_student": get_arch(n).default_student or ""}
             for n in list_archs(pattern)]
+    in_timm = is_timm_name(pattern)
     if not rows:
-        raise DfkdError(f"no architecture matches '{pattern}'; try `dfkd archs` for the whole list")
-    render_rows(rows, output_format.value, title="architectures")
+        whole = "dfkd archs 'timm:*'" if in_timm else "dfkd archs"
+        raise DfkdError(f"no architecture matches '{pattern}'; try `{whole}` for the whole list")
+    render_rows(rows, output_format.value, title="timm models" if in_timm else "architectures (timm's models too: dfkd archs 'timm:*')")
 
 
 @recipes_app.callback()

@@ -395,7 +395,7 @@ def prior_recipes() -> list[str]:
     from dfkd_cli.synth import synthesizer_class
 
     return [name for name in list_recipes() if recipe_info(name).family == "image"
-            and synthesizer_class(recipe_info(name).synthesizer).uses_prior]
+            and synthesizer_class(recipe_info(name).synthesizer).capabilities.uses_prior]
 
 
 def applicable_recipes(teacher: Any) -> list[str]:

@@ -74,7 +74,7 @@ class Run:
         """Continue from ``state`` (the run is built from the same settings, not started)."""
         self.trainer.load_state_dict(state["trainer"])
         self.synth.load_state_dict(state["synth"])
-        if self.selector is None and not self.synth.online:  # built from the saved held-out samples
+        if self.selector is None and not self.synth.capabilities.online:  # built from the saved held-out samples
             self.selector = FixedHoldout(self.synth, self.trainer, state["selector"]["holdout"])
         else:
             self.selector = self.selector or TrajectoryHoldout(self.synth, self.trainer, self.recipe.train.holdout)
@@ -89,8 +89,8 @@ def wire(run: Run, budget: Budget) -> None:
     """Let the run's schedules and synthesis follow ``budget`` (and the recipe's step count)."""
     steps = max(run.recipe.train.steps, 1)
     run.trainer.time_progress = budget.fraction
-    run.synth.run_progress = lambda: max(run.trainer.steps_done / steps, budget.fraction())
-    run.synth.on_step = lambda it, total, parts: budget.expired()
+    run.synth.hooks.follow(progress=lambda: max(run.trainer.steps_done / steps, budget.fraction()),
+                           stop=lambda it, total, parts: budget.expired())
 
 
 def start(run: Run, budget: Budget, display: Display) -> None:
@@ -98,7 +98,7 @@ def start(run: Run, budget: Budget, display: Display) -> None:
     the budget) for pool recipes, drawn along the run for online ones."""
     cfg = run.recipe.train
     wire(run, budget)
-    if run.synth.online:
+    if run.synth.capabilities.online:
         run.selector = TrajectoryHoldout(run.synth, run.trainer, cfg.holdout)
     else:
         batch = getattr(run.synth.config, "batch_size", cfg.holdout)
@@ -108,7 +108,6 @@ def start(run: Run, budget: Budget, display: Display) -> None:
                       seconds_left=quarter)
         run.selector = FixedHoldout.make(run.synth, run.trainer, cfg.holdout, budget,
                                          lambda it, total, parts: display.advance(1, **parts))
-    wire(run, budget)  # FixedHoldout stops synthesis at its own quarter; training follows the budget
 
 
 class StepWatch(Protocol):
@@ -139,7 +138,7 @@ def train(run: Run, budget: Budget, display: Display, until_step: int, watch: St
                 meter.made += len(synth.pool) - pooled
                 run.round_left = cfg.steps_per_round
             batch = synth.sample(cfg.batch_size).float()  # generators under autocast make bf16
-        meter.made += 0 if synth.keeps_pool else len(batch)  # fresh batches are made by sample()
+        meter.made += 0 if synth.capabilities.keeps_pool else len(batch)  # fresh batches are made by sample()
         if run.recorder is not None:
             run.recorder.add(batch)
         sampled = time.perf_counter()

@@ -25,7 +25,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +79,9 @@ class StudentMeta:
     teacher_arch: str
     teacher_sha256: str
     dfkd_version: str
+    # Where the student's architecture came from (see dfkd_cli.archs.arch_source); files written
+    # before it was recorded lack it and name a registered architecture.
+    arch_source: dict[str, Any] = field(default_factory=dict)
 
     def to_metadata(self) -> dict[str, str]:
         """Flat ``str -> str`` mapping (lists JSON-encoded), keys prefixed ``dfkd.``, plus ``format: pt``."""
@@ -98,11 +101,13 @@ class StudentMeta:
         if METADATA_PREFIX + "arch" not in metadata:
             raise DfkdError("not a dfkd student file (no dfkd metadata); use the student.safetensors a dfkd run writes")
         values: dict[str, Any] = {}
-        for field in fields(cls):
-            key = METADATA_PREFIX + field.name
+        for item in fields(cls):
+            key = METADATA_PREFIX + item.name
+            if key not in metadata and item.default_factory is not MISSING:
+                continue
             if key not in metadata:
                 raise DfkdError(f"dfkd student metadata lacks '{key}'; the file is damaged, re-export it with dfkd")
-            values[field.name] = _decode_field(field.name, metadata[key])
+            values[item.name] = _decode_field(item.name, metadata[key])
         where = {name: f"dfkd student metadata '{METADATA_PREFIX}{name}'" for name in values}
         values["num_classes"] = validate.num_classes(values["num_classes"], where["num_classes"], _REEXPORT)
         values["input_shape"] = validate.input_shape(values["input_shape"], where["input_shape"])
@@ -112,6 +117,8 @@ class StudentMeta:
                                                      where["class_names"], _REEXPORT)
         for name in _STRING_FIELDS:
             validate.text(values[name], where[name], fix=_REEXPORT)
+        if not isinstance(values.get("arch_source", {}), dict):
+            raise DfkdError(f"{where['arch_source']} is not a JSON object; {_REEXPORT}")
         return cls(**values)
 
 
@@ -157,7 +164,8 @@ def load_student(path: Path) -> tuple[nn.Module, StudentMeta]:
     """
     from safetensors import SafetensorError, safe_open
 
-    from dfkd_cli.archs import create_model
+    from dfkd_cli.checkpoint import with_module_versions
+    from dfkd_cli.sources import build_model
 
     path = Path(path)
     if not path.is_file():
@@ -172,9 +180,9 @@ def load_student(path: Path) -> tuple[nn.Module, StudentMeta]:
         meta = StudentMeta.from_metadata(metadata)
     except DfkdError as error:
         raise DfkdError(f"'{path}': {error.message}") from error
-    model = create_model(meta.arch, meta.num_classes, meta.input_shape)
+    model = build_model(meta.arch_source, meta.arch, meta.num_classes, meta.input_shape)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(with_module_versions(model, state), strict=True)  # safetensors record none
     except RuntimeError as error:
         # The first line only says "Error(s) in loading state_dict"; the second names the key.
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]

@@ -21,6 +21,7 @@ from dfkd_cli.evaluate import (
     torch_latency_ms,
 )
 from dfkd_cli.export import export_onnx, onnx_predict
+from dfkd_cli.sources import student_source
 from dfkd_cli.teacher import Teacher
 
 # Internal, not a user option: the test suite turns this off (tests/conftest.py) for runs that are not
@@ -40,6 +41,7 @@ def teacher_summary(teacher: Teacher, warnings: list[str]) -> dict[str, Any]:
     path = Path(teacher.path)
     return {
         "arch": teacher.arch,
+        "source": source_summary(teacher.source),
         "path": str(path),
         "sha256": teacher.sha256,
         "num_classes": teacher.num_classes,
@@ -51,6 +53,15 @@ def teacher_summary(teacher: Teacher, warnings: list[str]) -> dict[str, Any]:
                        "onnx": _teacher_onnx_latency(model, teacher.input_shape, warnings)}
         if deployment_checks() else {"torch": None, "onnx": None},
     }
+
+
+def source_summary(source: dict[str, Any]) -> dict[str, Any]:
+    """Where an architecture came from, for the report (a Hugging Face config is named by its
+    model type rather than copied in full: the student file keeps the whole config)."""
+    summary = {key: value for key, value in source.items() if key != "config"}
+    if isinstance(source.get("config"), dict):
+        summary["model_type"] = source["config"].get("model_type")
+    return summary
 
 
 def _teacher_onnx_latency(model: nn.Module, input_shape: tuple[int, int, int], warnings: list[str]) -> float | None:
@@ -88,6 +99,7 @@ def measure_models(teacher: Teacher, student: nn.Module, student_arch: str, run_
     onnx_path = run_dir / "student.onnx"
     student_part = student_summary(student, student_arch, teacher.input_shape, teacher_part["params"],
                                    run_dir / "student.safetensors", onnx_path if onnx_path.is_file() else None)
+    student_part["source"] = source_summary(student_source(student_arch, teacher))
     holdout = agreement_report(predict(teacher.model, x_report), predict(student, x_report), teacher.class_names)
     return {"teacher": teacher_part, "student": student_part, "synthetic_holdout": holdout, "warnings": warnings}
 
@@ -162,6 +174,7 @@ def evaluate_student(student_path: Path, teacher_path: Path | None, arch: str | 
     from dfkd_cli.export import load_student
     from dfkd_cli.report import SCHEMA_VERSION
     from dfkd_cli.runtime import library_versions
+    from dfkd_cli.sources import needs_arch
     from dfkd_cli.teacher import load_teacher
     check_fraction(min_agreement, "--min-agreement")
     if teacher_path is None and eval_data_path is None:
@@ -172,7 +185,8 @@ def evaluate_student(student_path: Path, teacher_path: Path | None, arch: str | 
     warnings: list[str] = []
     teacher = None
     if teacher_path is not None:
-        teacher = load_teacher(teacher_path, arch or meta.teacher_arch, meta.input_shape, mean=list(meta.mean),
+        recorded = meta.teacher_arch if needs_arch(teacher_path) else None  # folders and programs carry theirs
+        teacher = load_teacher(teacher_path, arch or recorded, meta.input_shape, mean=list(meta.mean),
                                std=list(meta.std), trust_pickle=trust_pickle)
         if teacher.num_classes != meta.num_classes:
             raise DfkdError(f"teacher '{teacher_path}' has {teacher.num_classes} classes but student '{student_path}' "
@@ -190,8 +204,9 @@ def evaluate_student(student_path: Path, teacher_path: Path | None, arch: str | 
     report: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "dfkd_version": __version__, "kind": "eval",
         "run": {"versions": library_versions()},
-        "teacher": {"arch": teacher.arch, "path": str(teacher_path), "sha256": teacher.sha256} if teacher else None,
-        "student": {"arch": meta.arch, "path": str(student_path), "params": count_params(student),
+        "teacher": {"arch": teacher.arch, "source": source_summary(teacher.source), "path": str(teacher_path),
+                    "sha256": teacher.sha256} if teacher else None,
+        "student": {"arch": meta.arch, "source": source_summary(meta.arch_source), "path": str(student_path), "params": count_params(student),
                     "recipe": meta.recipe, "teacher_sha256": meta.teacher_sha256},
         "eval_data": real_data_report(teacher, student, data, onnx_path) if data is not None else None,
         "warnings": warnings + (eval_data_warnings(data) if data is not None else []),

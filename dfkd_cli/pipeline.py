@@ -26,7 +26,6 @@ from dfkd_cli.report import SCHEMA_VERSION, save_sample_grid, write_report
 from dfkd_cli.precision import Precision, channels_last, contiguous, loss_scales, resolve_precision
 from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, hardware_description, library_versions,
                               resolve_device, seed_everything)
-from dfkd_cli.archs import default_student
 from dfkd_cli.build import RunBuilder
 from dfkd_cli.distill import Run, distill, finish
 from dfkd_cli.planner import export_reserve, make_plan
@@ -39,16 +38,20 @@ from dfkd_cli.synth import Synthesizer, synthesizer_class
 from dfkd_cli.supervise import Supervisor
 from dfkd_cli.synth.generator import largest_batch_size
 from dfkd_cli.synthetic_set import SyntheticSet, load_synthetic_set, save_synthetic_set
+from dfkd_cli.sources import student_source
+from dfkd_cli.hf_student import write_hf_student
 from dfkd_cli.teacher import Teacher, build_student, load_teacher
 from dfkd_cli.trainer import predict_classes
 
 
-@dataclass
+@dataclass(frozen=True)
 class CompressOptions:
-    """Everything ``dfkd compress`` needs besides the recipe; saved as ``[run]`` in config.toml."""
+    """Everything ``dfkd compress`` needs besides the recipe; saved as ``[run]`` in config.toml.
+    Frozen: resolved once (:mod:`dfkd_cli.runconfig`); a stage that learns more (the student the
+    teacher implies, a race's winner) makes a new copy with :func:`dataclasses.replace`."""
 
     teacher: Path
-    arch: str
+    arch: str | None = None  # None for a teacher that carries its architecture (see dfkd_cli.sources)
     student: str | None = None
     recipe: str = "auto"
     out: Path | None = None
@@ -140,6 +143,7 @@ def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displ
     _check_precision(precision, recipes, display)
     seed_everything(opts.seed)  # before the student's random initialisation
     teacher, student, eval_data, prior, synthetic = _prepare(opts, recipes[0], display, world.rank)
+    opts = dataclasses.replace(opts, student=student_name(opts, teacher))
     resume = _resume_state(out, teacher, recipes[0], device) if opts.resume else None
     if world.active:
         display.log(f"{world.size} processes: each synthesizes its own samples, gradients are averaged over all")
@@ -171,7 +175,7 @@ def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displ
         if len(recipes) > 1:
             run, race = run_race(recipes, make_run, budget, display, opts.race_share, supervisor)
             holdout = finish(run, display)
-            opts.recipe = run.name  # config.toml repeats the winner, not the race
+            opts = dataclasses.replace(opts, recipe=run.name)  # config.toml repeats the winner, not the race
         else:
             run, race = make_run(recipes[0]), None
             holdout = distill(run, budget, display, supervisor)
@@ -274,16 +278,25 @@ def _prepare(opts: CompressOptions, recipe: RecipeConfig, display: Display, rank
         raise DfkdError(f"recipe '{recipe.recipe.name}' is for {recipe.recipe.family} teachers (a Hugging Face model "
                         f"folder); pick an image recipe for {teacher.arch}: {', '.join(applicable_recipes(teacher))}")
     cls = synthesizer_class(recipe.recipe.synthesizer)
-    if (recipe.recipe.requires_bn or cls.requires_bn) and not teacher.has_bn and opts.from_synthetic is None:
+    if (recipe.recipe.requires_bn or cls.capabilities.requires_bn) and not teacher.has_bn and opts.from_synthetic is None:
         usable = ", ".join(applicable_recipes(teacher)) or "none"
         raise DfkdError(f"recipe '{recipe.recipe.name}' needs a teacher with BatchNorm layers and {teacher.arch} has none; "
                         f"recipes that apply: {usable}")
-    student = build_student(opts.student or default_student(teacher.arch), teacher)  # the latter raises: no default
+    student = build_student(student_name(opts, teacher), teacher)
     eval_data = None
     if opts.eval_data is not None:
         eval_data = load_eval_data(opts.eval_data, teacher.input_shape, teacher.mean, teacher.std, teacher.class_names)
     synthetic = load_synthetic_set(opts.from_synthetic, teacher) if opts.from_synthetic is not None else None
     return teacher, student, eval_data, _open_prior(opts, recipe, teacher, rank), synthetic
+
+
+def student_name(opts: CompressOptions, teacher: Teacher) -> str:
+    """``--student``, else the teacher's default student."""
+    if opts.student is not None:
+        return opts.student
+    if teacher.default_student is None:
+        raise DfkdError(f"no default student for {teacher.arch}; pass --student NAME (list them with `dfkd archs`)")
+    return teacher.default_student
 
 
 def _open_prior(opts: CompressOptions, recipe: RecipeConfig, teacher: Teacher, rank: int = 0) -> PriorData | None:
@@ -293,15 +306,15 @@ def _open_prior(opts: CompressOptions, recipe: RecipeConfig, teacher: Teacher, r
         raise DfkdError("--from-synthetic trains on a saved set without synthesizing, so --prior has no use; leave it out")
     if opts.from_synthetic is not None:
         return None
-    if opts.prior is not None and not cls.uses_prior:
+    if opts.prior is not None and not cls.capabilities.uses_prior:
         raise DfkdError(f"recipe '{name}' does not use --prior; leave it out, or pick a recipe that does: {', '.join(prior_recipes())}")
-    if opts.prior is None and cls.uses_prior:
+    if opts.prior is None and cls.capabilities.uses_prior:
         raise DfkdError(f"recipe '{name}' needs --prior: a folder (or .npz) of unlabelled images from a related "
                         "domain, e.g. USPS digits for an MNIST teacher")
     if opts.prior is None:
         return None
     batch = max(recipe.train.batch_size, largest_batch_size(recipe.synth))  # "auto" is resolved later
-    reserve = recipe.train.holdout if cls.prior_holdout else 0
+    reserve = recipe.train.holdout if cls.capabilities.prior_holdout else 0
     return PriorData(opts.prior, teacher.input_shape, teacher.mean, teacher.std, batch, reserve, seed=opts.seed + rank)
 
 
@@ -312,8 +325,9 @@ def _write_artefacts(run_dir: Path, opts: CompressOptions, recipe: RecipeConfig,
     meta = StudentMeta(arch=opts.student, num_classes=teacher.num_classes, input_shape=teacher.input_shape,
                        mean=teacher.mean, std=teacher.std, class_names=teacher.class_names,
                        recipe=recipe.recipe.name, teacher_arch=teacher.arch, teacher_sha256=teacher.sha256,
-                       dfkd_version=__version__)
+                       dfkd_version=__version__, arch_source=student_source(opts.student, teacher))
     save_student(student, meta, run_dir / "student.safetensors")
+    write_hf_student(run_dir, student, teacher)  # student_hf/ for a Hugging Face student, else nothing
     x_report = holdout[len(holdout) // 2 :].cpu()
     parity = (export_onnx(student, run_dir / "student.onnx", teacher.input_shape, x_report[:16])
               if deployment_checks() or opts.quantize == "int8" else None)  # int8 is made from student.onnx

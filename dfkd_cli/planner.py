@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dfkd_cli.archs import NORMALIZE_PRESETS, get_arch
+from dfkd_cli.archs import NORMALIZE_PRESETS
 from dfkd_cli.autopilot import Adjustment, copy_recipe, fit_memory
 from dfkd_cli.config import RecipeConfig
 from dfkd_cli.errors import DfkdError
@@ -45,21 +45,17 @@ def export_reserve(budget: float | None) -> float:
 def input_shape_source(opts: "CompressOptions", teacher: Teacher) -> str:
     if opts.input_shape is not None:
         return opts.origins.get("input_shape") or "given"
-    spec = get_arch(teacher.arch)
-    return (f"default for {teacher.arch}: {spec.default_input[1]}x{spec.default_input[2]} pixels, channels from the "
-            "checkpoint; set --input-shape CxHxW if the teacher was trained on another size")
+    return teacher.shape_note
 
 
 def normalisation_source(opts: "CompressOptions", teacher: Teacher) -> str:
     if opts.mean is not None or opts.std is not None:
         return opts.origins.get("mean") or opts.origins.get("std") or "given"
-    preset = opts.normalize or get_arch(teacher.arch).default_normalize
+    if opts.normalize is None:
+        return teacher.stats_note
     averaged = (" averaged over its 3 channels for this 1-channel input"
-                if teacher.input_shape[0] == 1 and len(NORMALIZE_PRESETS[preset.lower()][0]) == 3 else "")
-    if opts.normalize is not None:
-        return f"{opts.origins.get('normalize') or 'given'}: {preset}{averaged}"
-    return (f"default for {teacher.arch}: {preset} statistics{averaged}; set --normalize or --mean/--std to the "
-            "teacher's training normalisation")
+                if teacher.input_shape[0] == 1 and len(NORMALIZE_PRESETS[opts.normalize.lower()][0]) == 3 else "")
+    return f"{opts.origins.get('normalize') or 'given'}: {opts.normalize}{averaged}"
 
 
 def _device_notes(recipe: RecipeConfig, teacher: Teacher, device: torch.device) -> list[str]:
@@ -92,7 +88,7 @@ def _step_seconds(recipe: RecipeConfig, costs: Costs) -> float:
 
 
 def _holdout_seconds(recipe: RecipeConfig, costs: Costs) -> float:
-    if synthesizer_class(recipe.recipe.synthesizer).online:
+    if synthesizer_class(recipe.recipe.synthesizer).capabilities.online:
         return 0.0  # drawn along the run, counted in its steps
     batch = _synth_batch(recipe)
     return math.ceil(recipe.train.holdout / batch) * costs.batch_seconds(min(batch, recipe.train.holdout))

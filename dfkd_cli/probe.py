@@ -81,7 +81,8 @@ class ActivationBytes:
 
 
 class _IterationTimer:
-    """An ``on_step`` callback that stops each synthesized batch after ``PROBE_ITERATIONS``."""
+    """A stop rule (see :class:`dfkd_cli.synth.RunHooks`) that ends each synthesized batch after
+    ``PROBE_ITERATIONS``."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -121,14 +122,14 @@ def _probe_at(build: Callable[[int], tuple[Any, Any]], n: int) -> Costs:
     with torch.random.fork_rng(devices=[]):
         synth, trainer = build(n)
         timer = _IterationTimer()
-        synth.on_step = timer
-        synth.synthesize()
-        first_round_batches, timer.calls = max(timer.batches, 1), 0
-        with ActivationBytes(synth.teacher.model, getattr(synth, "generator", None)) as synthesis_bytes:
-            synthesis_s = _timed(synth.synthesize)
-        synth.sample(n)
-        sample_s = _timed(lambda: synth.sample(n))
-        batch = synth.sample(n).float()
+        with synth.hooks.stopping_when(timer):
+            synth.synthesize()
+            first_round_batches, timer.calls = max(timer.batches, 1), 0
+            with ActivationBytes(synth.teacher.model, synth.generator_module()) as synthesis_bytes:
+                synthesis_s = _timed(synth.synthesize)
+            synth.sample(n)
+            sample_s = _timed(lambda: synth.sample(n))
+            batch = synth.sample(n).float()
         trainer.step(batch)
         with ActivationBytes(trainer.student) as student_bytes:
             step_s = _timed(lambda: trainer.step(batch))

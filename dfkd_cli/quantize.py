@@ -120,6 +120,7 @@ def quantize_run(run_dir: Path, eval_data_path: Path | None = None, min_agreemen
     from dfkd_cli.measure import check_fraction, gate_result
     from dfkd_cli.report import write_report
     from dfkd_cli.rundir import updating_run
+    from dfkd_cli.sources import needs_arch
     from dfkd_cli.synthetic_set import load_synthetic_set
     from dfkd_cli.teacher import load_teacher
 
@@ -133,8 +134,10 @@ def quantize_run(run_dir: Path, eval_data_path: Path | None = None, min_agreemen
     with updating_run(run_dir):  # locked like compress --out; a signal leaves the files whole
         _, meta = load_student(run_dir / "student.safetensors")
         report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
-        teacher = load_teacher(Path(report["teacher"]["path"]), meta.teacher_arch, meta.input_shape, mean=list(meta.mean),
-                               std=list(meta.std), trust_pickle=trust_pickle)
+        teacher_path = Path(report["teacher"]["path"])
+        arch = meta.teacher_arch if needs_arch(teacher_path) else None  # folders and programs carry theirs
+        teacher = load_teacher(teacher_path, arch, meta.input_shape, mean=list(meta.mean), std=list(meta.std),
+                               trust_pickle=trust_pickle)
         holdout = load_synthetic_set(run_dir / "synthetic", teacher).holdout
         eval_data = None
         if eval_data_path is not None:

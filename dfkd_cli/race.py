@@ -38,7 +38,7 @@ def race_entrants(has_bn: bool) -> list[str]:
     names = []
     for name in list_recipes():
         info = recipe_info(name)
-        if name in NOT_RACED or info.family != "image" or synthesizer_class(info.synthesizer).uses_prior or (info.requires_bn and not has_bn):
+        if name in NOT_RACED or info.family != "image" or synthesizer_class(info.synthesizer).capabilities.uses_prior or (info.requires_bn and not has_bn):
             continue
         names.append(name)
     return names

@@ -124,7 +124,9 @@ def _human_compress(console: Console, report: dict[str, Any]) -> None:
         console.print(f"artefacts: {run.get('out')}/ (student/, student.safetensors, student.onnx, report.json, "
                       "report.md, config.toml)")
         return
-    extras = [name for name, present in (("student.int8.onnx", int8), ("synthetic/", run.get("synthetic_saved"))) if present]
+    hf_student = ((report.get("student") or {}).get("source") or {}).get("kind") == "hf-image"
+    extras = [name for name, present in (("student.int8.onnx", int8), ("synthetic/", run.get("synthetic_saved")),
+                                         ("student_hf/", hf_student)) if present]
     console.print(f"artefacts: {run.get('out')}/ (student.safetensors, student.onnx, report.json, report.md, "
                   f"samples.png, config.toml{''.join(', ' + e for e in extras)})")
 

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dfkd_cli import validate
-from dfkd_cli.archs import arch_has_bn, default_student
+from dfkd_cli.archs import default_student
 from dfkd_cli.autopilot import DEFAULT_TIME_BUDGET_S, explicit_keys, resolve_time_budget, scale_to_steps
 from dfkd_cli.config import RecipeConfig, build_recipe, merge_tables, read_toml, recipe_path
 from dfkd_cli.errors import DfkdError, shown
 from dfkd_cli.pipeline import CompressOptions
 from dfkd_cli.race import RACE_SHARE, race_entrants
 from dfkd_cli.resume import CheckpointDir
+from dfkd_cli.sources import needs_arch, teacher_has_bn
 from dfkd_cli.precision import PRECISIONS
 from dfkd_cli.runtime import parse_duration, resolve_device
 
@@ -43,12 +44,12 @@ def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: P
     run.update(given)
     if run.get("teacher") is None:
         raise DfkdError("no teacher given; pass a checkpoint (dfkd compress teacher.pt --arch resnet18) or try --demo")
-    if run.get("arch") is None:
+    if run.get("arch") is None and needs_arch(Path(run["teacher"])):
         raise DfkdError("no teacher architecture given; pass --arch NAME (list them with `dfkd archs`)")
     opts = CompressOptions(
         teacher=Path(run["teacher"]),
-        arch=run["arch"],
-        student=run.get("student") or _default_student(run["arch"]),
+        arch=run.get("arch"),
+        student=run.get("student") or _default_student(run.get("arch")),
         recipe=str(run.get("recipe") or _synthetic_set_recipe(run.get("from_synthetic")) or "auto"),
         out=run.get("out"),
         overwrite=overwrite,
@@ -76,8 +77,10 @@ def resolve_compress(flags: dict[str, Any], overrides: list[str], config_path: P
         explicit_keys=sorted(explicit_keys(overrides, recipe_tables)),
     )
     if opts.recipe == "auto":
-        return opts, _race_recipes(opts, recipe_tables, overrides)
-    return opts, [_build_recipe(opts, recipe_tables, overrides)]
+        recipes = _race_recipes(opts, recipe_tables, overrides)
+    else:
+        recipes = [_build_recipe(opts, opts.recipe, recipe_tables, overrides)]
+    return _with_step_adjustments(opts, recipes), recipes
 
 
 def resolve_resume(run_dir: Path, flags: dict[str, Any], trust_pickle: bool = False
@@ -92,8 +95,7 @@ def resolve_resume(run_dir: Path, flags: dict[str, Any], trust_pickle: bool = Fa
         raise DfkdError(f"nothing to resume: '{run_dir}' is not a folder; give the --out folder of an unfinished run")
     run_flags = {"device": flags.get("device")}
     opts, recipes = resolve_compress(run_flags, [], CheckpointDir(run_dir).settings(), trust_pickle=trust_pickle)
-    opts.out, opts.resume = Path(run_dir), True
-    return opts, recipes
+    return dataclasses.replace(opts, out=Path(run_dir), resume=True), recipes
 
 
 def _race_recipes(opts: CompressOptions, tables: dict[str, Any], overrides: list[str]) -> list[RecipeConfig]:
@@ -102,18 +104,17 @@ def _race_recipes(opts: CompressOptions, tables: dict[str, Any], overrides: list
     if synth_keys:
         raise DfkdError(f"-s {synth_keys[0]} names a setting of one recipe, but --recipe auto races several; "
                         "pick the recipe with --recipe NAME")
-    names = race_entrants(arch_has_bn(opts.arch))
-    recipes = []
-    for name in names:
-        opts.recipe = name
-        recipes.append(_build_recipe(opts, {k: v for k, v in tables.items() if k == "train"}, overrides))
-    opts.recipe = "auto"
-    return recipes
+    names = race_entrants(teacher_has_bn(opts.teacher, opts.arch))
+    train_only = {k: v for k, v in tables.items() if k == "train"}
+    return [_build_recipe(opts, name, train_only, overrides) for name in names]
 
 
-def _default_student(arch: str) -> str | None:
-    """The architecture's default student; None (the pipeline then says to pass --student) when it
-    has none or ``arch`` is unknown (the teacher loader then says that first)."""
+def _default_student(arch: str | None) -> str | None:
+    """The architecture's default student; None when it has none, ``arch`` is unknown (the teacher
+    loader then says that first) or the teacher carries its own architecture (the pipeline then takes
+    the teacher's default student, or says to pass --student)."""
+    if arch is None:
+        return None
     try:
         return default_student(arch)
     except DfkdError:
@@ -127,19 +128,28 @@ def _synthetic_set_recipe(folder: Any) -> str | None:
     return str(read_manifest(Path(folder))["recipe"]) if folder is not None else None
 
 
-def _build_recipe(opts: CompressOptions, tables: dict[str, Any], overrides: list[str]) -> RecipeConfig:
-    if opts.recipe.endswith(".toml"):
-        path = Path(opts.recipe)
+def _build_recipe(opts: CompressOptions, recipe_name: str, tables: dict[str, Any], overrides: list[str]) -> RecipeConfig:
+    """Recipe ``recipe_name`` (a shipped name or a .toml path) with the config's tables and ``-s``
+    overrides; a short ``--steps`` scales its other stages (see :func:`_with_step_adjustments`)."""
+    if recipe_name.endswith(".toml"):
+        path = Path(recipe_name)
         data, name = read_toml(path), path.stem
     else:
-        data, name = read_toml(recipe_path(opts.recipe)), opts.recipe
+        data, name = read_toml(recipe_path(recipe_name)), recipe_name
     data = merge_tables(data, tables)
-    recipe = build_recipe(data, overrides, default_name=name, device_type=resolve_device(opts.device).type)
+    return build_recipe(data, overrides, default_name=name, device_type=resolve_device(opts.device).type)
+
+
+def _with_step_adjustments(opts: CompressOptions, recipes: list[RecipeConfig]) -> CompressOptions:
+    """``--steps N`` sets each recipe's student steps and scales the stages around them; the options
+    record what was scaled, per recipe, for the plan."""
     if opts.steps is None:
-        return recipe
-    recipe_steps, recipe.train.steps = recipe.train.steps, opts.steps
-    opts.step_adjustments[recipe.recipe.name] = scale_to_steps(recipe, opts.steps, recipe_steps, set(opts.explicit_keys))
-    return recipe
+        return opts
+    adjustments = {}
+    for recipe in recipes:
+        recipe_steps, recipe.train.steps = recipe.train.steps, opts.steps
+        adjustments[recipe.recipe.name] = scale_to_steps(recipe, opts.steps, recipe_steps, set(opts.explicit_keys))
+    return dataclasses.replace(opts, step_adjustments=adjustments)
 
 
 def _read_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:

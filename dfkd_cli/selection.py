@@ -93,10 +93,12 @@ class FixedHoldout:
 
     @classmethod
     def make(cls, synth, trainer: StudentTrainer, size: int, budget: Budget, on_step) -> "FixedHoldout":
-        """Synthesize ``size`` held-out samples now, stopping at a quarter of ``budget``."""
+        """Synthesize ``size`` held-out samples now, stopping at a quarter of ``budget`` (``on_step``
+        sees every synthesis iteration); the run's own stop rule is back afterwards."""
         quarter = budget.part(budget.seconds / 4 if budget.seconds else None, shared=False)
-        synth.on_step = lambda it, total, parts: on_step(it, total, parts) or quarter.expired()
-        return cls(synth, trainer, synth.holdout(max(size, 2)))
+        with synth.hooks.stopping_when(lambda it, total, parts: on_step(it, total, parts) or quarter.expired()):
+            holdout = synth.holdout(max(size, 2))
+        return cls(synth, trainer, holdout)
 
     def state_dict(self) -> dict[str, Any]:
         return {"holdout": self.holdout}

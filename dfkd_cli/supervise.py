@@ -64,7 +64,6 @@ class Supervisor:
         self._first_losses: list[float] = []  # of the first REFERENCE_STEPS watched steps: the loss reference
         self._last_good: bytes | None = None
         self._saved_step, self._saved_time = -1, time.monotonic()
-        self._base_synth_lr: float | None = None
         self.world = World()
 
     @property
@@ -73,7 +72,6 @@ class Supervisor:
 
     def begin(self, run: Run) -> None:
         """Load the resumed state into ``run`` (built, not started), or checkpoint its start."""
-        self._base_synth_lr = getattr(run.synth.config, "lr", None)
         self.cfg = run.recipe.train  # a race's leader may have its own settings
         self.enabled = self.cfg.checkpoint_every > 0 or self.cfg.checkpoint_minutes > 0
         self.world = run.trainer.world
@@ -165,9 +163,7 @@ class Supervisor:
         set_rng_state(payload["rng"])
         saved = payload["lr_scales"]
         run.trainer.lr_scale = self.scales["student"]  # the trainer sets its lr from this every step
-        run.synth.scale_lr(self.scales["synth"] / saved["synth"])  # optimizers hold the saved state's rates
-        if self._base_synth_lr is not None:
-            run.synth.config.lr = self._base_synth_lr * self.scales["synth"]  # config is not in the state
+        run.synth.set_lr_scale(self.scales["synth"], saved["synth"])  # optimizers hold the saved state's rates
 
     def _roll_back(self, run: Run, component: str, what: str) -> None:
         """Return to the last good state with ``component``'s learning rate halved; ``what`` went wrong."""

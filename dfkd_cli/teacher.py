@@ -13,8 +13,9 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,6 +24,7 @@ from dfkd_cli import validate
 from dfkd_cli.archs import (
     NORMALIZE_PRESETS,
     ArchSpec,
+    arch_source,
     classifier_keys,
     classifier_module_name,
     create_model,
@@ -32,7 +34,7 @@ from dfkd_cli.archs import (
     param_shapes,
     stem_keys,
 )
-from dfkd_cli.checkpoint import read_state_dict, sha256_file
+from dfkd_cli.checkpoint import read_state_dict, sha256_file, with_module_versions
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.zoo_lenet import remap_fast_datafree_keys
 
@@ -61,6 +63,12 @@ class Teacher:
     class_names: list[str]
     sha256: str
     path: str
+    # Where the architecture came from, as student metadata records it (see archs.arch_source).
+    source: dict[str, Any] = field(default_factory=dict)
+    default_student: str | None = None
+    shape_note: str = ""  # where the input shape came from when no flag gave it (shown in the plan)
+    stats_note: str = ""  # where the normalisation came from when no flag gave it
+    classifier: str | None = None  # the module whose input is the penultimate feature
 
     @property
     def bn_layers(self) -> list[str]:
@@ -78,7 +86,12 @@ class Teacher:
     @property
     def classifier_name(self) -> str:
         """Module whose input is the penultimate feature, e.g. "fc" (hook it to read features)."""
-        return classifier_module_name(self.arch)
+        if self.classifier is not None:
+            return self.classifier
+        if self.source.get("kind", "registry") in ("registry", "timm"):
+            return classifier_module_name(self.arch)
+        raise DfkdError(f"the classifier layer of {self.arch} is unknown, so its penultimate features cannot be "
+                        "read; pick a recipe that uses only the teacher's logits (e.g. dafl or dfad)")
 
     def to(self, device: torch.device | str) -> Teacher:
         self.model.to(device)
@@ -102,7 +115,8 @@ def _preset_values(values: tuple[float, ...], channels: int) -> tuple[float, ...
 
 
 def resolve_normalization(
-    preset: str | None, mean: Sequence[float] | None, std: Sequence[float] | None, channels: int, arch_default: str
+    preset: str | None, mean: Sequence[float] | None, std: Sequence[float] | None, channels: int, arch_default: str,
+    arch_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel (mean, std): explicit values win over ``preset``, which wins over ``arch_default``.
     Explicit values are checked as :func:`dfkd_cli.validate.normalisation` checks every source (errors
@@ -112,17 +126,20 @@ def resolve_normalization(
         >>> resolve_normalization(None, None, None, 1, "imagenet")
         ((0.449,), (0.226,))
     """
-    name = (preset or arch_default).lower()
-    if name not in NORMALIZE_PRESETS:
-        choices = ", ".join(NORMALIZE_PRESETS)
-        raise DfkdError(f"unknown normalization preset {name!r}; use one of: {choices} (or pass --mean and --std)")
-    preset_mean, preset_std = NORMALIZE_PRESETS[name]
+    if preset is None and arch_stats is not None:
+        (preset_mean, preset_std), label = arch_stats, arch_default
+    else:
+        name = (preset or arch_default).lower()
+        if name not in NORMALIZE_PRESETS:
+            choices = ", ".join(NORMALIZE_PRESETS)
+            raise DfkdError(f"unknown normalization preset {name!r}; use one of: {choices} (or pass --mean and --std)")
+        (preset_mean, preset_std), label = NORMALIZE_PRESETS[name], f"preset {name}"
     return validate.normalisation(
         mean if mean is not None else _preset_values(preset_mean, channels),
         std if std is not None else _preset_values(preset_std, channels),
         channels,
-        where_mean=None if mean is not None else f"preset {name} mean",
-        where_std=None if std is not None else f"preset {name} std",
+        where_mean=None if mean is not None else f"{label} mean",
+        where_std=None if std is not None else f"{label} std",
     )
 
 
@@ -181,7 +198,7 @@ def fit_state_dict(arch: str, state: dict[str, torch.Tensor]) -> tuple[int, int]
 
 
 def _default_num_classes(spec: ArchSpec) -> int:
-    return 1000 if spec.family == "torchvision" else 10
+    return 1000 if spec.family in ("torchvision", "timm") else 10
 
 
 def _resolve_input_shape(
@@ -251,8 +268,9 @@ def _check_fits(spec: ArchSpec, state: dict[str, torch.Tensor], num_classes: int
 
 
 def _with_batch_counters(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Add the BatchNorm ``num_batches_tracked`` counters that older or converted files lack."""
-    filled = dict(state)
+    """Add the BatchNorm ``num_batches_tracked`` counters that older or converted files lack (and the
+    module versions, see :func:`~dfkd_cli.checkpoint.with_module_versions`)."""
+    filled = with_module_versions(model, state)
     for key, value in model.state_dict().items():
         if key.endswith("num_batches_tracked") and key not in filled:
             filled[key] = torch.zeros_like(value)
@@ -297,7 +315,7 @@ def probe_outputs(model: nn.Module, shape: tuple[int, ...], mean: Sequence[float
 
 def load_teacher(
     path: Path,
-    arch: str,
+    arch: str | None,
     input_shape: tuple[int, int, int] | None = None,
     normalize: str | None = None,
     mean: list[float] | None = None,
@@ -311,9 +329,20 @@ def load_teacher(
         >>> teacher = load_teacher(Path("lenet5_mnist.pt"), "lenet5")
         >>> teacher.mean, teacher.has_bn
         ((0.1307,), False)
+
+    A Hugging Face image folder or a ``.pt2`` program carries its own architecture (``arch`` must
+    then be None); see :mod:`dfkd_cli.sources`.
     """
-    spec = get_arch(arch)
+    from dfkd_cli.sources import load_other_teacher, refuse_arch, teacher_kind
+
     path = Path(path)
+    kind = teacher_kind(path)
+    refuse_arch(kind, path, arch)
+    if kind != "checkpoint":
+        return load_other_teacher(kind, path, input_shape, normalize, mean, std, labels, trust_pickle)
+    if arch is None:
+        raise DfkdError("no teacher architecture given; pass --arch NAME (list them with `dfkd archs`)")
+    spec = get_arch(arch)
     state = read_state_dict(path, trust_pickle=trust_pickle)
     if spec.family == "lenet":
         state = remap_fast_datafree_keys(state)
@@ -322,7 +351,8 @@ def load_teacher(
     shape = _resolve_input_shape(spec, input_shape, ckpt_chans)
     _check_fits(spec, state, num_classes, shape[0], path)
     _check_classes(spec, num_classes, path)
-    mean_t, std_t = resolve_normalization(normalize, mean, std, shape[0], spec.default_normalize)
+    mean_t, std_t = resolve_normalization(normalize, mean, std, shape[0], spec.default_normalize,
+                                          spec.default_stats)
     class_names = read_labels(labels, num_classes) if labels is not None else [str(i) for i in range(num_classes)]
 
     model = create_model(spec.name, num_classes, shape)
@@ -332,8 +362,23 @@ def load_teacher(
     probe_outputs(model, shape, mean_t, std_t, f"teacher '{path}'")
     return Teacher(
         model=model, arch=spec.name, num_classes=num_classes, input_shape=shape, mean=mean_t, std=std_t,
-        class_names=class_names, sha256=sha256_file(path), path=str(path),
+        class_names=class_names, sha256=sha256_file(path), path=str(path), source=arch_source(spec.name),
+        default_student=spec.default_student, shape_note=_default_shape_note(spec), stats_note=_default_stats_note(spec, shape),
     )
+
+
+def _default_shape_note(spec: ArchSpec) -> str:
+    return (f"default for {spec.name}: {spec.default_input[1]}x{spec.default_input[2]} pixels, channels from the "
+            "checkpoint; set --input-shape CxHxW if the teacher was trained on another size")
+
+
+def _default_stats_note(spec: ArchSpec, shape: tuple[int, int, int]) -> str:
+    stats = spec.default_stats or NORMALIZE_PRESETS[spec.default_normalize]
+    averaged = f" averaged over its {len(stats[0])} channels for this 1-channel input" if shape[0] == 1 < len(stats[0]) else ""
+    named = (f"its pretrained config's statistics (mean {list(stats[0])}, std {list(stats[1])})" if spec.default_stats
+             else f"{spec.default_normalize} statistics")
+    return (f"default for {spec.name}: {named}{averaged}; set --normalize or --mean/--std to the teacher's "
+            "training normalisation")
 
 
 def build_student(arch: str, teacher: Teacher) -> nn.Module:
@@ -343,4 +388,6 @@ def build_student(arch: str, teacher: Teacher) -> nn.Module:
         >>> build_student("resnet8", teacher)(torch.zeros(2, *teacher.input_shape)).shape
         torch.Size([2, 10])
     """
-    return create_model(arch, teacher.num_classes, teacher.input_shape)
+    from dfkd_cli.sources import build_model, student_source
+
+    return build_model(student_source(arch, teacher), arch, teacher.num_classes, teacher.input_shape)

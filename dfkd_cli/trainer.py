@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfkd_cli.checkpoint import with_module_versions
 from dfkd_cli.config import TrainConfig
 from dfkd_cli.distributed import World
 from dfkd_cli.precision import Precision, channels_last
@@ -305,7 +306,8 @@ class StudentTrainer:
     def snapshot(self, keep: int = 16) -> None:
         """Keep the current weights on the CPU as a candidate for :meth:`select_snapshot`. Past
         ``keep`` snapshots every other older one is dropped, so they stay spread over the run."""
-        state = {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()}
+        state = with_module_versions(  # the module versions too: MNASNet cannot load weights without them
+            self.student, {k: v.detach().to("cpu", copy=True) for k, v in self.student.state_dict().items()})
         self._snapshots.append((self.steps_done, state))
         if len(self._snapshots) > keep:
             self._snapshots = self._snapshots[::-2][::-1]  # every other one, ending with the latest

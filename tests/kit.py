@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -18,6 +18,8 @@ from typer.testing import CliRunner, Result
 from dfkd_cli import measure
 from dfkd_cli.archs import create_model
 from dfkd_cli.cli import app
+from dfkd_cli.synth import RunHooks, StudentView, SynthContext, synthesizer_class
+from dfkd_cli.synth.context import StepCallback, never_stop, no_progress
 
 CPU_JSON = ("--device", "cpu", "--format", "json")
 # The student's side of a run: small batches, a small held-out set, a few agreement evaluations.
@@ -94,3 +96,16 @@ def deployment_checks(on: bool) -> Iterator[None]:
         yield
     finally:
         measure.DEPLOYMENT_CHECKS = before
+
+
+def make_synth(synthesizer: str | type, teacher: Any, config: Any = None, loss: dict[str, float] | None = None,
+               device: str = "cpu", *, student: nn.Module | None = None, stop: StepCallback = never_stop,
+               progress: Callable[[], float] = no_progress, **context: Any) -> Any:
+    """A synthesizer (a registered name or a class) built as the pipeline builds one: ``config``
+    defaults to the class's ``Config()``, ``student`` is seen through a :class:`StudentView`,
+    ``stop`` and ``progress`` are the run's hooks, ``context`` any other :class:`SynthContext` field
+    (``precision``, ``prior``, ``world``, ``pool_memory_limit``, ``on_spill``)."""
+    cls = synthesizer_class(synthesizer) if isinstance(synthesizer, str) else synthesizer
+    view = StudentView(student) if student is not None else None
+    built = SynthContext(teacher, torch.device(device), student=view, hooks=RunHooks(progress, stop), **context)
+    return cls(built, cls.Config() if config is None else config, {} if loss is None else loss)

@@ -22,6 +22,7 @@ from dfkd_cli.synth.losses import LOSS_TERMS, LossInputs, total_variation, weigh
 from dfkd_cli.teacher import Teacher, load_teacher
 
 from conftest import quadrant_task
+from kit import make_synth
 
 CPU = torch.device("cpu")
 SHAPE = (1, 16, 16)
@@ -32,11 +33,9 @@ def teacher(tiny_teacher) -> Teacher:
     return load_teacher(tiny_teacher["path"], "resnet8", SHAPE, mean=[0.5], std=[0.5])
 
 
-def make(name: str, teacher: Teacher, *overrides: str, student: nn.Module | None = None):
+def make(name: str, teacher: Teacher, *overrides: str, student: nn.Module | None = None, **context):
     cfg = load_recipe(name, list(overrides))
-    synth = synthesizer_class(cfg.recipe.synthesizer)(teacher, cfg.synth, cfg.loss, CPU)
-    synth.student = student
-    return synth
+    return make_synth(cfg.recipe.synthesizer, teacher, cfg.synth, cfg.loss, student=student, **context)
 
 
 def near_student(teacher: Teacher, seed: int = 1) -> nn.Module:
@@ -105,9 +104,9 @@ def test_fast_held_out_batches_do_not_use_up_the_warm_up(teacher, tiny_teacher):
     torch.manual_seed(0)
     recipe = load_recipe("fast", ["synth.iterations=1", "synth.batch_size=8", "synth.ngf=8", "synth.latent_dim=16",
                                   "synth.warmup=2", "train.holdout=32"])
-    synth = synthesizer_class("fast")(teacher, recipe.synth, recipe.loss, CPU)
-    trainer = StudentTrainer(create_model("resnet8", 4, SHAPE), teacher.model, recipe.train, CPU, input_shape=SHAPE)
-    synth.student = trainer.student
+    student = create_model("resnet8", 4, SHAPE)
+    synth = make_synth("fast", teacher, recipe.synth, recipe.loss, student=student)  # the pipeline's order
+    trainer = StudentTrainer(student, teacher.model, recipe.train, CPU, input_shape=SHAPE)
     calls = logged_batches(synth)
     start(Run("fast", recipe, synth, trainer), Budget(None), Display())  # makes the 32 held-out samples
     assert calls == [False] * 4, "held-out batches were made against the untrained student"
@@ -120,13 +119,14 @@ def test_fast_held_out_batches_do_not_use_up_the_warm_up(teacher, tiny_teacher):
 def test_fast_warm_up_progress_survives_a_state_round_trip(teacher):
     torch.manual_seed(0)
     overrides = ["synth.iterations=1", "synth.batch_size=8", "synth.ngf=8", "synth.latent_dim=16", "synth.warmup=1"]
-    synth = make("fast", teacher, *overrides, student=near_student(teacher))
+    student = near_student(teacher)
+    synth = make("fast", teacher, *overrides, student=student)
     synth.holdout(16)
     synth.synthesize()
-    again = make("fast", teacher, *overrides, student=synth.student)
+    again = make("fast", teacher, *overrides, student=student)
     again.load_state_dict(copy.deepcopy(synth.state_dict()))
     assert again.pool_batches == 2 and again._adv_on()
-    fresh = make("fast", teacher, *overrides, student=synth.student)
+    fresh = make("fast", teacher, *overrides, student=student)
     fresh.holdout(16)
     assert fresh.pool_batches == 0 and not fresh._adv_on()
 
@@ -223,6 +223,6 @@ def test_avkd_adversarial_gradient_flows_through_the_student(teacher, monkeypatc
     np.savez(tmp_path / "prior.npz", x=(x[:, 0].numpy() * 255).astype(np.uint8))
     torch.manual_seed(0)
     synth = make("avkd", teacher, "synth.batch_size=32", "synth.ngf=8", "synth.d_width=8",
-                 "synth.loss.prior=0", "synth.loss.ce=0", "synth.loss.adv=1", student=near_student(teacher))
-    synth.prior = PriorData(str(tmp_path / "prior.npz"), SHAPE, [0.5], [0.5], batch_size=32, workers=0)
+                 "synth.loss.prior=0", "synth.loss.ce=0", "synth.loss.adv=1", student=near_student(teacher),
+                 prior=PriorData(str(tmp_path / "prior.npz"), SHAPE, [0.5], [0.5], batch_size=32, workers=0))
     assert student_branch_share(synth, lambda: avkd_gradient(synth), monkeypatch) > 0.1

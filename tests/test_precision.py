@@ -92,15 +92,15 @@ SYNTH_SETTINGS = {
 def test_synthesizer_backward_passes_in_fp16_go_through_its_scaler(recipe, tiny_teacher):
     from dfkd_cli.archs import create_model
     from dfkd_cli.config import load_recipe
-    from dfkd_cli.synth import synthesizer_class
     from dfkd_cli.teacher import load_teacher
+    from kit import make_synth
 
     teacher = load_teacher(tiny_teacher["path"], "resnet8", (1, 16, 16), mean=[0.5], std=[0.5])
     cfg = load_recipe(recipe, SYNTH_SETTINGS[recipe])
-    synth = synthesizer_class(recipe)(teacher, cfg.synth, cfg.loss, CPU)
-    synth.student = create_model("resnet8", teacher.num_classes, teacher.input_shape)
+    student = create_model("resnet8", teacher.num_classes, teacher.input_shape)
     precision = Precision("fp16", CPU)
-    synth.use_precision(precision)
+    synth = make_synth(recipe, teacher, cfg.synth, cfg.loss, student=student, precision=precision)
+    assert synth.scaler.enabled  # the context's precision, from construction on
     with precision.autocast():
         synth.synthesize()
     assert _growth(synth.scaler) + (synth.scaler.scale < 65536.0) >= 1  # stepped, or skipped an overflow

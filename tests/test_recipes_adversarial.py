@@ -20,6 +20,7 @@ from dfkd_cli.synth import synthesizer_class
 from dfkd_cli.synth.adversarial import PenultimateFeatures, entropy
 from dfkd_cli.teacher import Teacher, load_teacher
 from dfkd_cli.trainer import StudentTrainer, attention_map, block_stages
+from kit import make_synth
 
 CPU = torch.device("cpu")
 RECIPES = ("dafl", "zskt", "dfad", "dfq")
@@ -39,9 +40,8 @@ def lenet_teacher(arch: str = "lenet5") -> Teacher:
 
 def make(name: str, teacher: Teacher, *overrides: str, student: nn.Module | None = None):
     cfg = load_recipe(name, [*SMALL, *overrides])
-    synth = synthesizer_class(name)(teacher, cfg.synth, cfg.loss, CPU)
-    synth.student = student if student is not None else create_model(teacher.arch, teacher.num_classes, teacher.input_shape)
-    return synth
+    student = student if student is not None else create_model(teacher.arch, teacher.num_classes, teacher.input_shape)
+    return make_synth(name, teacher, cfg.synth, cfg.loss, student=student)
 
 
 def only(term: str, terms: tuple[str, ...]) -> list[str]:
@@ -50,9 +50,9 @@ def only(term: str, terms: tuple[str, ...]) -> list[str]:
 
 def run_steps(synth, steps: int) -> list[dict[str, float]]:
     history: list[dict[str, float]] = []
-    synth.on_step = lambda it, total, parts: history.append(parts) or False
-    for _ in range(steps):
-        synth.synthesize()
+    with synth.hooks.stopping_when(lambda it, total, parts: history.append(parts) or False):
+        for _ in range(steps):
+            synth.synthesize()
     return history
 
 
@@ -85,7 +85,7 @@ def test_dafl_terms_move_what_they_should(teacher, term):
 
 def test_dafl_works_for_lenet5_without_batchnorm():
     teacher = lenet_teacher()
-    assert not teacher.has_bn and not synthesizer_class("dafl").requires_bn
+    assert not teacher.has_bn and not synthesizer_class("dafl").capabilities.requires_bn
     synth = make("dafl", teacher)
     with PenultimateFeatures(teacher.model, teacher.classifier_name) as features:
         teacher.model(torch.zeros(2, 1, 32, 32))
@@ -199,12 +199,10 @@ def test_bad_generator_schedule_is_refused_at_recipe_load():
 def test_generator_schedule_follows_the_run_unless_given_a_length(tiny_teacher):
     teacher = load_teacher(tiny_teacher["path"], "resnet8", (1, 16, 16), mean=[0.5], std=[0.5])
     cfg = load_recipe("zskt", ["synth.schedule=\"cosine\"", "synth.schedule_steps=0", "synth.batch_size=4"])
-    synth = synthesizer_class("zskt")(teacher, cfg.synth, cfg.loss, torch.device("cpu"))
-    synth.run_progress = lambda: 1.0  # the run is over: a cosine schedule is at zero
+    synth = make_synth("zskt", teacher, cfg.synth, cfg.loss, progress=lambda: 1.0)  # the run is over: cosine at zero
     assert synth._schedule_progress(3) == 1.0
     cfg = load_recipe("zskt", ["synth.schedule_steps=10"])
-    fixed = synthesizer_class("zskt")(teacher, cfg.synth, cfg.loss, torch.device("cpu"))
-    fixed.run_progress = lambda: 1.0
+    fixed = make_synth("zskt", teacher, cfg.synth, cfg.loss, progress=lambda: 1.0)
     assert fixed._schedule_progress(5) == 0.5
 
 
@@ -301,10 +299,9 @@ def test_each_recipe_distills_a_student_through_the_pipeline_loop(teacher, tiny_
     torch.manual_seed(0)
     recipe = load_recipe(name, [*SMALL, "train.steps=40", "train.batch_size=32", "train.holdout=32",
                                 "train.eval_every=10", "synth.schedule_steps=10", "train.temperature=4.0"])
-    synth = synthesizer_class(name)(teacher, recipe.synth, recipe.loss, CPU)
-    trainer = StudentTrainer(create_model("resnet8", 4, (1, 16, 16)), teacher.model, recipe.train, CPU,
-                             input_shape=(1, 16, 16))
-    synth.student = trainer.student
+    student = create_model("resnet8", 4, (1, 16, 16))
+    synth = make_synth(name, teacher, recipe.synth, recipe.loss, student=student)  # the pipeline's order
+    trainer = StudentTrainer(student, teacher.model, recipe.train, CPU, input_shape=(1, 16, 16))
     run = Run(name, recipe, synth, trainer)
     holdout, curve = distill(run, Budget(None), Display()), run.curve
     assert trainer.steps_done == 40 and holdout.shape[1:] == (1, 16, 16) and len(holdout) >= 16

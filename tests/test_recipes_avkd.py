@@ -18,6 +18,7 @@ from dfkd_cli.synth.avkd import AVKDSynthesizer
 from dfkd_cli.teacher import Teacher, load_teacher
 
 import kit
+from kit import make_synth
 from conftest import quadrant_task
 
 CPU = torch.device("cpu")
@@ -40,10 +41,9 @@ def prior_npz(tmp_path_factory) -> str:
 def make(teacher: Teacher, prior_npz: str, *overrides: str, student=None) -> AVKDSynthesizer:
     torch.manual_seed(0)
     cfg = load_recipe("avkd", [*SMALL, *overrides])
-    synth = AVKDSynthesizer(teacher, cfg.synth, cfg.loss, CPU)
-    synth.student = student if student is not None else create_model("resnet8", 4, (1, 16, 16))
-    synth.prior = PriorData(prior_npz, (1, 16, 16), [0.5], [0.5], batch_size=32, workers=0)
-    return synth
+    student = student if student is not None else create_model("resnet8", 4, (1, 16, 16))
+    prior = PriorData(prior_npz, (1, 16, 16), [0.5], [0.5], batch_size=32, workers=0)
+    return make_synth(AVKDSynthesizer, teacher, cfg.synth, cfg.loss, student=student, prior=prior)
 
 
 def only(term: str) -> list[str]:
@@ -141,13 +141,15 @@ def test_the_adversarial_term_depends_on_the_student(teacher, prior_npz):
 
 
 def test_synthesis_leaves_the_teacher_and_student_untouched(teacher, prior_npz):
-    synth = make(teacher, prior_npz)
+    torch.manual_seed(1)
+    student = create_model("resnet8", 4, (1, 16, 16))
+    synth = make(teacher, prior_npz, student=student)
     t_state = copy.deepcopy(teacher.model.state_dict())
-    s_state = copy.deepcopy(synth.student.state_dict())
+    s_state = copy.deepcopy(student.state_dict())
     for _ in range(3):
         synth.synthesize()
     assert all(torch.equal(v, t_state[k]) for k, v in teacher.model.state_dict().items())
-    assert all(torch.equal(v, s_state[k]) for k, v in synth.student.state_dict().items())
+    assert all(torch.equal(v, s_state[k]) for k, v in student.state_dict().items())
     assert {"prior", "ce", "adv", "d_loss"} <= set(synth.status())
 
 
@@ -176,13 +178,15 @@ def test_retention_updates_run_end_to_end_with_a_generator_recipe(tiny_teacher, 
 def test_the_adversarial_term_raises_the_teacher_student_gap(teacher, prior_npz):
     from dfkd_cli.synth.adversarial import disagreement
 
-    synth = make(teacher, prior_npz, *only("adv"), "synth.lr=0.01")
+    torch.manual_seed(1)
+    student = create_model("resnet8", 4, (1, 16, 16))
+    synth = make(teacher, prior_npz, *only("adv"), "synth.lr=0.01", student=student)
     z = synth.code(synth.labels(64))
 
     def gap() -> float:
         with torch.no_grad():
             x = synth.generator(z)
-            return float(disagreement(teacher.model(x), synth.student.eval()(x), "kl"))
+            return float(disagreement(teacher.model(x), student.eval()(x), "kl"))
 
     before = gap()
     for _ in range(15):

@@ -13,13 +13,14 @@ from typer.testing import CliRunner
 from dfkd_cli.archs import create_model
 from dfkd_cli.cli import app
 from dfkd_cli.config import load_recipe
-from dfkd_cli.synth import synthesizer_class
+from dfkd_cli.synth.context import no_progress
 from dfkd_cli.synth.cmi import FeatureBank, instance_contrast, random_resized_crop
 from dfkd_cli.synth.inversion import InversionInputs, masked_adversarial
 from dfkd_cli.synth.losses import BatchNormStatistics
 from dfkd_cli.teacher import load_teacher
 
 import kit
+from kit import make_synth
 
 # The quadrant task's class is where the square is: no crops or flips for the teacher's view.
 SMALL = ["synth.latent_dim=16", "synth.ngf=8", "synth.head_dim=32", "synth.crop_pad=0", "synth.flip=false"]
@@ -33,14 +34,13 @@ def teacher(tiny_teacher):
 def _synth(teacher, recipe: str, *overrides: str, student: nn.Module | None = None):
     small = [o for o in SMALL if recipe == "cmi" or "head_dim" not in o]
     cfg = load_recipe(recipe, [*small, *overrides])
-    synth = synthesizer_class(recipe)(teacher, cfg.synth, cfg.loss, torch.device("cpu"))
-    synth.student = student
-    return synth
+    return make_synth(recipe, teacher, cfg.synth, cfg.loss, student=student)
 
 
 def _record(synth) -> list[dict[str, float]]:
+    """Every synthesis iteration's loss parts from now on (the run's stop rule, never stopping)."""
     history: list[dict[str, float]] = []
-    synth.on_step = lambda it, total, parts: history.append(parts) or False
+    synth.hooks.follow(progress=no_progress, stop=lambda it, total, parts: history.append(parts) or False)
     return history
 
 

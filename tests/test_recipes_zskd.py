@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import kit
+from kit import make_synth
 from conftest import quadrant_task
 from dfkd_cli.archs import create_model
 from dfkd_cli.config import load_recipe
 from dfkd_cli.errors import DfkdError
-from dfkd_cli.synth import synthesizer_class, zskd
+from dfkd_cli.synth import zskd
 from dfkd_cli.synth.zskd import ZSKDSynthesizer, beta_schedule, class_similarity, dirichlet_targets
 from dfkd_cli.teacher import load_teacher
 
@@ -32,7 +33,7 @@ def teacher(tiny_teacher):
 
 def _synth(teacher, *overrides: str) -> ZSKDSynthesizer:
     cfg = load_recipe("zskd", list(overrides))
-    return synthesizer_class("zskd")(teacher, cfg.synth, cfg.loss, torch.device("cpu"))
+    return make_synth("zskd", teacher, cfg.synth, cfg.loss)
 
 
 def test_class_similarity_is_normalised_and_follows_weight_geometry():
@@ -86,9 +87,9 @@ def test_impressions_lower_the_soft_cross_entropy_and_move_the_teacher_towards_t
     captured, history = {}, []
     sample = zskd.dirichlet_targets
     monkeypatch.setattr(zskd, "dirichlet_targets", lambda *a: captured.setdefault("y", sample(*a)))
-    synth.on_step = lambda it, total, parts: history.append(parts) or False
     state = copy.deepcopy(teacher.model.state_dict())
-    synth.synthesize()
+    with synth.hooks.stopping_when(lambda it, total, parts: history.append(parts) or False):
+        synth.synthesize()
     x, y = synth.pool.tensor(), captured["y"]
     assert x.shape == (16, 1, 16, 16) and len(history) == 40
     assert history[-1]["soft_ce"] < history[0]["soft_ce"] - 0.1
@@ -112,8 +113,9 @@ def test_pool_stops_growing_at_the_number_of_impressions_and_on_step_stops_early
     assert len(synth.pool) == 12
     calls = []
     synth = _synth(teacher, "synth.iterations=50", "synth.batch_size=4")
-    synth.on_step = lambda it, total, parts: calls.append((it, total)) or it >= 2
-    assert synth.holdout(4).shape == (4, 1, 16, 16) and calls == [(1, 50), (2, 50)] and len(synth.pool) == 0
+    with synth.hooks.stopping_when(lambda it, total, parts: calls.append((it, total)) or it >= 2):
+        held_out = synth.holdout(4)
+    assert held_out.shape == (4, 1, 16, 16) and calls == [(1, 50), (2, 50)] and len(synth.pool) == 0
 
 
 def test_settings_and_teachers_zskd_cannot_use_are_refused(teacher):
@@ -125,7 +127,7 @@ def test_settings_and_teachers_zskd_cannot_use_are_refused(teacher):
                                num_classes=4, arch="custom")
     cfg = load_recipe("zskd")
     with pytest.raises(DfkdError, match="final layer '1'"):
-        ZSKDSynthesizer(headless, cfg.synth, cfg.loss, torch.device("cpu"))
+        make_synth(ZSKDSynthesizer, headless, cfg.synth, cfg.loss)
 
 
 def test_imagenet_sized_inputs_work(tmp_path):

@@ -9,10 +9,10 @@ from torch import nn
 
 from dfkd_cli.config import load_recipe
 from dfkd_cli.errors import DfkdError
-from dfkd_cli.synth import synthesizer_class
 from dfkd_cli.synth.deepinversion import balanced_targets, random_jitter_flip
 from dfkd_cli.synth.losses import BatchNormStatistics, LossInputs, total_variation, weighted_loss
 from dfkd_cli.teacher import load_teacher
+from kit import make_synth
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +96,9 @@ def test_deepinversion_matches_bn_statistics_and_hits_targets(teacher):
     # The quadrant task's class is where the square is, so no jitter; a light BN weight for 60 steps.
     cfg = load_recipe("deepinversion", ["synth.iterations=60", "synth.batch_size=32", "synth.lr=0.1", "synth.jitter=0",
                                         "synth.loss.bn=0.1"])
-    synth = synthesizer_class("deepinversion")(teacher, cfg.synth, cfg.loss, torch.device("cpu"))
     history: list[dict[str, float]] = []
-    synth.on_step = lambda it, total, parts: history.append(parts) or False
+    synth = make_synth("deepinversion", teacher, cfg.synth, cfg.loss,
+                       stop=lambda it, total, parts: history.append(parts) or False)
     synth.synthesize()
     assert len(synth.pool) == 32 and len(history) == 60
     assert history[-1]["bn"] < 0.5 * history[0]["bn"], "BatchNorm statistics did not move towards the teacher's"
@@ -112,9 +112,8 @@ def test_deepinversion_matches_bn_statistics_and_hits_targets(teacher):
 
 def test_deepinversion_stops_when_asked(teacher):
     cfg = load_recipe("deepinversion", ["synth.iterations=50", "synth.batch_size=8"])
-    synth = synthesizer_class("deepinversion")(teacher, cfg.synth, cfg.loss, torch.device("cpu"))
     calls = []
-    synth.on_step = lambda it, total, parts: calls.append(it) or it >= 3
+    synth = make_synth("deepinversion", teacher, cfg.synth, cfg.loss, stop=lambda it, total, parts: calls.append(it) or it >= 3)
     assert synth.holdout(8).shape == (8, 1, 16, 16)
     assert calls == [1, 2, 3]
     assert len(synth.pool) == 0, "holdout samples must not enter the training pool"
@@ -122,7 +121,7 @@ def test_deepinversion_stops_when_asked(teacher):
 
 def test_noise_synthesizer_draws_fresh_standard_normal_batches(teacher):
     cfg = load_recipe("noise")
-    synth = synthesizer_class("noise")(teacher, cfg.synth, cfg.loss, torch.device("cpu"))
+    synth = make_synth("noise", teacher, cfg.synth, cfg.loss)
     synth.synthesize()
     a, b = synth.sample(4096), synth.sample(4096)
     assert a.shape == (4096, 1, 16, 16) and not torch.equal(a, b)
@@ -144,8 +143,7 @@ def test_competition_term_is_one_when_student_equals_teacher_and_lower_when_they
 def _pixel_gradient(teacher, student, adv: float) -> torch.Tensor:
     cfg = load_recipe("adi", ["synth.iterations=1", "synth.batch_size=8", "synth.jitter=0", "synth.flip=false",
                               f"synth.loss.adv={adv}"])
-    synth = synthesizer_class("deepinversion")(teacher, cfg.synth, cfg.loss, torch.device("cpu"))
-    synth.student = student
+    synth = make_synth("deepinversion", teacher, cfg.synth, cfg.loss, student=student)
     captured = {}
     original_step = torch.optim.Adam.step
 
@@ -175,7 +173,7 @@ def test_competition_changes_pixel_gradients_only_when_the_student_differs(teach
 
 def test_competition_needs_the_student():
     cfg = load_recipe("adi", ["synth.iterations=1", "synth.batch_size=2"])
-    synth = synthesizer_class("deepinversion")(None, cfg.synth, cfg.loss, torch.device("cpu"))
+    synth = make_synth("deepinversion", None, cfg.synth, cfg.loss)
     with pytest.raises(RuntimeError, match="needs the student"):
         synth.student_logits(torch.zeros(2, 1, 16, 16))
 
@@ -184,9 +182,9 @@ def _warm_synth(teacher, warm: int, full: int, *extra: str):
     cfg = load_recipe("deepinversion", [f"synth.iterations={full}", f"synth.warm_start_iterations={warm}",
                                         "synth.batch_size=16", "synth.lr=0.1", "synth.jitter=0", "synth.loss.bn=0.1",
                                         *extra])
-    synth = synthesizer_class("deepinversion")(teacher, cfg.synth, cfg.loss, torch.device("cpu"))
     history: list[tuple[int, int, dict[str, float]]] = []
-    synth.on_step = lambda it, total, parts: history.append((it, total, parts)) or False
+    synth = make_synth("deepinversion", teacher, cfg.synth, cfg.loss,
+                       stop=lambda it, total, parts: history.append((it, total, parts)) or False)
     return synth, history
 
 
@@ -241,8 +239,8 @@ def test_warm_start_changes_the_result_and_reaches_a_comparable_bn_loss(teacher)
 def test_warm_start_stops_early_when_asked_and_rejects_bad_settings(teacher):
     synth, _ = _warm_synth(teacher, 10, 10)
     calls = []
-    synth.on_step = lambda it, total, parts: calls.append(it) or it >= 2
-    x = synth.make_batch(4)
+    with synth.hooks.stopping_when(lambda it, total, parts: calls.append(it) or it >= 2):
+        x = synth.make_batch(4)
     assert calls == [1, 2] and x.shape == (4, 1, 16, 16) and _is_bilinear_upsampling(x, 8)
     with pytest.raises(DfkdError, match="warm_start_scale"):
         load_recipe("deepinversion", ["synth.warm_start_scale=1.5"])

@@ -1,55 +1,26 @@
 """Synthesizers: each makes training inputs for the student from the teacher alone.
 
-Every synthesizer exposes the same operations (``synthesize()`` makes more data, ``sample(n)``
-returns a training batch, ``holdout(n)`` makes samples kept out of training) and is registered by
-name here; recipes pick one with ``recipe.synthesizer``.
+Every synthesizer is built from a :class:`~dfkd_cli.synth.context.SynthContext` (everything it
+needs, given once), declares its :class:`~dfkd_cli.synth.context.Capabilities`, exposes the same
+operations (``synthesize()`` makes more data, ``sample(n)`` returns a training batch,
+``holdout(n)`` makes samples kept out of training) and registers itself by name beside its
+implementation (:func:`~dfkd_cli.synth.registry.register_synthesizer`); recipes pick one with
+``recipe.synthesizer``. Importing this package imports every synthesizer module, which fills
+:data:`SYNTHESIZERS` in this order (the order ``dfkd recipes`` and error messages list them).
 """
 
 from __future__ import annotations
 
-import difflib
-
-from dfkd_cli.errors import DfkdError
-from dfkd_cli.synth.adversarial import DAFLSynthesizer, DFADSynthesizer, DFQSynthesizer, ZSKTSynthesizer
-from dfkd_cli.synth.avkd import AVKDSynthesizer
+# Importing a module registers its synthesizers; this order is the registry's (not alphabetical).
+from dfkd_cli.synth import noise, deepinversion, cmi, fast  # noqa: F401,I001
+from dfkd_cli.synth import adversarial, zskd, avkd, prior_kd  # noqa: F401,I001
 from dfkd_cli.synth.base import Synthesizer
-from dfkd_cli.synth.cmi import CMISynthesizer
-from dfkd_cli.synth.deepinversion import DeepInversionSynthesizer
-from dfkd_cli.synth.fast import FastSynthesizer
-from dfkd_cli.synth.noise import NoiseSynthesizer
-from dfkd_cli.synth.prior_kd import PriorKDSynthesizer
-from dfkd_cli.synth.zskd import ZSKDSynthesizer
-from dfkd_cli.text.prompter import RLPromptSynthesizer
-from dfkd_cli.text.synth import ManualPromptSynthesizer, RandomTextSynthesizer, UnlabeledTextSynthesizer
+from dfkd_cli.synth.context import Capabilities, RunHooks, StudentView, SynthContext
+from dfkd_cli.synth.registry import SYNTHESIZERS, register_synthesizer, synthesizer_class
 
-SYNTHESIZERS: dict[str, type] = {
-    "noise": NoiseSynthesizer,
-    "deepinversion": DeepInversionSynthesizer,
-    "cmi": CMISynthesizer,
-    "fast": FastSynthesizer,
-    "dafl": DAFLSynthesizer,
-    "zskt": ZSKTSynthesizer,
-    "dfad": DFADSynthesizer,
-    "dfq": DFQSynthesizer,
-    "zskd": ZSKDSynthesizer,
-    "avkd": AVKDSynthesizer,
-    "prior-kd": PriorKDSynthesizer,
-    # text (recipe.family = "text"): Hugging Face sequence classifiers
-    "random-text": RandomTextSynthesizer,
-    "unlabeled-text": UnlabeledTextSynthesizer,
-    "promptdfd-manual": ManualPromptSynthesizer,
-    "promptdfd-rl": RLPromptSynthesizer,
-}
+# The text synthesizers (recipe.family = "text") register in the same dict. dfkd_cli.text imports
+# this package first, so whichever of the two is imported first, the image ones come first.
+from dfkd_cli.text import prompter, synth as text_synth  # noqa: E402,F401  (registration)
 
-
-def synthesizer_class(name: str) -> type[Synthesizer]:
-    """The synthesizer registered as ``name``; unknown names list the close matches."""
-    try:
-        return SYNTHESIZERS[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, list(SYNTHESIZERS), n=3)
-        hint = f"did you mean: {', '.join(close)}? " if close else ""
-        raise DfkdError(f"unknown synthesizer '{name}' in recipe.synthesizer; {hint}available: {', '.join(SYNTHESIZERS)}") from None
-
-
-__all__ = ["SYNTHESIZERS", "Synthesizer", "synthesizer_class"]
+__all__ = ["SYNTHESIZERS", "Capabilities", "RunHooks", "StudentView", "SynthContext", "Synthesizer",
+           "register_synthesizer", "synthesizer_class"]

@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from dfkd_cli.synth.losses import LOSS_TERMS, BatchNormStatistics, LossInputs, weighted_loss
+from dfkd_cli.synth.context import Capabilities
 from dfkd_cli.synth.online import OnlineConfig, OnlineGeneratorSynthesizer
+from dfkd_cli.synth.registry import register_synthesizer
 
 
 @dataclass
@@ -142,6 +144,7 @@ class GeneratorSynthesizer(OnlineGeneratorSynthesizer):
 # The Config defaults below are each paper's own settings; the shipped recipes size them for a CPU.
 
 
+@register_synthesizer("dafl")
 class DAFLSynthesizer(GeneratorSynthesizer):
     """DAFL: one-hot, activation and information-entropy losses; the teacher alone guides it."""
 
@@ -157,6 +160,7 @@ class DAFLSynthesizer(GeneratorSynthesizer):
     student_on_generator_batch = True
 
 
+@register_synthesizer("zskt")
 class ZSKTSynthesizer(GeneratorSynthesizer):
     """ZSKT: the generator maximises KL(teacher || student)."""
 
@@ -172,6 +176,7 @@ class ZSKTSynthesizer(GeneratorSynthesizer):
     loss_terms = ("adv",)
 
 
+@register_synthesizer("dfad")
 class DFADSynthesizer(GeneratorSynthesizer):
     """DFAD: the generator maximises the mean absolute logit difference."""
 
@@ -188,6 +193,7 @@ class DFADSynthesizer(GeneratorSynthesizer):
     disagreement_kind = "l1"
 
 
+@register_synthesizer("dfq")
 class DFQSynthesizer(GeneratorSynthesizer):
     """DFQ: BatchNorm statistics, confident and balanced classes, adversarial KL."""
 
@@ -199,4 +205,4 @@ class DFQSynthesizer(GeneratorSynthesizer):
         lr: float = 1e-3
 
     loss_terms = ("bn", "ent", "ie", "adv")
-    requires_bn = True
+    capabilities = Capabilities(requires_bn=True, online=True, keeps_pool=False)

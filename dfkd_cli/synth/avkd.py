@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd_cli.errors import DfkdError
-from dfkd_cli.precision import LossScaler, Precision
 from dfkd_cli.synth.adversarial import disagreement
+from dfkd_cli.synth.context import Capabilities, SynthContext
 from dfkd_cli.synth.online import OnlineConfig, OnlineGeneratorSynthesizer
+from dfkd_cli.synth.registry import register_synthesizer
 
 
 class Discriminator(nn.Module):
@@ -77,25 +78,22 @@ class AVKDConfig(OnlineConfig):
                             "0 <= synth.d_momentum < 1 and synth.d_weight_decay >= 0")
 
 
+@register_synthesizer("avkd")
 class AVKDSynthesizer(OnlineGeneratorSynthesizer):
     """Conditional generator and discriminator against the prior, adversarial to the student."""
 
     Config = AVKDConfig
     loss_terms = ("prior", "ce", "adv")
-    uses_prior = True
+    capabilities = Capabilities(online=True, keeps_pool=False, uses_prior=True)
 
-    def __init__(self, teacher: Any, config: AVKDConfig, loss: dict[str, float], device: torch.device) -> None:
-        self.num_classes = teacher.num_classes
-        super().__init__(teacher, config, loss, device)
-        channels = teacher.input_shape[0]
-        self.discriminator = Discriminator(channels, self.num_classes, config.d_width).to(device)
+    def __init__(self, context: SynthContext, config: AVKDConfig, loss: dict[str, float]) -> None:
+        self.num_classes = context.teacher.num_classes
+        super().__init__(context, config, loss)
+        channels = self.teacher.input_shape[0]
+        self.discriminator = Discriminator(channels, self.num_classes, config.d_width).to(self.device)
         self.d_optimizer = torch.optim.SGD(self.discriminator.parameters(), lr=config.d_lr, nesterov=True,
                                            momentum=config.d_momentum, weight_decay=config.d_weight_decay)
-        self.d_scaler = LossScaler()
-
-    def use_precision(self, precision: Precision) -> None:
-        super().use_precision(precision)
-        self.d_scaler = precision.scaler()  # the discriminator's loss has its own scale
+        self.d_scaler = context.precision.scaler()  # the discriminator's loss has its own scale
 
     def generator_input_dim(self) -> int:
         return self.config.latent_dim + self.num_classes
@@ -156,7 +154,7 @@ class AVKDSynthesizer(OnlineGeneratorSynthesizer):
             self.scheduler.step()
             self.updates += 1
             self.last_parts = {**parts, "g_loss": float(loss.detach()), "d_loss": float(d_loss.detach())}
-            if self.on_step(step + 1, steps, self.last_parts):
+            if self.hooks.should_stop(step + 1, steps, self.last_parts):
                 break
 
     def state_dict(self) -> dict[str, Any]:

@@ -13,34 +13,13 @@ import numpy as np
 import torch
 
 from dfkd_cli.distributed import World
-from dfkd_cli.precision import LossScaler, Precision
+from dfkd_cli.synth.context import Capabilities, RunHooks, StepCallback, SynthContext, frozen_logits, ignore_note
 
 if TYPE_CHECKING:
     from dfkd_cli.prior import PriorData
     from dfkd_cli.teacher import Teacher
 
-# Called after each synthesis iteration with (iteration, total, loss parts); returns True to stop early.
-StepCallback = Callable[[int, int, dict[str, float]], bool]
-
-
-def _never_stop(step: int, total: int, parts: dict[str, float]) -> bool:
-    return False
-
-
-def frozen_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``model(x)`` in eval mode with its weights frozen for this pass: gradients reach ``x`` only
-    (no weight gradients the model's own optimizer would have to discard), and the model's
-    BatchNorm statistics, training mode and ``requires_grad`` flags are left as they were."""
-    was_training = [m.training for m in model.modules()]
-    flags = [p.requires_grad for p in model.parameters()]
-    model.eval().requires_grad_(False)
-    try:
-        return model(x)
-    finally:
-        for module, mode in zip(model.modules(), was_training):
-            module.training = mode
-        for param, flag in zip(model.parameters(), flags):
-            param.requires_grad_(flag)
+__all__ = ["Capabilities", "DiskRows", "StepCallback", "SynthContext", "SyntheticPool", "Synthesizer", "frozen_logits"]
 
 
 class DiskRows:
@@ -74,9 +53,9 @@ class SyntheticPool:
     then says where, and ``on_spill`` is called with it once); sampling is uniform over both.
     """
 
-    def __init__(self, memory_limit: int | None = None) -> None:
+    def __init__(self, memory_limit: int | None = None, on_spill: Callable[[str], None] = ignore_note) -> None:
         self.memory_limit = memory_limit
-        self.on_spill: Callable[[str], None] = lambda note: None
+        self.on_spill = on_spill
         self.note: str | None = None
         self._chunks: list[torch.Tensor] = []
         self._data: torch.Tensor | None = None
@@ -90,6 +69,10 @@ class SyntheticPool:
         self._data = None
         if self.memory_limit is not None and sum(c.numel() * c.element_size() for c in self._chunks) > self.memory_limit:
             self._spill()
+
+    def clear(self) -> None:
+        """Forget every sample (spilled ones too)."""
+        self._chunks, self._data, self._disk = [], None, None
 
     def _spill(self) -> None:
         """Move the oldest samples to disk until the in-memory part fits the limit again."""
@@ -141,16 +124,20 @@ class SyntheticPool:
         return {"data": self.tensor().cpu() if len(self) else None}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
-        self._chunks, self._data, self._disk = [], None, None
+        self.clear()
         if state.get("data") is not None:
             self.add(state["data"].to(device))
 
 
 class Synthesizer:
-    """Base class: subclasses set ``Config`` (a dataclass of settings) and ``loss_terms``.
+    """Base class: subclasses set ``Config`` (a dataclass of settings), ``loss_terms`` and
+    ``capabilities``, and register with :func:`dfkd_cli.synth.registry.register_synthesizer`.
+
+    Everything a synthesizer needs comes in its :class:`SynthContext`; ``teacher``, ``device``,
+    ``world``, ``prior`` and ``hooks`` are read-only views of it.
 
     Example:
-        >>> synth = NoiseSynthesizer(teacher, NoiseSynthesizer.Config(), {}, torch.device("cpu"))
+        >>> synth = NoiseSynthesizer(SynthContext(teacher, torch.device("cpu")), NoiseSynthesizer.Config(), {})
         >>> synth.synthesize(); batch = synth.sample(64)
     """
 
@@ -159,50 +146,55 @@ class Synthesizer:
         batch_size: int = 256
 
     loss_terms: ClassVar[tuple[str, ...]] = ()
-    requires_bn: ClassVar[bool] = False
-    # Online synthesizers (a generator trained alongside the student) make each batch fresh from
-    # their current state, so held-out samples are drawn along the run, not once at the start.
-    online: ClassVar[bool] = False
-    # Recipes that read unlabelled images from a related domain (``--prior``): the pipeline sets
-    # ``self.prior`` (a :class:`dfkd_cli.prior.PriorData`) before the first ``synthesize()``;
-    # ``prior_holdout``: the student is selected on prior images held out of the stream.
-    # Whether the training data is ``self.pool`` (what ``--save-synthetic`` then saves); recipes that
-    # make every batch fresh set it False and the pipeline records a sample of their batches instead.
-    keeps_pool: ClassVar[bool] = True
-    uses_prior: ClassVar[bool] = False
-    prior_holdout: ClassVar[bool] = False
+    capabilities: ClassVar[Capabilities]  # every concrete synthesizer declares its own
 
-    def __init__(self, teacher: "Teacher", config: Any, loss: dict[str, float], device: torch.device) -> None:
-        self.teacher = teacher
+    def __init__(self, context: SynthContext, config: Any, loss: dict[str, float]) -> None:
+        self.context = context
         self.config = config
         self.loss = dict(loss)
-        self.device = device
-        self.pool = SyntheticPool()
-        self.on_step: StepCallback = _never_stop
-        # Share of the run done (student steps or time budget, whichever is further), for schedules
-        # that span the whole run; set by the pipeline.
-        self.run_progress: Callable[[], float] = lambda: 0.0
-        # The student being trained, set by the pipeline for terms that need its feedback (``adv``).
-        self.student: torch.nn.Module | None = None
-        self.prior: "PriorData | None" = None
-        self.world = World()  # the processes of a distributed run (set by the pipeline)
-        self.scaler = LossScaler()  # loss scaling for the synthesizer's own backward passes (fp16)
+        self.pool = SyntheticPool(context.pool_memory_limit, context.on_spill)
+        self.scaler = context.precision.scaler()  # loss scaling for the synthesizer's own backward passes (fp16)
+        self._configured_lr: float | None = getattr(config, "lr", None)  # configs without a per-batch rate have none
 
-    def use_precision(self, precision: Precision) -> None:
-        """Scale this synthesizer's losses as ``precision`` needs (the pipeline calls it once)."""
-        self.scaler = precision.scaler()
+    @property
+    def teacher(self) -> "Teacher":
+        return self.context.teacher
+
+    @property
+    def device(self) -> torch.device:
+        return self.context.device
+
+    @property
+    def world(self) -> World:
+        """The processes of a distributed run."""
+        return self.context.world
+
+    @property
+    def prior(self) -> "PriorData | None":
+        return self.context.prior
+
+    @property
+    def hooks(self) -> RunHooks:
+        """The run's progress and stop rule (see :class:`RunHooks`)."""
+        return self.context.hooks
+
+    def generator_module(self) -> torch.nn.Module | None:
+        """The generator network this synthesizer trains, if it has one (compiled with ``--compile``,
+        measured by the probe); None for pixel optimisation and fixed data."""
+        return None
 
     def student_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The live student's logits on ``x`` for adversarial terms, differentiable in ``x`` only
         (see :func:`frozen_logits`)."""
-        if self.student is None:
-            raise RuntimeError("this recipe's adversarial term needs the student: set synthesizer.student first")
-        return frozen_logits(self.student, x)
+        if self.context.student is None:
+            raise RuntimeError("this recipe's adversarial term needs the student: build the synthesizer with "
+                               "SynthContext(student=StudentView(model))")
+        return self.context.student.logits(x)
 
     def prior_batch(self, n: int) -> torch.Tensor:
         """``n`` prior images on the synthesizer's device (recipes with ``uses_prior``)."""
         if self.prior is None:
-            raise RuntimeError("this recipe needs prior images: set synthesizer.prior first")
+            raise RuntimeError("this recipe needs prior images: build the synthesizer with SynthContext(prior=...)")
         return self.prior.sample(n).to(self.device)
 
     def make_batch(self, n: int) -> torch.Tensor:
@@ -234,18 +226,21 @@ class Synthesizer:
         """Numbers for the live display (e.g. the pool size or the generator's last losses)."""
         return {"pool": len(self.pool)}
 
-    def scale_lr(self, factor: float) -> None:
-        """Multiply every learning rate the synthesizer uses by ``factor`` (the divergence guard
-        lowers it after a non-finite loss): its optimizers, their schedules' base rates, and
-        ``config.lr`` for optimizers made per batch."""
+    def set_lr_scale(self, scale: float, state_scale: float) -> None:
+        """Run at ``scale`` times the configured learning rates, right after loading a state saved
+        at ``state_scale`` times them (the divergence guard lowers the scale after a non-finite
+        loss): the loaded optimizers and their schedules' base rates are multiplied by
+        ``scale / state_scale``, and ``config.lr`` (the rate of optimizers made per batch, not in
+        the state) is set to ``scale`` times its value at construction."""
+        factor = scale / state_scale
         for value in vars(self).values():
             if isinstance(value, torch.optim.Optimizer):
                 for group in value.param_groups:
                     group["lr"] *= factor
             elif isinstance(value, torch.optim.lr_scheduler.LRScheduler):
                 value.base_lrs = [lr * factor for lr in value.base_lrs]
-        if hasattr(self.config, "lr"):
-            self.config.lr *= factor
+        if self._configured_lr is not None:
+            self.config.lr = self._configured_lr * scale
 
     def state_dict(self) -> dict[str, Any]:
         return {"pool": self.pool.state_dict(), "scaler": self.scaler.state_dict()}

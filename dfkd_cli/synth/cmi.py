@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfkd_cli.synth.context import SynthContext
 from dfkd_cli.synth.generator import check_auto_int, reset_parameters
 from dfkd_cli.synth.inversion import INVERSION_TERMS, GeneratorInversion, InversionInputs
+from dfkd_cli.synth.registry import register_synthesizer
 
 
 def instance_contrast(queries: torch.Tensor, keys: torch.Tensor, bank: torch.Tensor | None,
@@ -130,6 +132,7 @@ def _cr(inp: ContrastInputs) -> torch.Tensor:
     return instance_contrast(inp.queries, inp.keys, inp.bank, inp.cr_temperature)
 
 
+@register_synthesizer("cmi")
 class CMISynthesizer(GeneratorInversion):
     """Per-batch re-initialised generator + contrastive memory bank; batches join the pool."""
 
@@ -157,12 +160,12 @@ class CMISynthesizer(GeneratorInversion):
     loss_terms = ("bn", "oh", "adv", "cr")
     terms = {**INVERSION_TERMS, "cr": _cr}
 
-    def __init__(self, teacher: Any, config: Any, loss: dict[str, float], device: torch.device) -> None:
-        super().__init__(teacher, config, loss, device)
-        self.features = PooledFeatures(teacher.model)
-        feature_dim = self._embed(torch.zeros(2, *teacher.input_shape, device=device)).shape[1]
+    def __init__(self, context: SynthContext, config: Any, loss: dict[str, float]) -> None:
+        super().__init__(context, config, loss)
+        self.features = PooledFeatures(self.teacher.model)
+        feature_dim = self._embed(torch.zeros(2, *self.teacher.input_shape, device=self.device)).shape[1]
         self.head = nn.Sequential(nn.Linear(feature_dim, config.head_dim), nn.ReLU(inplace=True),
-                                  nn.Linear(config.head_dim, config.head_dim)).to(device)
+                                  nn.Linear(config.head_dim, config.head_dim)).to(self.device)
         self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=config.lr, betas=(0.5, 0.999))
         self.bank = FeatureBank(config.bank_size)
 

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from dfkd_cli.errors import DfkdError
-from dfkd_cli.synth.base import Synthesizer
+from dfkd_cli.synth.base import Capabilities, Synthesizer
 from dfkd_cli.synth.losses import BatchNormStatistics, LossInputs, weighted_loss
+from dfkd_cli.synth.registry import register_synthesizer
 
 if TYPE_CHECKING:
     from dfkd_cli.teacher import Teacher
@@ -55,6 +56,7 @@ def random_jitter_flip(x: torch.Tensor, jitter: int, flip: bool) -> torch.Tensor
     return x
 
 
+@register_synthesizer("deepinversion")
 class DeepInversionSynthesizer(Synthesizer):
     """Optimises input batches against the frozen teacher; each batch joins the pool when done."""
 
@@ -77,7 +79,7 @@ class DeepInversionSynthesizer(Synthesizer):
                 raise DfkdError(f"synth.warm_start_scale must be in (0, 1], got {self.warm_start_scale}; e.g. 0.5")
 
     loss_terms = ("ce", "bn", "tv_l1", "tv_l2", "l2", "adv")
-    requires_bn = True
+    capabilities = Capabilities(requires_bn=True)
 
     def _pixel_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         return pixel_range(self.teacher, self.device)
@@ -113,7 +115,7 @@ class DeepInversionSynthesizer(Synthesizer):
                   render: Callable[[torch.Tensor], torch.Tensor]) -> bool:
         """Adam on the pixels of ``x`` (with a cosine learning rate over ``steps``); the teacher sees
         ``render(x)``. Pixels stay in range (bilinear upsampling of in-range pixels is in range too).
-        Returns True when ``on_step`` asked to stop."""
+        Returns True when the run's hooks asked to stop."""
         cfg = self.config
         optimizer = torch.optim.Adam([x], lr=cfg.lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(len(steps), 1))
@@ -132,6 +134,6 @@ class DeepInversionSynthesizer(Synthesizer):
             with torch.no_grad():
                 x.data = torch.max(torch.min(x, high), low)
             parts["acc"] = float((logits.argmax(1) == targets).float().mean())
-            if self.on_step(it + 1, total, parts):
+            if self.hooks.should_stop(it + 1, total, parts):
                 return True
         return False

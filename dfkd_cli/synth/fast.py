@@ -36,10 +36,13 @@ import torch
 from torch import nn
 
 from dfkd_cli.errors import DfkdError
+from dfkd_cli.synth.context import SynthContext
 from dfkd_cli.synth.generator import check_auto_int
 from dfkd_cli.synth.inversion import GeneratorInversion
+from dfkd_cli.synth.registry import register_synthesizer
 
 
+@register_synthesizer("fast")
 class FastSynthesizer(GeneratorInversion):
     """A meta-learned generator initialisation adapted for a few steps per batch."""
 
@@ -65,7 +68,7 @@ class FastSynthesizer(GeneratorInversion):
             check_auto_int(self.batch_size, "synth.batch_size")
             check_auto_int(self.ngf, "synth.ngf")
 
-    def __init__(self, teacher: Any, config: Any, loss: dict[str, float], device: torch.device) -> None:
+    def __init__(self, context: SynthContext, config: Any, loss: dict[str, float]) -> None:
         if config.meta not in ("reptile", "fomaml"):
             raise DfkdError(f"synth.meta must be 'reptile' or 'fomaml', got '{config.meta}'")
         if not 0.0 <= config.bn_momentum < 1.0:
@@ -74,7 +77,7 @@ class FastSynthesizer(GeneratorInversion):
             raise DfkdError(f"synth.meta_lr must be in (0, 1] (the fraction of the way to the adapted generator), "
                             f"got {config.meta_lr}")
         self.bn_momentum = config.bn_momentum
-        super().__init__(teacher, config, loss, device)
+        super().__init__(context, config, loss)
         self.pool_batches = 0  # batches added to the pool: the warm-up counts these, not held-out ones
         self.meta_optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.lr * config.iterations,
                                                betas=(0.5, 0.999))

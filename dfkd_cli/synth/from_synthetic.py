@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dfkd_cli.synth.base import Synthesizer
+from dfkd_cli.synth.base import Capabilities, Synthesizer
 from dfkd_cli.synthetic_set import SyntheticSet
 
 
@@ -20,6 +20,8 @@ class FromSyntheticSynthesizer(Synthesizer):
     @dataclass
     class Config:
         batch_size: int = 256
+
+    capabilities = Capabilities()
 
     def load(self, data: SyntheticSet) -> None:
         self.pool.add(data.train.to(self.device))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd_cli.errors import DfkdError
-from dfkd_cli.synth.base import Synthesizer
+from dfkd_cli.synth.base import Capabilities, Synthesizer, SynthContext
 from dfkd_cli.synth.deepinversion import balanced_targets
 from dfkd_cli.synth.generator import Generator, resolve_generator_size
 from dfkd_cli.synth.losses import LOSS_TERMS, BatchNormStatistics, LossInputs, weighted_loss
@@ -71,23 +71,25 @@ class GeneratorInversion(Synthesizer):
     adv_temperature, crop_pad, flip and keep.
     """
 
-    requires_bn = True
-    online = False
+    capabilities = Capabilities(requires_bn=True)
     loss_terms = ("bn", "oh", "adv")
     terms: dict[str, Callable[[Any], torch.Tensor]] = INVERSION_TERMS
     bn_momentum: float = 0.0
 
-    def __init__(self, teacher: Any, config: Any, loss: dict[str, float], device: torch.device) -> None:
-        super().__init__(teacher, config, loss, device)
+    def __init__(self, context: SynthContext, config: Any, loss: dict[str, float]) -> None:
+        super().__init__(context, config, loss)
         if config.keep not in ("best", "last"):
             raise DfkdError(f"synth.keep must be 'best' or 'last', got '{config.keep}'")
-        self.size_note = resolve_generator_size(config, teacher.input_shape, device)
+        self.size_note = resolve_generator_size(config, self.teacher.input_shape, self.device)
         if config.iterations < 1 or config.batch_size < 2:
             raise DfkdError("synth.iterations must be >= 1 and synth.batch_size >= 2 (BatchNorm needs a batch)")
-        self.generator = Generator(config.latent_dim, config.ngf, teacher.input_shape).to(device)
-        self.bn = BatchNormStatistics(teacher.model, config.first_bn_multiplier, self.bn_momentum)
+        self.generator = Generator(config.latent_dim, config.ngf, self.teacher.input_shape).to(self.device)
+        self.bn = BatchNormStatistics(self.teacher.model, config.first_bn_multiplier, self.bn_momentum)
         self.batches_made = 0
         self.last_parts: dict[str, float] = {}
+
+    def generator_module(self) -> nn.Module:
+        return self.generator
 
     def _start_batch(self, n: int) -> tuple[nn.Module, torch.Tensor, list[torch.optim.Optimizer]]:
         """The generator to optimise for one batch of ``n``, its latent code and the optimizers to step."""
@@ -115,7 +117,7 @@ class GeneratorInversion(Synthesizer):
         return self.loss if self._adv_on() else {k: v for k, v in self.loss.items() if k != "adv"}
 
     def make_batch(self, n: int) -> torch.Tensor:
-        """``n`` inputs from ``iterations`` Adam steps on generator and z (fewer if ``on_step`` says stop)."""
+        """``n`` inputs from ``iterations`` Adam steps on generator and z (fewer if the run's hooks say stop)."""
         cfg = self.config
         targets = balanced_targets(n, self.teacher.num_classes).to(self.device)
         generator, z, optimizers = self._start_batch(n)
@@ -137,7 +139,7 @@ class GeneratorInversion(Synthesizer):
                     best_x, best_loss = x.detach(), value
                 parts["acc"] = float((inputs.logits.argmax(1) == targets).float().mean())
                 self.last_parts = parts
-                if self.on_step(it + 1, cfg.iterations, parts):
+                if self.hooks.should_stop(it + 1, cfg.iterations, parts):
                     break
         self._end_batch(generator)
         self.batches_made += 1

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from dfkd_cli.synth.base import Synthesizer
+from dfkd_cli.synth.base import Capabilities, Synthesizer
+from dfkd_cli.synth.registry import register_synthesizer
 
 
+@register_synthesizer("noise")
 class NoiseSynthesizer(Synthesizer):
     """Draws inputs from N(0, 1) in the teacher's normalised input space (no optimisation)."""
 
@@ -16,7 +18,7 @@ class NoiseSynthesizer(Synthesizer):
     class Config:
         batch_size: int = 256  # holdout samples drawn per call
 
-    keeps_pool = False
+    capabilities = Capabilities(keeps_pool=False)
 
     def make_batch(self, n: int) -> torch.Tensor:
         return torch.randn(n, *self.teacher.input_shape, device=self.device)

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 
 from dfkd_cli.errors import DfkdError
-from dfkd_cli.synth.base import Synthesizer
+from dfkd_cli.synth.base import Capabilities, Synthesizer, SynthContext
 from dfkd_cli.synth.generator import Generator, check_auto_int, resolve_generator_size
 
 SCHEDULES = ("constant", "cosine", "step")
@@ -82,16 +82,16 @@ class OnlineGeneratorSynthesizer(Synthesizer):
     """
 
     Config: ClassVar[type] = OnlineConfig
-    online = True
-    keeps_pool = False
+    capabilities = Capabilities(online=True, keeps_pool=False)
     # DAFL trains the student on the very batch of the generator update; ZSKT, DFAD and DFQ draw
     # a fresh batch for every student step.
     student_on_generator_batch: ClassVar[bool] = False
 
-    def __init__(self, teacher: Any, config: OnlineConfig, loss: dict[str, float], device: torch.device) -> None:
-        super().__init__(teacher, config, loss, device)
-        self.size_note = resolve_generator_size(config, teacher.input_shape, device)
-        self.generator = Generator(self.generator_input_dim(), config.ngf, teacher.input_shape).to(device).train()
+    def __init__(self, context: SynthContext, config: OnlineConfig, loss: dict[str, float]) -> None:
+        super().__init__(context, config, loss)
+        shape = self.teacher.input_shape
+        self.size_note = resolve_generator_size(config, shape, self.device)
+        self.generator = Generator(self.generator_input_dim(), config.ngf, shape).to(self.device).train()
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(config.schedule, self._schedule_progress(step)))
@@ -102,7 +102,10 @@ class OnlineGeneratorSynthesizer(Synthesizer):
     def _schedule_progress(self, step: int) -> float:
         if self.config.schedule_steps:
             return step / self.config.schedule_steps
-        return self.run_progress()
+        return self.hooks.progress()
+
+    def generator_module(self) -> torch.nn.Module:
+        return self.generator
 
     def generator_input_dim(self) -> int:
         """Width of the generator's input code (conditional generators add the label)."""
@@ -116,7 +119,7 @@ class OnlineGeneratorSynthesizer(Synthesizer):
         return torch.randn(n, self.config.latent_dim, device=self.device)
 
     def synthesize(self) -> None:
-        """``g_steps`` generator updates, each on a fresh batch; stops early when ``on_step`` says so."""
+        """``g_steps`` generator updates, each on a fresh batch; stops early when the run's hooks say so."""
         steps = self.config.g_steps
         for step in range(steps):
             self.generator.train()
@@ -127,7 +130,7 @@ class OnlineGeneratorSynthesizer(Synthesizer):
             self.updates += 1
             self.last_parts = {**parts, "g_loss": float(loss.detach())}
             self._generator_batch = x.detach() if self.student_on_generator_batch else None
-            if self.on_step(step + 1, steps, self.last_parts):
+            if self.hooks.should_stop(step + 1, steps, self.last_parts):
                 break
 
     def update_generator(self, loss: torch.Tensor) -> None:

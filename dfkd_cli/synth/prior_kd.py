@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from dfkd_cli.synth.base import Synthesizer
+from dfkd_cli.synth.base import Capabilities, Synthesizer
+from dfkd_cli.synth.registry import register_synthesizer
 
 
+@register_synthesizer("prior-kd")
 class PriorKDSynthesizer(Synthesizer):
     """Serves prior images as the student's training inputs."""
 
@@ -21,9 +23,7 @@ class PriorKDSynthesizer(Synthesizer):
     class Config:
         batch_size: int = 256  # images the prior loader decodes per batch
 
-    uses_prior = True
-    keeps_pool = False
-    prior_holdout = True
+    capabilities = Capabilities(uses_prior=True, keeps_pool=False, prior_holdout=True)
 
     def synthesize(self) -> None:
         """Nothing to make: the prior stream is the data."""
@@ -32,7 +32,8 @@ class PriorKDSynthesizer(Synthesizer):
         return self.prior_batch(n)
 
     def holdout(self, n: int) -> torch.Tensor:
-        assert self.prior is not None, "the pipeline sets the prior before holdout()"
+        if self.prior is None:
+            raise RuntimeError("this recipe needs prior images: build the synthesizer with SynthContext(prior=...)")
         return self.prior.holdout(n).to(self.device)
 
     def preview(self, n: int) -> torch.Tensor:

@@ -14,18 +14,16 @@ impressions. Only the final linear layer is needed, so teachers without BatchNor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from dfkd_cli.errors import DfkdError
-from dfkd_cli.synth.base import Synthesizer
+from dfkd_cli.synth.base import Capabilities, Synthesizer, SynthContext
 from dfkd_cli.synth.deepinversion import balanced_targets, pixel_range
 from dfkd_cli.synth.losses import LossInputs, weighted_loss
-
-if TYPE_CHECKING:
-    from dfkd_cli.teacher import Teacher
+from dfkd_cli.synth.registry import register_synthesizer
 
 # Min-max normalisation sends each class's least similar class to 0, which a Dirichlet
 # concentration may not be; this floor keeps that class's expected share negligible.
@@ -74,6 +72,7 @@ def soft_cross_entropy(inp: SoftTargetInputs) -> torch.Tensor:
 ZSKD_TERMS = {"soft_ce": soft_cross_entropy}
 
 
+@register_synthesizer("zskd")
 class ZSKDSynthesizer(Synthesizer):
     """Optimises data impressions for Dirichlet-sampled soft targets until the pool holds
     ``impressions`` of them; the student trains on that pool."""
@@ -97,11 +96,10 @@ class ZSKDSynthesizer(Synthesizer):
                     raise DfkdError(f"synth.{name} must be positive, got {getattr(self, name)}")
 
     loss_terms = ("soft_ce",)
-    requires_bn = False
-    online = False
+    capabilities = Capabilities()
 
-    def __init__(self, teacher: "Teacher", config: Any, loss: dict[str, float], device: torch.device) -> None:
-        super().__init__(teacher, config, loss, device)
+    def __init__(self, context: SynthContext, config: Any, loss: dict[str, float]) -> None:
+        super().__init__(context, config, loss)
         self.similarity = class_similarity(self._final_weight())
 
     def _final_weight(self) -> torch.Tensor:
@@ -134,7 +132,7 @@ class ZSKDSynthesizer(Synthesizer):
                 x.data = torch.max(torch.min(x, high), low)
             parts["acc"] = float(  # the teacher's top class is the target's
                 (logits.argmax(1) == targets.argmax(1)).float().mean())
-            if self.on_step(it + 1, cfg.iterations, parts):
+            if self.hooks.should_stop(it + 1, cfg.iterations, parts):
                 break
         return x.detach()
 

@@ -124,9 +124,9 @@ def _check_inputs(opts: TextOptions, recipe: RecipeConfig, synth: TextSynthesize
         if flag not in synth.needs and path is not None:
             users = [r for r in text_recipes() if flag in synthesizer_needs(r)]
             raise DfkdError(f"recipe '{name}' does not use --{flag}; leave it out, or pick a recipe that does: {', '.join(users)}")
-    if synth.uses_prior and opts.prior is None:
+    if synth.capabilities.uses_prior and opts.prior is None:
         raise DfkdError(f"recipe '{name}' needs --prior: an unlabelled text file (one sentence or paragraph per line)")
-    if not synth.uses_prior and opts.prior is not None:
+    if not synth.capabilities.uses_prior and opts.prior is not None:
         raise DfkdError(f"recipe '{name}' does not use --prior; leave it out, or use --recipe unlabeled-text")
 
 

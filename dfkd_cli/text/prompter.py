@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dfkd_cli.errors import DfkdError
+from dfkd_cli.synth.registry import register_synthesizer
 from dfkd_cli.text.synth import GenerationConfig, TextSynthesizer, complete
 
 INITIAL_WORDS = ["The", "It", "To", "There", "What", "This", "All", "If", "We"]
@@ -69,6 +70,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+@register_synthesizer("promptdfd-rl")
 class RLPromptSynthesizer(TextSynthesizer):
     """``promptdfd-rl``: the prompter learns, by REINFORCE, prompts whose completions the student
     gets wrong; the completions train the student."""

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.precision import LossScaler, Precision
+from dfkd_cli.synth.context import Capabilities
+from dfkd_cli.synth.registry import register_synthesizer
 from dfkd_cli.text.models import TextTeacher
 
 Labeler = Callable[[list[str]], torch.Tensor]  # texts -> teacher logits [N, C]
@@ -87,9 +89,7 @@ class TextSynthesizer:
 
     Config: type = TextConfig
     loss_terms: tuple[str, ...] = ()
-    uses_prior = False  # reads --prior (a text corpus)
-    requires_bn = False
-    keeps_pool = True
+    capabilities: ClassVar[Capabilities] = Capabilities()  # uses_prior: reads --prior (a text corpus)
     needs: tuple[str, ...] = ()  # "generator", "prompter": the language models the recipe needs
 
     def __init__(self, teacher: TextTeacher, cfg: Any, loss: dict[str, float], device: torch.device) -> None:
@@ -131,6 +131,7 @@ class RandomTextConfig(TextConfig):
     max_tokens: int = 64
 
 
+@register_synthesizer("random-text")
 class RandomTextSynthesizer(TextSynthesizer):
     """Random token sequences from the teacher's vocabulary (PromptDFD's "Random Text" row)."""
 
@@ -150,10 +151,11 @@ class RandomTextSynthesizer(TextSynthesizer):
         return self.teacher.tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
 
 
+@register_synthesizer("unlabeled-text")
 class UnlabeledTextSynthesizer(TextSynthesizer):
     """Sentences of an unlabelled corpus (``--prior``; PromptDFD's "Unlabel-KD" on WikiText)."""
 
-    uses_prior = True
+    capabilities = Capabilities(uses_prior=True)
 
     def attach_corpus(self, sentences: list[str], holdout: int) -> None:
         """Shuffle the corpus once; the first ``holdout`` sentences are never trained on."""
@@ -213,6 +215,7 @@ class ManualPromptConfig(GenerationConfig):
                             f"[\"A {CATEGORY} movie review\"]")
 
 
+@register_synthesizer("promptdfd-manual")
 class ManualPromptSynthesizer(TextSynthesizer):
     """Hand-written topic prompts with each class name filled in, completed by ``--generator``
     (PromptDFD's "Manual" row, its Table 2 templates by default)."""
