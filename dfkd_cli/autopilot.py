@@ -23,6 +23,10 @@ MIN_HOLDOUT = 32  # held-out samples: 16 select the student, 16 are reported
 MIN_ITERATIONS = 10  # per-batch optimisation steps a short run keeps (FastDFKD's 5 stay as they are)
 MIN_SYNTH_BATCH = 16
 MIN_BATCH = 8  # the smallest batch the memory rule goes down to (BatchNorm needs a batch)
+# A run of this few steps is a smoke test: its student batch shrinks too, so a large teacher
+# (a ViT-B/16 on a CPU labels ~4 images a second) does not spend minutes on three steps.
+SMOKE_STEPS = 20
+SMOKE_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -92,21 +96,25 @@ def _apply(recipe: RecipeConfig, changes: dict[str, Any], reason: str, explicit:
 def scale_to_steps(recipe: RecipeConfig, steps: int, recipe_steps: int, explicit: set[str]) -> list[Adjustment]:
     """A ``--steps`` far below the recipe's own step count bounds the whole run, not only the
     student: held-out samples, per-batch optimisation steps and the synthesis batch shrink in
-    proportion (to floors that keep each stage meaningful), so a 3-step run of any recipe is a
-    smoke test of a minute, not an hour of held-out synthesis."""
+    proportion (to floors that keep each stage meaningful), and a run of at most ``SMOKE_STEPS``
+    steps trains on batches of ``SMOKE_BATCH``, so a 3-step run of any recipe is a smoke test of a
+    minute, not an hour of held-out synthesis."""
     if steps >= recipe_steps:
         return []
     share = steps / max(recipe_steps, 1)
     reason = f"--steps {steps} is {share:.2%} of the recipe's {recipe_steps} steps"
     train = recipe.train
     changes: dict[str, Any] = {"train.holdout": max(MIN_HOLDOUT, round(train.holdout * share))}
+    train_batch = train.batch_size
+    if steps <= SMOKE_STEPS and train_batch > SMOKE_BATCH and "train.batch_size" not in explicit:
+        changes["train.batch_size"] = train_batch = SMOKE_BATCH
     iterations = _get(recipe, "synth.iterations")
     if isinstance(iterations, int) and iterations > MIN_ITERATIONS:
         changes["synth.iterations"] = max(MIN_ITERATIONS, round(iterations * share))
     synth_batch = _get(recipe, "synth.batch_size")
     rounds = -(-steps // max(train.steps_per_round, 1))  # synthesis rounds the run will make
-    if isinstance(synth_batch, int) and rounds * synth_batch > steps * train.batch_size:
-        changes["synth.batch_size"] = max(MIN_SYNTH_BATCH, -(-steps * train.batch_size // rounds))
+    if isinstance(synth_batch, int) and rounds * synth_batch > steps * train_batch:
+        changes["synth.batch_size"] = max(MIN_SYNTH_BATCH, -(-steps * train_batch // rounds))
     return _apply(recipe, changes, reason, explicit)
 
 

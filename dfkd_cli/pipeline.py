@@ -22,7 +22,7 @@ from dfkd_cli.evaluate import EvalData, load_eval_data
 from dfkd_cli.export import StudentMeta, export_onnx, save_student
 from dfkd_cli.measure import deployment_checks, eval_data_warnings, gate_result, measure_models, real_data_report
 from dfkd_cli.prior import PriorData
-from dfkd_cli.report import SCHEMA_VERSION, save_sample_grid, write_report
+from dfkd_cli.report import MAX_GRID_CLASSES, SCHEMA_VERSION, save_sample_grid, write_report
 from dfkd_cli.precision import Precision, channels_last, contiguous, loss_scales, resolve_precision
 from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, hardware_description, library_versions,
                               resolve_device, seed_everything)
@@ -262,6 +262,13 @@ def _publish(out: Path, opts: CompressOptions, recipe: RecipeConfig, result: Dis
     return report
 
 
+def grid_sample_size(num_classes: int) -> int:
+    """Training samples the teacher labels for samples.png: enough to fill a row of each class it
+    shows (16 per class: classes are not equally common), at most 1,024 (a large teacher's
+    labelling cost counts against the budget)."""
+    return min(1024, 16 * min(num_classes, MAX_GRID_CLASSES))
+
+
 def _prior_warnings(prior: dict[str, Any] | None) -> list[str]:
     if not prior or not prior["skipped_unreadable"]:
         return []
@@ -335,7 +342,7 @@ def _write_artefacts(run_dir: Path, opts: CompressOptions, recipe: RecipeConfig,
     if result.training_set is not None:
         x_train, sampling = result.training_set
         save_synthetic_set(run_dir / "synthetic", x_train, holdout, teacher, recipe.recipe.name, sampling)
-    pool_sample = result.synth.preview(1024).cpu()
+    pool_sample = result.synth.preview(grid_sample_size(teacher.num_classes)).cpu()
     save_sample_grid(pool_sample, predict_classes(teacher.model, pool_sample), teacher.mean, teacher.std,
                      teacher.class_names, run_dir / "samples.png")
     config = {"run": ran_options(opts, teacher, result.run_info), **recipe.to_dict()}

@@ -10,7 +10,7 @@ import tomllib
 import pytest
 from typer.testing import CliRunner
 
-from dfkd_cli.autopilot import MIN_BATCH, copy_recipe, estimate_peak, fit_memory, scale_to_steps
+from dfkd_cli.autopilot import MIN_BATCH, SMOKE_BATCH, SMOKE_STEPS, copy_recipe, estimate_peak, fit_memory, scale_to_steps
 from dfkd_cli.cli import app
 from dfkd_cli.config import list_recipes, load_recipe, recipe_info
 from dfkd_cli.policy import choose_rule, load_policy
@@ -68,6 +68,20 @@ def test_short_steps_bound_every_stage():
     assert scale_to_steps(load_recipe("deepinversion"), 2000, 2000, set()) == []
     fast = load_recipe("fast")
     assert "synth.iterations" not in {a.key for a in scale_to_steps(fast, 3, 2000, set())}  # Fast-5 stays Fast-5
+
+
+def test_a_smoke_run_trains_on_small_batches_and_a_longer_one_keeps_the_recipes():
+    smoke = load_recipe("dfad")
+    made = {a.key: (a.before, a.after) for a in scale_to_steps(smoke, SMOKE_STEPS, 2000, explicit=set())}
+    assert made["train.batch_size"][1] == SMOKE_BATCH < made["train.batch_size"][0]
+    assert smoke.train.batch_size == SMOKE_BATCH
+    longer = load_recipe("dfad")
+    before = longer.train.batch_size
+    assert "train.batch_size" not in {a.key for a in scale_to_steps(longer, SMOKE_STEPS + 1, 2000, set())}
+    assert longer.train.batch_size == before
+    kept = load_recipe("dfad")
+    scale_to_steps(kept, 3, 2000, explicit={"train.batch_size"})
+    assert kept.train.batch_size == before  # -s wins
 
 
 def test_steps_scaling_reaches_the_run_and_its_config(tiny_teacher, tmp_path):
