@@ -43,7 +43,7 @@ from dfkd_cli.program_archive import (
 from dfkd_cli.teacher import PROBE_INPUTS, Teacher, read_labels, resolve_normalization
 
 DEFAULT_NORMALIZE = "imagenet"  # a program records no normalisation (see load_program_teacher)
-DYNAMIC_BATCH = ('torch.export.export(model.eval(), (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}}) '
+DYNAMIC_BATCH = ('torch.export.export(model.eval(), (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)) '
                  'then torch.export.save(program, "net.pt2")')
 _BN_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 

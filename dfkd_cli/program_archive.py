@@ -32,8 +32,8 @@ from typing import Any
 
 from dfkd_cli.errors import DfkdError
 
-EXPORT_HINT = ('export it with torch.export.save(torch.export.export(model.eval(), (x,), dynamic_shapes={"x": {0: '
-               'torch.export.Dim("batch")}}), "net.pt2")')
+EXPORT_HINT = ('export it with torch.export.save(torch.export.export(model.eval(), (x,), dynamic_shapes=({0: '
+               'torch.export.Dim("batch")},)), "net.pt2")')
 MODEL = "model"  # the program torch.export.load returns
 # Archive entries torch.export.load reads that hold nothing executable (AOTInductor libraries and
 # the pickled layouts of older torch versions are left out on purpose).

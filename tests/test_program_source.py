@@ -22,7 +22,7 @@ from dfkd_cli.sources import teacher_has_bn
 from dfkd_cli.synth.losses import BatchNormStatistics
 
 MARKER = "PWNED"
-DYNAMIC = 'dynamic_shapes={"x": {0: torch.export.Dim("batch")}}'
+DYNAMIC = 'dynamic_shapes=({0: torch.export.Dim("batch")},)'
 TEACHER_ARGS = ["--mean", "0.5", "--std", "0.5"]  # the tiny teacher's training normalisation (conftest)
 
 
@@ -61,7 +61,7 @@ class SmallNet(nn.Module):
 
 def export(model: nn.Module, path: Path, shape: tuple[int, ...], dynamic: bool = True, decompose: bool = False) -> Path:
     x = torch.randn(2, *shape)
-    program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch")}} if dynamic else None)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamic else None)
     torch.export.save(program.run_decompositions() if decompose else program, path)
     return path
 
