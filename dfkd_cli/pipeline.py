@@ -22,13 +22,13 @@ from dfkd_cli.evaluate import EvalData, load_eval_data
 from dfkd_cli.export import StudentMeta, export_onnx, save_student
 from dfkd_cli.measure import deployment_checks, eval_data_warnings, gate_result, measure_models, real_data_report
 from dfkd_cli.prior import PriorData
-from dfkd_cli.report import MAX_GRID_CLASSES, SCHEMA_VERSION, save_sample_grid, write_report
+from dfkd_cli.report import SCHEMA_VERSION, grid_sample_size, save_sample_grid, write_report
 from dfkd_cli.precision import Precision, channels_last, contiguous, loss_scales, resolve_precision
 from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, hardware_description, library_versions,
                               resolve_device, seed_everything)
 from dfkd_cli.build import RunBuilder
 from dfkd_cli.distill import Run, distill, finish
-from dfkd_cli.planner import export_reserve, make_plan
+from dfkd_cli.planner import make_plan
 from dfkd_cli.distributed import World
 from dfkd_cli.race import RACE_SHARE, run_race
 from dfkd_cli.resume import CheckpointDir
@@ -153,7 +153,8 @@ def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displ
     if recipes[0].train.channels_last:
         channels_last(teacher.model)
     builder = RunBuilder(opts, teacher, student, device, precision, prior, synthetic, world)
-    plan, recipes = make_plan(opts, recipes, teacher, device, precision, builder)
+    plan, recipes = make_plan(opts, recipes, teacher, device, precision, builder,
+                              eval_images=len(eval_data.x) if eval_data is not None else 0)
     watch.lap("plan")
     if opts.dry_run:
         return {"dry_run": True, "plan": plan.to_dict(), "plan_lines": plan.lines()}
@@ -169,7 +170,7 @@ def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displ
     with StopRequest() as stop:
         used = (resume["elapsed"] if resume else 0.0) + watch.total  # loading and planning count too
         used = world.maximum([used])[0] if world.active else used  # one clock for every rank
-        budget = Budget(_distill_seconds(opts.time_budget_s), used, stop, world)
+        budget = Budget(_distill_seconds(opts.time_budget_s, plan.export_s), used, stop, world)
         budget.paces = world.any(plan.budget_binds or len(recipes) > 1)  # every rank on one schedule
         supervisor = Supervisor(out, recipes[0].train, budget, display, teacher.sha256, settings, resume)
         if len(recipes) > 1:
@@ -209,9 +210,9 @@ def ran_options(opts: CompressOptions, teacher: Teacher, run_info: dict[str, Any
             "precision": run_info["precision"]}
 
 
-def _distill_seconds(budget: float | None) -> float | None:
+def _distill_seconds(budget: float | None, export_s: float) -> float | None:
     """The part of ``--time-budget`` before export and evaluation, so the whole run ends within it."""
-    return budget - export_reserve(budget) if budget is not None else None
+    return budget - export_s if budget is not None else None
 
 
 def _check_precision(precision: Precision, recipes: list[RecipeConfig], display: Display) -> None:
@@ -260,13 +261,6 @@ def _publish(out: Path, opts: CompressOptions, recipe: RecipeConfig, result: Dis
             drop_checkpoints(out)  # resuming would end in the same failed export
             raise ExportError(f"{err.message} (the PyTorch student is kept in '{failed}')") from None
     return report
-
-
-def grid_sample_size(num_classes: int) -> int:
-    """Training samples the teacher labels for samples.png: enough to fill a row of each class it
-    shows (16 per class: classes are not equally common), at most 1,024 (a large teacher's
-    labelling cost counts against the budget)."""
-    return min(1024, 16 * min(num_classes, MAX_GRID_CLASSES))
 
 
 def _prior_warnings(prior: dict[str, Any] | None) -> list[str]:

@@ -59,6 +59,7 @@ class Plan:
     available_memory_mb: float | None = None
     probe: dict[str, Any] = field(default_factory=dict)
     budget_binds: bool = False  # the budget, not the step count, is expected to end training
+    export_s: float = 0.0  # seconds of the budget kept for export and evaluation
 
     @property
     def estimate_s(self) -> float:

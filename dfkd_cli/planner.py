@@ -26,6 +26,7 @@ from dfkd_cli.plan import Plan, Stage
 from dfkd_cli.policy import choose_rule, load_policy
 from dfkd_cli.precision import Precision
 from dfkd_cli.probe import Costs, available_memory, probe_run
+from dfkd_cli.report import grid_sample_size
 from dfkd_cli.synth import synthesizer_class
 from dfkd_cli.synth.generator import resolve_generator_size
 from dfkd_cli.teacher import Teacher
@@ -34,12 +35,25 @@ if TYPE_CHECKING:
     from dfkd_cli.build import RunBuilder
     from dfkd_cli.pipeline import CompressOptions
 
-EXPORT_SECONDS = 10.0  # reserved for export and evaluation before a probe of them exists (measured: 3-8 s here)
+EXPORT_SECONDS = 10.0  # export and evaluation of small models (measured: 3-8 s here), before the teacher's share
+# The teacher's ONNX export (for its latency) grows with its size: 25 s for an 86M-parameter
+# ViT-B/16, about 1 s for a CIFAR resnet20, on the 2-core benchmark CPU.
+ONNX_SECONDS_PER_MPARAM = 0.3
 
 
-def export_reserve(budget: float | None) -> float:
-    """Seconds of the budget kept for export and evaluation (a quarter of a very short budget)."""
-    return EXPORT_SECONDS if budget is None else min(EXPORT_SECONDS, budget / 4)
+def export_estimate(costs: Costs | None, teacher: Teacher, eval_images: int) -> float:
+    """Seconds for export and evaluation: a fixed part, the teacher labelling what samples.png
+    shows and (with the student) the ``--eval-data`` images at the speed the probe measured, and
+    the teacher's ONNX export by its size."""
+    teacher_s = costs.teacher_s if costs is not None else 0.0
+    labelled = grid_sample_size(teacher.num_classes) + 2 * eval_images
+    return EXPORT_SECONDS + teacher_s * labelled + ONNX_SECONDS_PER_MPARAM * teacher.num_params / 1e6
+
+
+def export_reserve(budget: float | None, estimate: float = EXPORT_SECONDS) -> float:
+    """Seconds of the budget kept for export and evaluation: the estimate, at most a quarter of
+    the budget (the plan says when the estimate does not fit that quarter)."""
+    return estimate if budget is None else min(estimate, budget / 4)
 
 
 def input_shape_source(opts: "CompressOptions", teacher: Teacher) -> str:
@@ -95,8 +109,9 @@ def _holdout_seconds(recipe: RecipeConfig, costs: Costs) -> float:
 
 
 def make_plan(opts: "CompressOptions", recipes: list[RecipeConfig], teacher: Teacher, device: torch.device,
-              precision: Precision, builder: "RunBuilder") -> tuple[Plan, list[RecipeConfig]]:
-    """The plan, and the recipes that will run (adjusted copies; several when they race)."""
+              precision: Precision, builder: "RunBuilder", eval_images: int = 0) -> tuple[Plan, list[RecipeConfig]]:
+    """The plan, and the recipes that will run (adjusted copies; several when they race);
+    ``eval_images``: how many ``--eval-data`` images the end of the run evaluates."""
     explicit = set(opts.explicit_keys)
     by_name = {recipe.recipe.name: copy_recipe(recipe) for recipe in recipes}
     budget = opts.time_budget_s
@@ -118,13 +133,15 @@ def make_plan(opts: "CompressOptions", recipes: list[RecipeConfig], teacher: Tea
         recipe = by_name[name]
         notes += _device_notes(recipe, teacher, device)
         costs[name] = _probe(recipe, builder)
+        if name == lead:
+            export_s = export_estimate(costs[name], teacher, eval_images)
         made, peaks[name], available = _fit(recipe, costs[name], device, explicit)
         adjustments += made
         distributed = builder.world.active
-        if name == lead and not _race_decision(opts, race_names, by_name, costs, policy, distributed, only=lead):
+        if name == lead and not _race_decision(opts, race_names, by_name, costs, policy, distributed, export_s, only=lead):
             break  # the lead alone cannot get enough race steps: no race, no need to probe the others
     probed = set(race_names) <= set(costs)
-    racing = _race_decision(opts, race_names, by_name, costs, policy, builder.world.active) if probed else []
+    racing = _race_decision(opts, race_names, by_name, costs, policy, builder.world.active, export_s) if probed else []
     chosen = [by_name[name] for name in racing] if racing else [by_name[lead]]
     if racing and "race_share" in opts.origins:
         reason += f"; a race of {', '.join(racing)} (asked for with --race-share)"
@@ -146,7 +163,8 @@ def make_plan(opts: "CompressOptions", recipes: list[RecipeConfig], teacher: Tea
         peak_memory_mb=max(peaks[r.recipe.name] for r in chosen) / 2**20,
         available_memory_mb=available / 2**20 if available and math.isfinite(available) else None,
         probe={name: cost.to_dict() for name, cost in costs.items()})
-    plan.stages = _stages(opts, chosen, costs, budget)
+    plan.export_s = export_reserve(budget, export_s)
+    plan.stages = _stages(opts, chosen, costs, budget, export_s)
     train = next(stage for stage in plan.stages if stage.name == "train")
     lead = chosen[0]
     plan.budget_binds = train.budget_s is not None and lead.train.steps * _step_seconds(lead, costs[lead.recipe.name]) > 0.8 * train.budget_s
@@ -154,7 +172,8 @@ def make_plan(opts: "CompressOptions", recipes: list[RecipeConfig], teacher: Tea
 
 
 def _race_decision(opts: "CompressOptions", names: list[str], recipes: dict[str, RecipeConfig],
-                   costs: dict[str, Costs], policy, distributed: bool, only: str | None = None) -> list[str]:
+                   costs: dict[str, Costs], policy, distributed: bool, export_s: float,
+                   only: str | None = None) -> list[str]:
     """The recipes that race: all of ``names`` when each would get ``race_min_steps`` student
     steps in its slice (judged on ``only`` alone when given), else none."""
     if policy is None or len(names) < 2:
@@ -163,16 +182,18 @@ def _race_decision(opts: "CompressOptions", names: list[str], recipes: dict[str,
         return names
     if opts.time_budget_s is None or distributed:
         return []  # a timed decision could differ between the processes of a distributed run
-    slice_s = (opts.time_budget_s - export_reserve(opts.time_budget_s)) * opts.race_share / len(names)
+    slice_s = (opts.time_budget_s - export_reserve(opts.time_budget_s, export_s)) * opts.race_share / len(names)
     steps = [min(recipes[n].train.steps * opts.race_share / len(names),
                  (slice_s - _holdout_seconds(recipes[n], costs[n])) / _step_seconds(recipes[n], costs[n]))
              for n in ([only] if only else names)]
     return names if min(steps) >= policy.race_min_steps else []
 
 
-def _stages(opts: "CompressOptions", chosen: list[RecipeConfig], costs: dict[str, Costs], budget: float | None) -> list[Stage]:
+def _stages(opts: "CompressOptions", chosen: list[RecipeConfig], costs: dict[str, Costs], budget: float | None,
+            export_s: float) -> list[Stage]:
     probe_s = sum(cost.probe_s for cost in costs.values())
-    distill_budget = budget - export_reserve(budget) if budget is not None else None
+    reserve = export_reserve(budget, export_s)
+    distill_budget = budget - reserve if budget is not None else None
     stages = [Stage("probe", probe_s, note="timing real steps")]
     lead = chosen[0] if len(chosen) == 1 else None
     if len(chosen) > 1 and distill_budget is not None:
@@ -190,5 +211,9 @@ def _stages(opts: "CompressOptions", chosen: list[RecipeConfig], costs: dict[str
     left = distill_budget - sum(s.estimate_s for s in stages) if distill_budget is not None else None
     stages.append(Stage("train", min(train_s, left) if left is not None else train_s, left,
                         f"{lead.train.steps} steps at ~{_step_seconds(lead, cost) * 1000:.0f} ms"))
-    stages.append(Stage("export", export_reserve(budget), note="ONNX export, parity check, evaluation"))
+    note = "ONNX export, parity check, evaluation"
+    if reserve < export_s:
+        note += (f"; estimated {export_s:.0f}s, more than the quarter of the budget kept for it, so the run may end "
+                 f"~{export_s - reserve:.0f}s late (fewer --eval-data images or a larger --time-budget fit it)")
+    stages.append(Stage("export", export_s, note=note))
     return stages

@@ -21,6 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from dfkd_cli.trainer import predict_classes
+
 PROBE_BATCH = 4  # samples per first probe step: cheap for any teacher (small networks are probed again)
 PROBE_ITERATIONS = 1  # synthesis iterations timed per probe batch
 ACTIVATION_FACTOR = 1.5  # bytes held per byte of module outputs in a training step (see _probe_at)
@@ -44,6 +46,7 @@ class Costs:
     bytes_per_sample: dict[str, float]
     probe_s: float
     first_round_batches: int = 1  # batches the first synthesize() makes (warm-up batches, e.g. FastDFKD's)
+    teacher_s: float = 0.0  # the teacher's inference per sample (labelling after training, evaluation)
 
     def batch_seconds(self, synth_batch: int) -> float:
         """One synthesized batch of ``synth_batch`` samples."""
@@ -133,6 +136,8 @@ def _probe_at(build: Callable[[int], tuple[Any, Any]], n: int) -> Costs:
         trainer.step(batch)
         with ActivationBytes(trainer.student) as student_bytes:
             step_s = _timed(lambda: trainer.step(batch))
+        predict_classes(synth.teacher.model, batch)
+        teacher_s = _timed(lambda: predict_classes(synth.teacher.model, batch))
     calls = max(timer.calls, 1)
     # autograd keeps about every module output for the backward pass, and gradients come on top;
     # 1.5x the outputs overstated the peak resident memory measured at 224 px by about 2x
@@ -140,7 +145,7 @@ def _probe_at(build: Callable[[int], tuple[Any, Any]], n: int) -> Costs:
                   "student": ACTIVATION_FACTOR * student_bytes.total / n}
     return Costs(iteration_s=synthesis_s / calls / n, iterations=timer.total, sample_s=sample_s / n,
                  step_s=step_s / n, bytes_per_sample=per_sample, probe_s=time.perf_counter() - began,
-                 first_round_batches=first_round_batches)
+                 first_round_batches=first_round_batches, teacher_s=teacher_s / n)
 
 
 def _timed(work: Callable[[], Any]) -> float:

@@ -24,7 +24,7 @@ import torch
 
 from dfkd_cli.atomic import atomic_write, replace, temporary_sibling
 
-__all__ = ["REQUIRED_KEYS", "SCHEMA_VERSION", "render_markdown", "save_sample_grid", "write_report"]
+__all__ = ["REQUIRED_KEYS", "SCHEMA_VERSION", "grid_sample_size", "render_markdown", "save_sample_grid", "write_report"]
 
 SCHEMA_VERSION = 1
 REQUIRED_KEYS = ("schema_version", "dfkd_version", "run", "teacher", "student")
@@ -33,6 +33,13 @@ MAX_CLASS_ROWS = 100  # per-class table rows in report.md before only the weakes
 MAX_GRID_CLASSES = 100
 _GRID_PAD = 2
 _THUMBNAIL_MAX = 96  # larger images are shrunk so a 100-class grid stays a reasonable PNG
+
+
+def grid_sample_size(num_classes: int) -> int:
+    """Training samples the teacher labels for samples.png: enough to fill a row of each class it
+    shows (16 per class: classes are not equally common), at most 1,024 (a large teacher's
+    labelling cost counts against the budget)."""
+    return min(1024, 16 * min(num_classes, MAX_GRID_CLASSES))
 
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> None:

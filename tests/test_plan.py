@@ -208,3 +208,21 @@ def test_text_runs_follow_the_clock_only_for_a_budget_the_user_gave(tmp_path):
     given, _ = resolve_text({"teacher": tmp_path, "recipe": "random-text", "time_budget_s": 90.0}, [], False, False)
     assert default.time_budget_s == 600 and not default.budget_paces and "time_budget_s" not in default.to_dict()
     assert given.budget_paces and given.to_dict()["time_budget_s"] == 90.0
+
+
+def test_export_estimate_counts_the_teachers_work_after_training():
+    from types import SimpleNamespace
+
+    from dfkd_cli.planner import EXPORT_SECONDS, export_estimate, export_reserve
+    from dfkd_cli.probe import Costs
+    from dfkd_cli.report import grid_sample_size
+
+    costs = Costs(iteration_s=0.0, iterations=1, sample_s=0.0, step_s=0.0, bytes_per_sample={}, probe_s=0.0,
+                  teacher_s=0.05)
+    vit = SimpleNamespace(num_classes=10, num_params=86_000_000)
+    alone = export_estimate(costs, vit, eval_images=0)
+    assert alone == pytest.approx(EXPORT_SECONDS + 0.05 * grid_sample_size(10) + 0.3 * 86)
+    assert export_estimate(costs, vit, eval_images=1000) == pytest.approx(alone + 0.05 * 2000)
+    assert export_reserve(600, alone) == alone  # fits a quarter of 10 minutes
+    assert export_reserve(60, alone) == 15  # a quarter of a minute at most
+    assert export_reserve(None, alone) == alone
