@@ -39,7 +39,6 @@ EXPORT_SECONDS = 10.0  # export and evaluation of small models (measured: 3-8 s 
 # The teacher's ONNX export (for its latency) grows with its size: 25 s for an 86M-parameter
 # ViT-B/16, about 1 s for a CIFAR resnet20, on the 2-core benchmark CPU.
 ONNX_SECONDS_PER_MPARAM = 0.3
-FILL_SHARE = 0.9  # of the training budget a budget-filling step count aims at (the probe's speed is an estimate)
 
 
 def export_estimate(costs: Costs | None, teacher: Teacher, eval_images: int) -> float:
@@ -166,30 +165,10 @@ def make_plan(opts: "CompressOptions", recipes: list[RecipeConfig], teacher: Tea
         probe={name: cost.to_dict() for name, cost in costs.items()})
     plan.export_s = export_reserve(budget, export_s)
     plan.stages = _stages(opts, chosen, costs, budget, export_s)
-    if len(chosen) == 1 and (longer := _fill_budget(opts, chosen[0], costs[chosen[0].recipe.name], plan.stages, explicit)):
-        plan.adjustments.append(longer)
-        plan.steps = chosen[0].train.steps
-        plan.stages = _stages(opts, chosen, costs, budget, export_s)
     train = next(stage for stage in plan.stages if stage.name == "train")
     lead = chosen[0]
     plan.budget_binds = train.budget_s is not None and lead.train.steps * _step_seconds(lead, costs[lead.recipe.name]) > 0.8 * train.budget_s
     return plan, chosen
-
-
-def _fill_budget(opts: "CompressOptions", recipe: RecipeConfig, cost: Costs, stages: list[Stage],
-                 explicit: set[str]) -> Adjustment | None:
-    """A time budget is the run's length, not only its limit: when the recipe's steps would end
-    training well inside it (and neither ``--steps`` nor ``-s train.steps`` fixed them), the run
-    gets the steps the probe says fit, and its schedules follow the clock."""
-    train = next(stage for stage in stages if stage.name == "train")
-    if train.budget_s is None or opts.steps is not None or "train.steps" in explicit:
-        return None
-    fit = int(FILL_SHARE * train.budget_s / _step_seconds(recipe, cost))
-    if fit <= recipe.train.steps:
-        return None
-    before, recipe.train.steps = recipe.train.steps, fit
-    return Adjustment("train.steps", before, fit, f"the budget fits about {fit} steps at the probe's speed; training "
-                      "runs until the budget (pass --steps or --time-budget none for a fixed, repeatable count)")
 
 
 def _race_decision(opts: "CompressOptions", names: list[str], recipes: dict[str, RecipeConfig],

@@ -226,17 +226,3 @@ def test_export_estimate_counts_the_teachers_work_after_training():
     assert export_reserve(600, alone) == alone  # fits a quarter of 10 minutes
     assert export_reserve(60, alone) == 15  # a quarter of a minute at most
     assert export_reserve(None, alone) == alone
-
-
-def test_a_budget_longer_than_the_recipe_fills_with_steps_and_a_step_count_does_not(tiny_teacher, tmp_path):
-    filled = json.loads(compress(tiny_teacher, tmp_path / "a", "--recipe", "dfad", "--dry-run", "--format", "json",
-                                 "--time-budget", "10m", "-s", "train.batch_size=16").stdout)
-    longer = [a for a in filled["adjustments"] if a["key"] == "train.steps"]
-    assert len(longer) == 1 and longer[0]["after"] > longer[0]["before"] and filled["steps"] == longer[0]["after"]
-    assert filled["budget_binds"]  # its schedules follow the clock
-    train = next(stage for stage in filled["stages"] if stage["name"] == "train")
-    assert 0.8 * train["budget_s"] < train["estimate_s"] <= train["budget_s"]
-    for fixed in (["--steps", "50"], ["-s", "train.steps=50"], ["--time-budget", "none"]):
-        plan = json.loads(compress(tiny_teacher, tmp_path / "b", "--recipe", "dfad", "--dry-run", "--format", "json",
-                                   "-s", "train.batch_size=16", *fixed).stdout)
-        assert "train.steps" not in {a["key"] for a in plan["adjustments"]}, fixed
