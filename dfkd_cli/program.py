@@ -31,6 +31,7 @@ from dfkd_cli import validate
 from dfkd_cli.archs import NORMALIZE_PRESETS, format_shape
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.program_archive import (
+    EXPORT_CALL,
     BATCH_NORM_OPS,
     BN_RANKS,
     FLOAT32,
@@ -43,8 +44,6 @@ from dfkd_cli.program_archive import (
 from dfkd_cli.teacher import PROBE_INPUTS, Teacher, read_labels, resolve_normalization
 
 DEFAULT_NORMALIZE = "imagenet"  # a program records no normalisation (see load_program_teacher)
-DYNAMIC_BATCH = ('torch.export.export(model.eval(), (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)) '
-                 'then torch.export.save(program, "net.pt2")')
 _BN_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
@@ -126,11 +125,11 @@ def _check_signature(facts: ProgramFacts, path: Path) -> None:
     batch = facts.dims[0]
     if not batch.dynamic:
         raise DfkdError(f"program '{path}' was exported with a fixed batch size of {batch.size}, and dfkd runs the "
-                        f"teacher on batches of other sizes; export it with a dynamic batch: {DYNAMIC_BATCH}")
+                        f"teacher on batches of other sizes; export it with a dynamic batch: {EXPORT_CALL}")
     if (batch.low or 0) > 2 or batch.high is not None:
         span = f"{batch.low} to {batch.high if batch.high is not None else 'any'}"
         raise DfkdError(f"program '{path}' accepts batches of {span} samples only, and dfkd runs the teacher on "
-                        f"batches of any size; export it with an unbounded batch: {DYNAMIC_BATCH}")
+                        f"batches of any size; export it with an unbounded batch: {EXPORT_CALL}")
     if facts.training_batch_norms:
         raise DfkdError(f"program '{path}' normalises with the statistics of each batch ({facts.training_batch_norms} "
                         "BatchNorm operator(s) in training mode), so its outputs depend on the rest of the batch; "

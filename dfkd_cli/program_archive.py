@@ -32,8 +32,10 @@ from typing import Any
 
 from dfkd_cli.errors import DfkdError
 
-EXPORT_HINT = ('export it with torch.export.save(torch.export.export(model.eval(), (x,), dynamic_shapes=({0: '
+# How to write a program dfkd reads: eval mode, a dynamic batch (dim 0 of the one input).
+EXPORT_CALL = ('torch.export.save(torch.export.export(model.eval(), (x,), dynamic_shapes=({0: '
                'torch.export.Dim("batch")},)), "net.pt2")')
+EXPORT_HINT = f"export it with {EXPORT_CALL}"
 MODEL = "model"  # the program torch.export.load returns
 # Archive entries torch.export.load reads that hold nothing executable (AOTInductor libraries and
 # the pickled layouts of older torch versions are left out on purpose).
