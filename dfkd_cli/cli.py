@@ -199,14 +199,19 @@ def compress(
                  from_synthetic=from_synthetic, race_share=race_share, min_agreement=min_agreement, device=device, seed=seed,
                  precision=precision, compile=compile_ or None)
     text_flags = dict(generator=generator, prompter=prompter, text_column=text_column, label_column=label_column)
+    from dfkd_cli.resume import CheckpointDir
     from dfkd_cli.text.options import config_names_text_teacher, refuse_text_flags
 
-    if teacher is not None:
+    if resume is not None:
+        is_text = config_names_text_teacher(CheckpointDir(resume).settings()) if resume.is_dir() else False
+    elif teacher is not None:
         is_text = _is_text_folder(teacher, arch)
     else:
         is_text = config is not None and config_names_text_teacher(config)
-    if is_text and resume is None and not demo:
-        _compress_text({**flags, **text_flags}, set_ or [], overwrite, trust_pickle, output_format, config)
+    if is_text and not demo:
+        others = {**flags, **text_flags, "set_": set_ or None, "config": config, "overwrite": overwrite or None}
+        _compress_text({**flags, **text_flags}, set_ or [], overwrite, trust_pickle, output_format, config,
+                       resume, others)
         return
 
     refuse_text_flags({**text_flags, "teacher": teacher})
@@ -251,17 +256,24 @@ def _time_budget_flag(text: str | None) -> float | str | None:
 
 
 def _compress_text(flags: dict[str, Any], overrides: list[str], overwrite: bool, trust_pickle: bool,
-                   output_format: OutputFormat, config: Path | None) -> None:
-    """``dfkd compress`` for a Hugging Face text classifier folder."""
+                   output_format: OutputFormat, config: Path | None, resume: Path | None,
+                   others: dict[str, Any]) -> None:
+    """``dfkd compress`` for a Hugging Face text classifier folder (or ``--resume`` of a text run)."""
     from dfkd_cli.render import render_compress
+    from dfkd_cli.runconfig import refuse_resume_flags
     from dfkd_cli.runtime import make_display
-    from dfkd_cli.text.options import resolve_text
+    from dfkd_cli.text.options import resolve_text, resolve_text_resume
+    from dfkd_cli.resume import CheckpointDir
     from dfkd_cli.text.pipeline import compress_text
 
-    opts, recipe = resolve_text(flags, overrides, overwrite, trust_pickle, config)
+    if resume is not None:
+        refuse_resume_flags(others)
+        opts, recipes = resolve_text_resume(resume, CheckpointDir(resume).settings(), flags["device"], trust_pickle)
+    else:
+        opts, recipes = resolve_text(flags, overrides, overwrite, trust_pickle, config)
     display = make_display(output_format.value)
     try:
-        report = compress_text(opts, recipe, display)
+        report = compress_text(opts, recipes, display)
     finally:
         display.close()
     render_compress(report, output_format.value)

@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 from contextlib import nullcontext
 from typing import Any, Callable, ContextManager, Protocol
 
-import torch
 
+from dfkd_cli.batches import Batch
 from dfkd_cli.config import RecipeConfig
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.runtime import Budget, Display
-from dfkd_cli.selection import FixedHoldout, Reservoir, TrajectoryHoldout
+from dfkd_cli.selection import FixedHoldout, Reservoir, Trainer, TrajectoryHoldout
 from dfkd_cli.synth import Synthesizer
-from dfkd_cli.trainer import StudentTrainer
 
 
 @dataclass
@@ -52,7 +51,7 @@ class Run:
     name: str
     recipe: RecipeConfig
     synth: Synthesizer
-    trainer: StudentTrainer
+    trainer: Trainer  # a StudentTrainer, or a TextTrainer for text teachers
     selector: FixedHoldout | TrajectoryHoldout | None = None
     curve: list[float] = field(default_factory=list)  # held-out agreement at each evaluation
     recorder: Reservoir | None = None  # a uniform sample of the training batches (--save-synthetic)
@@ -75,7 +74,7 @@ class Run:
         self.trainer.load_state_dict(state["trainer"])
         self.synth.load_state_dict(state["synth"])
         if self.selector is None and not self.synth.capabilities.online:  # built from the saved held-out samples
-            self.selector = FixedHoldout(self.synth, self.trainer, state["selector"]["holdout"])
+            self.selector = FixedHoldout.from_state(self.trainer, state["selector"])
         else:
             self.selector = self.selector or TrajectoryHoldout(self.synth, self.trainer, self.recipe.train.holdout)
             self.selector.load_state_dict(state["selector"])
@@ -108,6 +107,7 @@ def start(run: Run, budget: Budget, display: Display) -> None:
                       seconds_left=quarter)
         run.selector = FixedHoldout.make(run.synth, run.trainer, cfg.holdout, budget,
                                          lambda it, total, parts: display.advance(1, **parts))
+        run.selector.evaluate()  # the starting student is a candidate too (a text bert-N starts as the teacher's layers)
 
 
 class StepWatch(Protocol):
@@ -137,7 +137,7 @@ def train(run: Run, budget: Budget, display: Display, until_step: int, watch: St
                 synth.synthesize()
                 meter.made += len(synth.pool) - pooled
                 run.round_left = cfg.steps_per_round
-            batch = synth.sample(cfg.batch_size).float()  # generators under autocast make bf16
+            batch = synth.sample(cfg.batch_size)
         meter.made += 0 if synth.capabilities.keeps_pool else len(batch)  # fresh batches are made by sample()
         if run.recorder is not None:
             run.recorder.add(batch)
@@ -157,7 +157,7 @@ def train(run: Run, budget: Budget, display: Display, until_step: int, watch: St
         budget.settle()
 
 
-def finish(run: Run, display: Display) -> torch.Tensor:
+def finish(run: Run, display: Display) -> Batch:
     """Select the student; returns the held-out samples (first half: selection, second: report)."""
     assert run.selector is not None, "start() the run first"
     if run.trainer.steps_done == 0:
@@ -167,7 +167,7 @@ def finish(run: Run, display: Display) -> torch.Tensor:
     return holdout
 
 
-def distill(run: Run, budget: Budget, display: Display, watch: StepWatch | None = None) -> torch.Tensor:
+def distill(run: Run, budget: Budget, display: Display, watch: StepWatch | None = None) -> Batch:
     """A whole single-recipe run: start (or resume), train to ``train.steps`` or the budget, finish."""
     if watch is not None and watch.resuming:
         wire(run, budget)

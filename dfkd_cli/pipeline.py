@@ -27,11 +27,11 @@ from dfkd_cli.precision import Precision, channels_last, contiguous, loss_scales
 from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, hardware_description, library_versions,
                               resolve_device, seed_everything)
 from dfkd_cli.build import RunBuilder
-from dfkd_cli.distill import Run, distill, finish
+from dfkd_cli.distill import Run
 from dfkd_cli.planner import make_plan
 from dfkd_cli.distributed import World
-from dfkd_cli.race import RACE_SHARE, run_race
-from dfkd_cli.resume import CheckpointDir
+from dfkd_cli.race import RACE_SHARE, distill_recipes
+from dfkd_cli.resume import resume_state
 from dfkd_cli.rundir import claim_out_dir, drop_checkpoints, keep_failed, move_into_place, staging_dir
 from dfkd_cli.selection import stability
 from dfkd_cli.synth import Synthesizer, synthesizer_class
@@ -144,7 +144,7 @@ def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displ
     seed_everything(opts.seed)  # before the student's random initialisation
     teacher, student, eval_data, prior, synthetic = _prepare(opts, recipes[0], display, world.rank)
     opts = dataclasses.replace(opts, student=student_name(opts, teacher))
-    resume = _resume_state(out, teacher, recipes[0], device) if opts.resume else None
+    resume = resume_state(out, teacher.sha256, recipes[0].recipe.name, device) if opts.resume else None
     if world.active:
         display.log(f"{world.size} processes: each synthesizes its own samples, gradients are averaged over all")
     watch.lap("load")
@@ -173,13 +173,9 @@ def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displ
         budget = Budget(_distill_seconds(opts.time_budget_s, plan.export_s), used, stop, world)
         budget.paces = world.any(plan.budget_binds or len(recipes) > 1)  # every rank on one schedule
         supervisor = Supervisor(out, recipes[0].train, budget, display, teacher.sha256, settings, resume)
-        if len(recipes) > 1:
-            run, race = run_race(recipes, make_run, budget, display, opts.race_share, supervisor)
-            holdout = finish(run, display)
-            opts = dataclasses.replace(opts, recipe=run.name)  # config.toml repeats the winner, not the race
-        else:
-            run, race = make_run(recipes[0]), None
-            holdout = distill(run, budget, display, supervisor)
+        run, holdout, race = distill_recipes(recipes, make_run, budget, display, supervisor, opts.race_share)
+    if race is not None:
+        opts = dataclasses.replace(opts, recipe=run.name)  # config.toml repeats the winner, not the race
     student = run.trainer.restore_best()
     processes = {"count": world.size, "identical_students": world.identical(student)} if world.active else None
     student = contiguous(student.cpu())
@@ -221,18 +217,6 @@ def _check_precision(precision: Precision, recipes: list[RecipeConfig], display:
                         "use --precision bf16 or fp32, or train.update=replay")
     if note := precision.slow_note():
         display.log(note)
-
-
-def _resume_state(out: Path, teacher: Teacher, recipe: RecipeConfig, device: torch.device) -> dict[str, Any]:
-    """The newest checkpoint in ``out``, checked against the teacher and recipe it continues."""
-    state = CheckpointDir(out).read_latest(device)
-    if state["teacher_sha256"] != teacher.sha256:
-        raise DfkdError(f"the checkpoint in '{out}' was made for another teacher file (sha256 "
-                        f"{state['teacher_sha256'][:12]}, this one {teacher.sha256[:12]}); resume with the original teacher")
-    if state["recipe"] != recipe.recipe.name:
-        raise DfkdError(f"the checkpoint in '{out}' belongs to recipe '{state['recipe']}', not "
-                        f"'{recipe.recipe.name}'; its checkpoints/run.toml was changed")
-    return state
 
 
 def _training_set(opts: CompressOptions, run: Run) -> tuple[torch.Tensor, str] | None:

@@ -18,13 +18,11 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-import torch
-
+from dfkd_cli.batches import Batch, concat
 from dfkd_cli.config import RecipeConfig, list_recipes, recipe_info
-from dfkd_cli.distill import Run, StepWatch, start, train, wire
+from dfkd_cli.distill import Run, StepWatch, distill, finish, start, train, wire
 from dfkd_cli.errors import EXIT_INTERRUPTED, DfkdError
 from dfkd_cli.runtime import Budget, Display
-from dfkd_cli.trainer import predict_classes
 
 RACE_SHARE = 0.15
 # Not entered: the noise baseline (the floor, not a method) and recipes that need --prior.
@@ -44,11 +42,11 @@ def race_entrants(has_bn: bool) -> list[str]:
     return names
 
 
-def pooled_samples(runs: list[Run]) -> torch.Tensor:
+def pooled_samples(runs: list[Run]) -> Batch:
     """An equal number of selection samples from every run's held-out set."""
     parts = [run.selector.selection_samples() for run in runs]  # type: ignore[union-attr]
     per_run = min(len(part) for part in parts)
-    return torch.cat([part[:per_run] for part in parts])
+    return concat([part[:per_run] for part in parts])
 
 
 def run_race(recipes: list[RecipeConfig], make_run: Callable[[RecipeConfig], Run], budget: Budget, display: Display,
@@ -72,8 +70,8 @@ def run_race(recipes: list[RecipeConfig], make_run: Callable[[RecipeConfig], Run
         runs.append(run)
         seconds.append(time.monotonic() - began)
     pooled = pooled_samples(runs)
-    teacher_classes = predict_classes(runs[0].trainer.teacher, pooled)
-    scores = [run.trainer.world.mean(float((predict_classes(run.trainer.student, pooled) == teacher_classes).float().mean()))
+    teacher_classes = runs[0].trainer.teacher_classes(pooled)
+    scores = [run.trainer.world.mean(float((run.trainer.student_classes(pooled) == teacher_classes).float().mean()))
               for run in runs]
     winner = runs[max(range(len(runs)), key=lambda i: scores[i])]
     table = {"share": share, "pooled_samples": len(pooled), "winner": winner.name,
@@ -92,3 +90,14 @@ def run_race(recipes: list[RecipeConfig], make_run: Callable[[RecipeConfig], Run
     if watch is not None:
         watch.end(winner)
     return winner, table
+
+
+def distill_recipes(recipes: list[RecipeConfig], make_run: Callable[[RecipeConfig], Run], budget: Budget,
+                    display: Display, watch: StepWatch, share: float = RACE_SHARE) -> tuple[Run, Batch, dict | None]:
+    """The distillation stage of every run, image or text: one recipe distils alone, several race
+    first. Returns the finished run, its held-out samples and the race table (None without a race)."""
+    if len(recipes) > 1:
+        run, race = run_race(recipes, make_run, budget, display, share, watch)
+        return run, finish(run, display), race
+    run = make_run(recipes[0])
+    return run, distill(run, budget, display, watch), None

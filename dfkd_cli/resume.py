@@ -163,3 +163,15 @@ def _whole_zip(path: Path) -> bool:
             return bool(archive.namelist())
     except (OSError, zipfile.BadZipFile, ValueError):
         return False
+
+
+def resume_state(out: Path, teacher_sha256: str, recipe: str, device: torch.device) -> dict[str, Any]:
+    """The newest checkpoint in ``out``, checked against the teacher and recipe it continues."""
+    state = CheckpointDir(out).read_latest(device)
+    if state["teacher_sha256"] != teacher_sha256:
+        raise DfkdError(f"the checkpoint in '{out}' was made for another teacher (sha256 "
+                        f"{state['teacher_sha256'][:12]}, this one {teacher_sha256[:12]}); resume with the original teacher")
+    if state["recipe"] != recipe:
+        raise DfkdError(f"the checkpoint in '{out}' belongs to recipe '{state['recipe']}', not "
+                        f"'{recipe}'; its checkpoints/run.toml was changed")
+    return state

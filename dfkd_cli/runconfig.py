@@ -87,10 +87,7 @@ def resolve_resume(run_dir: Path, flags: dict[str, Any], trust_pickle: bool = Fa
                    ) -> tuple[CompressOptions, list[RecipeConfig]]:
     """``--resume RUN``: the options and recipe of the run in ``RUN`` (its checkpoints/run.toml);
     only ``--device`` may change."""
-    given = [name for name, value in flags.items() if value is not None and name != "device"]
-    if given:
-        flag = {"time_budget_s": "time-budget", "set_": "set"}.get(given[0], given[0].replace("_", "-"))
-        raise DfkdError(f"--resume continues a run with the settings it started with; leave out --{flag}")
+    refuse_resume_flags(flags)
     if not Path(run_dir).is_dir():
         raise DfkdError(f"nothing to resume: '{run_dir}' is not a folder; give the --out folder of an unfinished run")
     run_flags = {"device": flags.get("device")}
@@ -98,12 +95,25 @@ def resolve_resume(run_dir: Path, flags: dict[str, Any], trust_pickle: bool = Fa
     return dataclasses.replace(opts, out=Path(run_dir), resume=True), recipes
 
 
-def _race_recipes(opts: CompressOptions, tables: dict[str, Any], overrides: list[str]) -> list[RecipeConfig]:
-    """The recipes ``--recipe auto`` races: every one that applies to the architecture."""
+def refuse_recipe_settings(overrides: list[str]) -> None:
+    """A race runs several recipes: ``-s synth.*`` or ``recipe.*`` would name a setting of one of them."""
     synth_keys = [item for item in overrides if item.strip().startswith(("synth.", "recipe."))]
     if synth_keys:
         raise DfkdError(f"-s {synth_keys[0]} names a setting of one recipe, but --recipe auto races several; "
                         "pick the recipe with --recipe NAME")
+
+
+def refuse_resume_flags(flags: dict[str, Any]) -> None:
+    """``--resume`` repeats the run's own settings: any flag but ``--device`` is a mistake."""
+    given = [name for name, value in flags.items() if value is not None and name != "device"]
+    if given:
+        flag = {"time_budget_s": "time-budget", "set_": "set"}.get(given[0], given[0].replace("_", "-"))
+        raise DfkdError(f"--resume continues a run with the settings it started with; leave out --{flag}")
+
+
+def _race_recipes(opts: CompressOptions, tables: dict[str, Any], overrides: list[str]) -> list[RecipeConfig]:
+    """The recipes ``--recipe auto`` races: every one that applies to the architecture."""
+    refuse_recipe_settings(overrides)
     names = race_entrants(teacher_has_bn(opts.teacher, opts.arch))
     train_only = {k: v for k, v in tables.items() if k == "train"}
     return [_build_recipe(opts, name, train_only, overrides) for name in names]

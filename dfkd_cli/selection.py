@@ -21,8 +21,11 @@ from typing import Any
 
 import torch
 
+from dfkd_cli.batches import Batch, batch_from_state, batch_state
 from dfkd_cli.runtime import Budget
-from dfkd_cli.trainer import StudentTrainer, predict_classes
+from dfkd_cli.trainer import StudentTrainer
+
+Trainer = Any  # a StudentTrainer or a dfkd_cli.text.trainer.TextTrainer: step, select, teacher_classes, student_classes
 
 
 def stability(curve: list[float]) -> dict[str, float | int] | None:
@@ -76,7 +79,7 @@ class Reservoir:
         self.seen, self.data = int(state["seen"]), state["data"]
 
 
-def split(holdout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def split(holdout: Batch) -> tuple[Batch, Batch]:
     """(selection half, report half) of the held-out samples."""
     half = len(holdout) // 2
     return holdout[:half], holdout[half:]
@@ -85,37 +88,43 @@ def split(holdout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class FixedHoldout:
     """Held-out samples made once up front, using at most a quarter of the time budget."""
 
-    def __init__(self, synth, trainer: StudentTrainer, holdout: torch.Tensor) -> None:
-        self.holdout = holdout
+    def __init__(self, trainer: Trainer, holdout: Batch) -> None:
         self.trainer = trainer
-        self.x_select = split(self.holdout)[0]
-        self.t_select = predict_classes(synth.teacher.model, self.x_select)
+        self._hold(holdout)
+
+    def _hold(self, holdout: Batch) -> None:
+        self.holdout = holdout
+        self.x_select = split(holdout)[0]
+        self.t_select = self.trainer.teacher_classes(self.x_select)
 
     @classmethod
-    def make(cls, synth, trainer: StudentTrainer, size: int, budget: Budget, on_step) -> "FixedHoldout":
+    def from_state(cls, trainer: Trainer, state: dict[str, Any]) -> "FixedHoldout":
+        """The selector a checkpoint saved (see :meth:`state_dict`)."""
+        return cls(trainer, batch_from_state(state["holdout"]))
+
+    @classmethod
+    def make(cls, synth, trainer: Trainer, size: int, budget: Budget, on_step) -> "FixedHoldout":
         """Synthesize ``size`` held-out samples now, stopping at a quarter of ``budget`` (``on_step``
         sees every synthesis iteration); the run's own stop rule is back afterwards."""
         quarter = budget.part(budget.seconds / 4 if budget.seconds else None, shared=False)
         with synth.hooks.stopping_when(lambda it, total, parts: on_step(it, total, parts) or quarter.expired()):
             holdout = synth.holdout(max(size, 2))
-        return cls(synth, trainer, holdout)
+        return cls(trainer, holdout)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"holdout": self.holdout}
+        return {"holdout": batch_state(self.holdout)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.holdout = state["holdout"]
-        self.x_select = split(self.holdout)[0]
-        self.t_select = predict_classes(self.trainer.teacher, self.x_select)
+        self._hold(batch_from_state(state["holdout"]))
 
     def evaluate(self) -> float:
         return self.trainer.select(self.x_select, self.t_select)
 
-    def selection_samples(self) -> torch.Tensor:
+    def selection_samples(self) -> Batch:
         """The held-out samples that select the student (the other half is reported)."""
         return self.x_select
 
-    def finish(self) -> tuple[torch.Tensor, float]:
+    def finish(self) -> tuple[Batch, float]:
         return self.holdout, self.evaluate()
 
 
@@ -136,8 +145,8 @@ class TrajectoryHoldout:
         """Add fresh samples and a snapshot; the agreement of the current student so far."""
         self._draw()
         x = split(self.reservoir.tensor())[0] if self.reservoir.seen >= 2 else self.reservoir.tensor()
-        teacher = predict_classes(self.synth.teacher.model, x)
-        return self.trainer.world.mean(float((predict_classes(self.trainer.student, x) == teacher).float().mean()))
+        teacher = self.trainer.teacher_classes(x)
+        return self.trainer.world.mean(float((self.trainer.student_classes(x) == teacher).float().mean()))
 
     def state_dict(self) -> dict[str, Any]:
         return {"reservoir": self.reservoir.state_dict()}
@@ -155,5 +164,5 @@ class TrajectoryHoldout:
         self._draw()
         holdout = self.reservoir.tensor()
         x_select = split(holdout)[0]
-        agreement = self.trainer.select_snapshot(x_select, predict_classes(self.synth.teacher.model, x_select))
+        agreement = self.trainer.select_snapshot(x_select, self.trainer.teacher_classes(x_select))
         return holdout, agreement

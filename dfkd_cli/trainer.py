@@ -227,7 +227,7 @@ class StudentTrainer:
     def step(self, x: torch.Tensor) -> float:
         """One KD step on batch ``x`` (augmented here); returns the total loss. With replay/lra the
         augmented batch then joins the memory."""
-        x = augment(x, self.cfg.crop_pad, self.cfg.flip)
+        x = augment(x.float(), self.cfg.crop_pad, self.cfg.flip)  # generators under autocast make bf16
         if self.cfg.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         for group in self.optimizer.param_groups:
@@ -294,6 +294,14 @@ class StudentTrainer:
             self.student(x)
         self.attention.loss(student_blocks, teacher_blocks)
         self.student.train(was_training)
+
+    def teacher_classes(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's top-1 classes on ``x``."""
+        return predict_classes(self.teacher, x)
+
+    def student_classes(self, x: torch.Tensor) -> torch.Tensor:
+        """The current student's top-1 classes on ``x``."""
+        return predict_classes(self.student, x)
 
     def select(self, x: torch.Tensor, teacher_classes: torch.Tensor) -> float:
         """Agreement with the teacher on held-out ``x``; the best student so far is kept."""

@@ -124,7 +124,7 @@ def test_text_options_follow_the_device(monkeypatch, tmp_path, device, batch):
     _on(monkeypatch, device)
     mine = tmp_path / "mine.toml"
     mine.write_text(recipe_path("random-text").read_text() + '\n[cpu]\n"train.batch_size" = 8\n')
-    _, recipe = resolve_text({"teacher": "/nowhere", "recipe": str(mine), "device": "auto"}, [], False, False)
+    _, [recipe] = resolve_text({"teacher": "/nowhere", "recipe": str(mine), "device": "auto"}, [], False, False)
     assert recipe.train.batch_size == batch
 
 

@@ -251,7 +251,7 @@ def test_resume_refusals_are_one_line(tiny_teacher, tmp_path, monkeypatch):
     settings = run / "checkpoints" / "run.toml"
     settings.write_text(settings.read_text().replace(str(tiny_teacher["path"]), str(other)))
     result = kit.cli("compress", "--resume", run)
-    assert result.exit_code == 2 and "made for another teacher file" in result.stderr
+    assert result.exit_code == 2 and "made for another teacher (sha256" in result.stderr
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tiny_teacher, tmp_path, monkeypatch):

@@ -134,15 +134,18 @@ class SynthContext:
     a distributed run (generators average their gradients over it); ``prior``: ``--prior`` images
     for recipes with ``uses_prior``; ``student``: the student being trained, for adversarial terms;
     ``pool_memory_limit`` and ``on_spill``: the synthetic pool's bytes in memory before older
-    samples spill to disk, and who hears about it; ``hooks``: progress and stop rule of the run.
+    samples spill to disk, and who hears about it; ``hooks``: progress and stop rule of the run;
+    ``language_models``: the ``(model, tokenizer)`` pairs text recipes read (``"generator"``,
+    ``"prompter"``); for text, ``prior`` is the ``--prior`` corpus and ``teacher`` a text teacher.
     """
 
     teacher: Any  # dfkd_cli.teacher.Teacher (Any: tests hand in stand-ins)
     device: torch.device
     precision: Precision = field(default_factory=Precision)
     world: World = field(default_factory=World)
-    prior: "PriorData | None" = None
+    prior: "PriorData | Any" = None
     student: StudentView | None = None
     pool_memory_limit: int | None = None
     on_spill: Callable[[str], None] = ignore_note
     hooks: RunHooks = field(default_factory=RunHooks)
+    language_models: dict[str, tuple[Any, Any]] = field(default_factory=dict)

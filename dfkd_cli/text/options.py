@@ -20,8 +20,8 @@ from dfkd_cli.runtime import resolve_device
 
 # Image-only flags (their names in the CLI's flag dict) and how the user wrote them.
 IMAGE_ONLY = {"arch": "--arch", "input_shape": "--input-shape", "normalize": "--normalize", "mean": "--mean",
-              "std": "--std", "quantize": "--quantize", "save_synthetic": "--save-synthetic",
-              "from_synthetic": "--from-synthetic", "race_share": "--race-share", "compile": "--compile"}
+              "std": "--std", "save_synthetic": "--save-synthetic",
+              "from_synthetic": "--from-synthetic", "compile": "--compile"}
 TEXT_ONLY = {"generator": "--generator", "prompter": "--prompter", "text_column": "--text-column",
              "label_column": "--label-column"}
 
@@ -45,18 +45,21 @@ class TextOptions:
     generator: Path | None = None
     prompter: Path | None = None
     min_agreement: float | None = None
+    quantize: str = "none"  # none | int8: also write student.int8.onnx (dynamic quantization)
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16: autocast for synthesis and student steps
     seed: int = 0
     trust_pickle: bool = False
     overrides: list[str] = field(default_factory=list)
+    race_share: float | None = None  # with --recipe auto: race the recipes the inputs allow for this share of the budget
+    resume: bool = False  # continue the run in ``out`` from its last checkpoint
     # Schedules follow the clock only for a budget the user gave: the default one would make a
     # seeded CPU run unrepeatable (image runs decide this from their measured plan instead).
     budget_paces: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for key in ("overwrite", "overrides", "out", "trust_pickle", "budget_paces"):
+        for key in NOT_RECORDED:
             data.pop(key)
         if data["time_budget_s"] is None:
             data["time_budget_s"] = "none"
@@ -65,12 +68,24 @@ class TextOptions:
         return {k: str(Path(v).resolve()) if isinstance(v, Path) else v for k, v in data.items()}
 
 
+NOT_RECORDED = ("overwrite", "overrides", "out", "trust_pickle", "budget_paces", "resume")
+
+
 def text_recipes() -> list[str]:
     return [name for name in list_recipes() if recipe_info(name).family == "text"]
 
 
+def applicable_text_recipes(opts: TextOptions) -> list[str]:
+    """The text recipes whose every input (language models, corpus) was given."""
+    from dfkd_cli.text.pipeline import synthesizer_needs
+
+    given = {flag for flag in ("generator", "prompter", "prior") if getattr(opts, flag) is not None}
+    return [name for name in text_recipes() if set(synthesizer_needs(name)) <= given]
+
+
 def auto_recipe(opts: TextOptions) -> str:
-    """``--recipe auto`` for text: the strongest recipe the given inputs allow."""
+    """``--recipe auto`` for text without a race: the strongest recipe the given inputs allow
+    (PromptDFD's Table 3 order: reinforced prompts, manual prompts, a corpus, random text)."""
     if opts.generator and opts.prompter:
         return "promptdfd-rl"
     if opts.generator:
@@ -82,9 +97,10 @@ PATH_KEYS = ("teacher", "labels", "eval_data", "prior", "generator", "prompter")
 
 
 def resolve_text(flags: dict[str, Any], overrides: list[str], overwrite: bool, trust_pickle: bool,
-                 config_path: Path | None = None) -> tuple[TextOptions, RecipeConfig]:
-    """Options and recipe for a Hugging Face teacher folder (``flags``: None = not given), over a
-    run's config.toml when ``config_path`` is given (flags win, as for image runs)."""
+                 config_path: Path | None = None) -> tuple[TextOptions, list[RecipeConfig]]:
+    """Options and recipes for a Hugging Face teacher folder (``flags``: None = not given), over a
+    run's config.toml when ``config_path`` is given (flags win, as for image runs). Several
+    recipes race: ``--recipe auto`` with ``--race-share``, when more than one applies."""
     given = [IMAGE_ONLY[k] for k, v in flags.items() if k in IMAGE_ONLY and v is not None]
     if given:
         raise DfkdError(f"{given[0]} is for image teachers; '{flags['teacher']}' is a Hugging Face text classifier, leave it out")
@@ -98,25 +114,48 @@ def resolve_text(flags: dict[str, Any], overrides: list[str], overwrite: bool, t
     values["time_budget_s"] = resolve_time_budget(values.get("time_budget_s", DEFAULT_TIME_BUDGET_S))
     opts = TextOptions(**values, overwrite=overwrite, trust_pickle=trust_pickle, overrides=list(overrides))
     check_fraction(opts.min_agreement, "--min-agreement")
+    if opts.quantize not in ("none", "int8"):
+        raise DfkdError(f"--quantize must be none or int8, got {opts.quantize!r}")
     if opts.precision not in PRECISIONS:
         raise DfkdError(f"--precision must be one of {', '.join(PRECISIONS)}, got {opts.precision!r}")
+    if opts.race_share is not None:
+        check_fraction(opts.race_share, "--race-share")
+        if opts.recipe != "auto":
+            raise DfkdError(f"--race-share races the recipes of --recipe auto; --recipe {opts.recipe} runs one, leave it out")
+    names = [opts.recipe]
     if opts.recipe == "auto":
-        opts.recipe = auto_recipe(opts)
-    if str(opts.recipe).endswith(".toml"):
-        data, name = read_toml(Path(opts.recipe)), Path(opts.recipe).stem
+        entrants = applicable_text_recipes(opts)
+        names = entrants if opts.race_share is not None and len(entrants) > 1 else [auto_recipe(opts)]
+        opts.recipe = names[0] if len(names) == 1 else "auto"
+    if len(names) > 1:
+        from dfkd_cli.runconfig import refuse_recipe_settings  # runconfig imports the image pipeline: slow
+
+        refuse_recipe_settings(overrides)
+    return opts, [_text_recipe(opts, name, tables, overrides) for name in names]
+
+
+def _text_recipe(opts: TextOptions, recipe: str, tables: dict[str, Any], overrides: list[str]) -> RecipeConfig:
+    if recipe.endswith(".toml"):
+        data, name = read_toml(Path(recipe)), Path(recipe).stem
     else:
-        data, name = read_toml(recipe_path(opts.recipe)), opts.recipe
+        data, name = read_toml(recipe_path(recipe)), recipe
     steps = [f"train.steps={opts.steps}"] if opts.steps is not None else []
-    return opts, build_recipe(merge_tables(data, tables), list(overrides) + steps, default_name=name,
-                              device_type=resolve_device(opts.device).type)
+    return build_recipe(merge_tables(data, tables), list(overrides) + steps, default_name=name,
+                        device_type=resolve_device(opts.device).type)
+
+
+def resolve_text_resume(run_dir: Path, settings: Path, device: str | None, trust_pickle: bool
+                        ) -> tuple[TextOptions, list[RecipeConfig]]:
+    """``--resume RUN`` of a text run: its checkpoints/run.toml (``settings``) again; only ``--device`` may change."""
+    opts, recipes = resolve_text({"device": device}, [], overwrite=False, trust_pickle=trust_pickle, config_path=settings)
+    return dataclasses.replace(opts, out=Path(run_dir), resume=True), recipes
 
 
 def read_text_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``[run]`` table of a text run's config.toml (paths relative to its folder) and its recipe tables."""
     data = read_toml(path)
     run = dict(data.pop("run", {}))
-    known = {f.name for f in dataclasses.fields(TextOptions)} - {"overwrite", "overrides", "out", "trust_pickle",
-                                                                 "budget_paces"}
+    known = {f.name for f in dataclasses.fields(TextOptions)} - set(NOT_RECORDED)
     unknown = sorted(set(run) - known)
     if unknown:
         raise DfkdError(f"unknown key(s) {unknown} in [run] of '{path}' for a text teacher; valid keys: {', '.join(sorted(known))}")

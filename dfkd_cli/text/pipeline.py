@@ -1,74 +1,103 @@
 """``dfkd compress`` for a text teacher: teacher -> text synthesizer -> student trainer -> exporter -> report.
 
-Like the image pipeline, the run is written into a hidden staging folder and renamed into place
-once every artefact exists. Text runs are single-process and do not write resumable checkpoints.
+What is particular to text lives here and in the modules beside it: loading the teacher, the
+language models and the corpus, building a :class:`~dfkd_cli.distill.Run` of a text synthesizer
+and :class:`~dfkd_cli.text.trainer.TextTrainer`, and the artefacts (:mod:`dfkd_cli.text.publish`).
+The run itself is the image pipeline's: the same distillation loop and held-out selection
+(:mod:`dfkd_cli.distill`), supervisor (checkpoints, ``--resume``, divergence rollback, clean
+stops: :mod:`dfkd_cli.supervise`), race (:mod:`dfkd_cli.race`) and staging folder.
 """
 
 from __future__ import annotations
 
-import contextlib
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from dfkd_cli.config import RecipeConfig, dump_toml, recipe_info
-from dfkd_cli.errors import EXIT_INTERRUPTED, DfkdError
-from dfkd_cli.report import write_report
-from dfkd_cli.rundir import claim_out_dir, move_into_place, staging_dir
+from dfkd_cli.config import RecipeConfig, dump_toml
+from dfkd_cli.distill import Run
+from dfkd_cli.errors import DfkdError
 from dfkd_cli.precision import Precision, loss_scales, resolve_text_precision
+from dfkd_cli.race import RACE_SHARE, distill_recipes
+from dfkd_cli.report import write_report
+from dfkd_cli.resume import resume_state
+from dfkd_cli.rundir import claim_out_dir, move_into_place, staging_dir
 from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, hardware_description, library_versions,
                               resolve_device, seed_everything)
 from dfkd_cli.selection import stability
-from dfkd_cli.text.options import TextOptions, text_recipes
+from dfkd_cli.synth import SynthContext, synthesizer_class
 from dfkd_cli.text.models import TextTeacher, build_text_student, default_text_student, load_causal_lm, load_text_teacher
-from dfkd_cli.text.synth import TextSynthesizer
+from dfkd_cli.text.options import TextOptions, text_recipes
+from dfkd_cli.text.synth import TextCorpus
 from dfkd_cli.text.trainer import TextTrainer
 
+EvalTable = tuple[list[str], list[int] | None]
 
-def compress_text(opts: TextOptions, recipe: RecipeConfig, display: Display) -> dict[str, Any]:
-    """Distil a Hugging Face sequence classifier with a text recipe; returns the report."""
-    out = opts.out or Path("runs") / f"{opts.teacher.name}-{recipe.recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+@dataclass
+class TextInputs:
+    """Everything a text run reads, loaded and checked before any long work."""
+
+    teacher: TextTeacher
+    student_name: str  # --student, or the teacher's default student
+    student: Any  # the first run's student (transformers model)
+    language_models: dict[str, tuple[Any, Any]]  # "generator", "prompter": (model, tokenizer) on the device
+    corpus: list[str] | None  # the sentences of --prior
+    eval_table: EvalTable | None
+
+
+def compress_text(opts: TextOptions, recipes: list[RecipeConfig], display: Display) -> dict[str, Any]:
+    """Distil a Hugging Face sequence classifier with a text recipe (several race); returns the report."""
+    stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
+    out = opts.out or Path("runs") / f"{opts.teacher.name}-{opts.recipe}-{stamp}"
     inputs = [opts.teacher, opts.labels, opts.eval_data, opts.prior, opts.generator, opts.prompter]
-    with claim_out_dir(out, opts.overwrite, inputs=inputs):  # checked and locked for the whole run
-        return _compress_text(opts, recipe, display, out)
+    with claim_out_dir(out, opts.overwrite, opts.resume, inputs=inputs):  # checked and locked for the whole run
+        return _compress_text(opts, recipes, display, out)
 
 
-def _compress_text(opts: TextOptions, recipe: RecipeConfig, display: Display, out: Path) -> dict[str, Any]:
+def _compress_text(opts: TextOptions, recipes: list[RecipeConfig], display: Display, out: Path) -> dict[str, Any]:
     from dfkd_cli.text.publish import publish
 
     device = resolve_device(opts.device)
-    stages, started = Stopwatch(device), datetime.now(timezone.utc)
+    watch, started = Stopwatch(device), datetime.now(timezone.utc)
     precision = Precision(resolve_text_precision(opts.precision, device), device)
     if note := precision.slow_note():
         display.log(note)
     seed_everything(opts.seed)
-    teacher, student, synth, eval_table = prepare(opts, recipe, device, display)
-    stages.lap("load")
-    trainer = TextTrainer(student, teacher, recipe.train, device, recipe.synth.max_length, precision)
-    synth.use_precision(precision)
-    synth.label, synth.student_logits = trainer.teacher_logits, trainer.student_logits
-    teacher.model.to(device)
+    loaded = prepare(opts, recipes, device, display)
+    resume = resume_state(out, loaded.teacher.sha256, recipes[0].recipe.name, device) if opts.resume else None
+    watch.lap("load")
+    builder = TextRunBuilder(opts, loaded, device, precision)
+
+    def settings(run: Run) -> str:  # checkpoints/run.toml: what --resume repeats (a race's winner)
+        return dump_toml({"run": {**opts.to_dict(), "recipe": run.name}, **run.recipe.to_dict()})
+
+    from dfkd_cli.supervise import Supervisor
+
     with StopRequest() as stop:
-        budget = Budget(opts.time_budget_s, stop=stop)
-        budget.paces = opts.budget_paces
-        holdout, curve = distill_text(synth, trainer, recipe, budget, display, precision.autocast)
-    if budget.stop_requested:
-        raise DfkdError(f"stopped by {budget.stop_requested} at student step {trainer.steps_done}; text runs do not "
-                        "write checkpoints, so nothing was kept", EXIT_INTERRUPTED)
-    trainer.restore_best()
-    stages.lap("distill")
+        budget = Budget(opts.time_budget_s, (resume["elapsed"] if resume else 0.0) + watch.total, stop)
+        budget.paces = opts.budget_paces or len(recipes) > 1
+        supervisor = Supervisor(out, recipes[0].train, budget, display, loaded.teacher.sha256, settings, resume)
+        run, holdout, race = distill_recipes(recipes, builder.run, budget, display, supervisor,
+                                             opts.race_share or RACE_SHARE)
+    run.trainer.restore_best()
+    watch.lap("distill")
     run_info = {"started": started.isoformat(timespec="seconds"), "device": str(device),
-                "hardware": hardware_description(device), "steps": trainer.steps_done, "best_step": trainer.best_step,
-                "out": str(out), "stability": stability(curve), "precision": precision.name,
-                "loss_scale": loss_scales(student=trainer.scaler, prompter=synth.scaler)}
+                "hardware": hardware_description(device), "steps": run.trainer.steps_done,
+                "best_step": run.trainer.best_step, "out": str(out), "stability": stability(run.curve),
+                "race": race, "resumed_from_step": resume["run"]["trainer"]["steps_done"] if resume else None,
+                "precision": precision.name, "loss_scale": loss_scales(student=run.trainer.scaler, prompter=run.synth.scaler),
+                "throughput": run.meter.to_dict(), "health": {**supervisor.report(), "warnings": supervisor.warnings}}
     with staging_dir(out) as staging:
-        report = publish(staging, opts, recipe, teacher, trainer, synth, holdout, eval_table, run_info, display)
-        stages.lap("export_and_evaluate")
-        stages.seconds["total"] = round(sum(stages.seconds.values()), 3)
-        report["run"].update(wall_clock_s=dict(stages.seconds), peak_memory_mb=dict(stages.memory_mb))
-        config = {"run": opts.to_dict(), **recipe.to_dict()}
+        report = publish(staging, opts, run, loaded.student_name, loaded.eval_table, holdout, run_info, display)
+        watch.lap("export_and_evaluate")
+        watch.seconds["total"] = round(sum(watch.seconds.values()), 3)
+        report["run"].update(wall_clock_s=dict(watch.seconds), peak_memory_mb=dict(watch.memory_mb))
+        report["warnings"] += supervisor.warnings
+        config = {"run": {**opts.to_dict(), "recipe": run.name if race else opts.recipe}, **run.recipe.to_dict()}
         (staging / "config.toml").write_text(dump_toml(config), encoding="utf-8")
         report["run"]["config"], report["run"]["versions"] = config, library_versions()
         write_report(staging, report)
@@ -76,94 +105,93 @@ def _compress_text(opts: TextOptions, recipe: RecipeConfig, display: Display, ou
     return report
 
 
-def prepare(opts: TextOptions, recipe: RecipeConfig, device: torch.device, display: Display
-            ) -> tuple[TextTeacher, Any, TextSynthesizer, tuple[list[str], list[int] | None] | None]:
+@dataclass
+class TextRunBuilder:
+    """Builds the :class:`Run` of each text recipe: the first gets the prepared student, later ones
+    (race entrants) a fresh one from the same seed."""
+
+    opts: TextOptions
+    inputs: TextInputs
+    device: torch.device
+    precision: Precision
+
+    def _student(self) -> Any:
+        if self.inputs.student is not None:
+            model, self.inputs.student = self.inputs.student, None
+            return model
+        seed_everything(self.opts.seed)  # every entrant starts from the same initialisation
+        return build_text_student(self.inputs.student_name, self.inputs.teacher, self.opts.trust_pickle)
+
+    def run(self, recipe: RecipeConfig) -> Run:
+        teacher = self.inputs.teacher
+        trainer = TextTrainer(self._student(), teacher, recipe.train, self.device, recipe.synth.max_length, self.precision)
+        cls = synthesizer_class(recipe.recipe.synthesizer)
+        corpus = self.inputs.corpus
+        context = SynthContext(teacher=teacher, device=self.device, precision=self.precision, student=trainer.view(),
+                               prior=TextCorpus(corpus, recipe.train.holdout) if corpus and cls.capabilities.uses_prior else None,
+                               language_models={k: v for k, v in self.inputs.language_models.items() if k in cls.needs})
+        synth = cls(context, recipe.synth, recipe.loss)
+        return Run(recipe.recipe.name, recipe, synth, trainer, autocast=self.precision.autocast)
+
+
+def prepare(opts: TextOptions, recipes: list[RecipeConfig], device: torch.device, display: Display) -> TextInputs:
     """Load and check every input before any long work starts."""
-    from dfkd_cli.synth import synthesizer_class
     from dfkd_cli.text.data import read_corpus, read_text_table
 
+    for recipe in recipes:
+        _check_recipe(opts, recipe)
+    refuse_unused_inputs(opts, recipes)
+    teacher = load_text_teacher(opts.teacher, opts.labels, opts.trust_pickle)
+    models = {flag: load_causal_lm(path, f"--{flag}", opts.trust_pickle)
+              for flag, path in (("generator", opts.generator), ("prompter", opts.prompter)) if path is not None}
+    models = {flag: (model.to(device), tokenizer) for flag, (model, tokenizer) in models.items()}
+    corpus = read_corpus(opts.prior) if opts.prior else None
+    eval_table = None
+    if opts.eval_data is not None:
+        eval_table = read_text_table(opts.eval_data, opts.text_column, opts.label_column, teacher.class_names)
+    student_name = opts.student or default_text_student(teacher)
+    if opts.student is None:
+        display.log(f"student: {student_name} (the teacher's first half; choose another with --student)")
+    student = build_text_student(student_name, teacher, opts.trust_pickle)
+    teacher.model.to(device)
+    names = ", ".join(f"{r.recipe.name} ({r.recipe.description})" for r in recipes)
+    display.log(f"recipe{'s racing' if len(recipes) > 1 else ''}: {names}")
+    return TextInputs(teacher, student_name, student, models, corpus, eval_table)
+
+
+def _check_recipe(opts: TextOptions, recipe: RecipeConfig) -> None:
+    """The recipe is a text recipe, and every language model and corpus it needs is given (and
+    nothing it would ignore, unless several recipes race and another one reads it)."""
     if recipe.recipe.family != "text":
         raise DfkdError(f"recipe '{recipe.recipe.name}' is for image teachers; a Hugging Face teacher folder takes a "
                         f"text recipe: {', '.join(text_recipes())}")
     if recipe.train.holdout < 2:
         raise DfkdError(f"train.holdout is {recipe.train.holdout}; text runs need at least 2 held-out texts "
                         "(half select the student, half are reported), e.g. -s train.holdout=256")
-    teacher = load_text_teacher(opts.teacher, opts.labels, opts.trust_pickle)
-    synth = synthesizer_class(recipe.recipe.synthesizer)(teacher, recipe.synth, recipe.loss, device)
-    _check_inputs(opts, recipe, synth)
-    if opts.generator:
-        synth.generator = _to(load_causal_lm(opts.generator, "--generator", opts.trust_pickle), device)
-    if opts.prompter:
-        synth.attach_prompter(_to(load_causal_lm(opts.prompter, "--prompter", opts.trust_pickle), device))
-    if opts.prior:
-        synth.attach_corpus(read_corpus(opts.prior), recipe.train.holdout)
-    eval_table = None
-    if opts.eval_data is not None:
-        eval_table = read_text_table(opts.eval_data, opts.text_column, opts.label_column, teacher.class_names)
-    default_student = opts.student is None
-    opts.student = opts.student or default_text_student(teacher)
-    student = build_text_student(opts.student, teacher, opts.trust_pickle)
-    if default_student:
-        display.log(f"student: {opts.student} (the teacher's first half; choose another with --student)")
-    display.log(f"recipe: {recipe.recipe.name} ({recipe.recipe.description})")
-    return teacher, student, synth, eval_table
-
-
-def _to(lm: tuple[Any, Any], device: torch.device) -> tuple[Any, Any]:
-    return lm[0].to(device), lm[1]
-
-
-def _check_inputs(opts: TextOptions, recipe: RecipeConfig, synth: TextSynthesizer) -> None:
-    """Every language model and corpus the recipe needs is given, and nothing it would ignore."""
-    name = recipe.recipe.name
-    given = {"generator": opts.generator, "prompter": opts.prompter}
-    for flag, path in given.items():
-        if flag in synth.needs and path is None:
+    cls, name = synthesizer_class(recipe.recipe.synthesizer), recipe.recipe.name
+    for flag in ("generator", "prompter"):
+        if flag in cls.needs and getattr(opts, flag) is None:
             what = "a local causal LM folder such as GPT-2" if flag == "generator" else "a small causal LM folder such as DistilGPT2"
             raise DfkdError(f"recipe '{name}' needs --{flag} ({what})")
-        if flag not in synth.needs and path is not None:
-            users = [r for r in text_recipes() if flag in synthesizer_needs(r)]
-            raise DfkdError(f"recipe '{name}' does not use --{flag}; leave it out, or pick a recipe that does: {', '.join(users)}")
-    if synth.capabilities.uses_prior and opts.prior is None:
+    if cls.capabilities.uses_prior and opts.prior is None:
         raise DfkdError(f"recipe '{name}' needs --prior: an unlabelled text file (one sentence or paragraph per line)")
-    if not synth.capabilities.uses_prior and opts.prior is not None:
-        raise DfkdError(f"recipe '{name}' does not use --prior; leave it out, or use --recipe unlabeled-text")
+
+
+def refuse_unused_inputs(opts: TextOptions, recipes: list[RecipeConfig]) -> None:
+    """An input no recipe of the run reads is a mistake: one line saying which recipes read it."""
+    needs = {flag for r in recipes for flag in synthesizer_class(r.recipe.synthesizer).needs}
+    if any(synthesizer_class(r.recipe.synthesizer).capabilities.uses_prior for r in recipes):
+        needs.add("prior")
+    for flag in ("generator", "prompter", "prior"):
+        if getattr(opts, flag) is not None and flag not in needs:
+            users = [r for r in text_recipes() if flag in synthesizer_needs(r)]
+            hint = f"pick a recipe that does: {', '.join(users)}" if users else "use --recipe unlabeled-text"
+            raise DfkdError(f"recipe '{recipes[0].recipe.name}' does not use --{flag}; leave it out, or {hint}")
 
 
 def synthesizer_needs(name: str) -> tuple[str, ...]:
-    from dfkd_cli.synth import synthesizer_class
+    """The inputs a text recipe reads: the language models it ``needs``, and ``prior`` for a corpus."""
+    from dfkd_cli.config import recipe_info
 
-    return synthesizer_class(recipe_info(name).synthesizer).needs
-
-
-def distill_text(synth: TextSynthesizer, trainer: TextTrainer, recipe: RecipeConfig, budget: Budget,
-                 display: Display, mixed: Callable[[], Any] = contextlib.nullcontext,
-                 ) -> tuple[tuple[list[str], torch.Tensor], list[float]]:
-    """Alternate synthesis rounds and student steps (under ``mixed``, the precision's autocast)
-    until ``train.steps`` or the budget ends. Returns the hold-out (texts and teacher logits in
-    fp32; its first half selects the student) and the selection agreement along the run."""
-    cfg = recipe.train
-    display.stage("holdout", total=None)
-    texts = synth.holdout(cfg.holdout)
-    holdout = (texts, trainer.teacher_logits(texts))
-    half = len(texts) // 2
-    select = (holdout[0][:half], holdout[1][:half])
-    if budget.seconds:
-        trainer.time_progress = budget.fraction
-    display.stage("distill", total=None if budget.seconds else cfg.steps)
-    curve = [trainer.select(*select)]
-    metrics: dict[str, float] = {}
-    while trainer.steps_done < cfg.steps and not budget.expired():
-        with mixed():
-            metrics = synth.synthesize()
-        for _ in range(cfg.steps_per_round):
-            if trainer.steps_done >= cfg.steps or budget.expired():
-                break
-            with mixed():
-                loss = trainer.step(*synth.sample(cfg.batch_size))
-            if trainer.steps_done % cfg.eval_every == 0:
-                curve.append(trainer.select(*select))
-            display.advance(1, loss=loss, agree=curve[-1], **metrics)
-    if trainer.steps_done % cfg.eval_every:
-        curve.append(trainer.select(*select))
-    return holdout, curve
+    cls = synthesizer_class(recipe_info(name).synthesizer)
+    return (*cls.needs, "prior") if cls.capabilities.uses_prior else tuple(cls.needs)

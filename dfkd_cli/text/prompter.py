@@ -17,12 +17,14 @@ training pool with the teacher's logits, so each round also feeds the student.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from dfkd_cli.batches import TextBatch
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.synth.registry import register_synthesizer
 from dfkd_cli.text.synth import GenerationConfig, TextSynthesizer, complete
@@ -81,24 +83,20 @@ class RLPromptSynthesizer(TextSynthesizer):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.last: dict[str, float] = {}
-
-    def attach_prompter(self, lm: tuple[Any, Any]) -> None:
-        model, tokenizer = lm
-        model.requires_grad_(True)
-        self.prompter = lm
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.cfg.lr)
+        model, tokenizer = self.language_model("prompter")
+        # The prompter is trained: a copy of its own, so the loaded model (and any other run's) stays as given.
+        self.prompter = (copy.deepcopy(model).requires_grad_(True), tokenizer)
+        self.optimizer = torch.optim.Adam(self.prompter[0].parameters(), lr=self.config.lr)
 
     def sample_prompts(self, n: int) -> Prompts:
         """``n`` prompts: an initial word each, then ``prompt_length`` tokens sampled from the prompter."""
         model, tokenizer = self.prompter
-        words = [self.cfg.initial_words[i] for i in torch.randint(len(self.cfg.initial_words), (n,)).tolist()]
+        words = [self.config.initial_words[i] for i in torch.randint(len(self.config.initial_words), (n,)).tolist()]
         enc = tokenizer(words, return_tensors="pt", padding=True).to(self.device)
         ids, mask = enc["input_ids"], enc["attention_mask"]
         start = ids.shape[1]
         with torch.inference_mode():
-            for _ in range(self.cfg.prompt_length):
+            for _ in range(self.config.prompt_length):
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits[:, -1]
                 token = torch.multinomial(F.softmax(logits.float(), -1), 1)
                 ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
@@ -115,23 +113,21 @@ class RLPromptSynthesizer(TextSynthesizer):
     def rewards(self, texts: list[str], teacher_logits: torch.Tensor) -> torch.Tensor:
         """Q for every text: Eq. 7 (adversarial) or Eq. 6 (confidence)."""
         p_teacher = F.softmax(teacher_logits.float(), -1)
-        if self.cfg.reward == "confidence":
+        if self.config.reward == "confidence":
             return p_teacher.max(-1).values
-        assert self.student_logits is not None
         p_student = F.softmax(self.student_logits(texts).float(), -1)
         target = p_teacher.argmax(-1, keepdim=True)
         return (p_teacher.gather(-1, target) - p_student.gather(-1, target)).squeeze(-1)
 
-    def synthesize(self) -> dict[str, float]:
+    def synthesize(self) -> None:
         """One round: sample prompts, complete every prefix, reward, update the prompter, pool the texts."""
-        assert self.label is not None and self.optimizer is not None
-        n, k = self.cfg.batch_size, self.cfg.prompt_length
+        n, k = self.config.batch_size, self.config.prompt_length
         prompts = self.sample_prompts(n)
         prefixes = [p for row in prompts.prefixes(self.prompter[1]) for p in row]
-        texts = complete(self.generator, prefixes, self.cfg, self.device)
+        texts = complete(self.language_model("generator"), prefixes, self.config, self.device)
         teacher_logits = self.label(texts)
         q = self.rewards(texts, teacher_logits).view(n, k).to(self.device)
-        advantage = q - q.mean(0, keepdim=True) if self.cfg.baseline else q
+        advantage = q - q.mean(0, keepdim=True) if self.config.baseline else q
         taken, log_dist = self.policy(prompts)
         reinforce = -(advantage.detach() * taken).sum(1).mean()
         repeat = -repeat_divergence(log_dist)
@@ -139,15 +135,23 @@ class RLPromptSynthesizer(TextSynthesizer):
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.backward(loss)
         self.scaler.step(self.optimizer)
-        self.pool.add(texts, teacher_logits)
-        self.last = {"reward": float(q.mean()), "repeat": float(repeat.detach())}
-        return self.last
+        self.pool.add(TextBatch(texts, teacher_logits))
+        self.metrics = {"reward": float(q.mean()), "repeat": float(repeat.detach())}
 
     def make(self, n: int) -> list[str]:
         """``n`` texts from the current prompter: every prefix of ceil(n / k) prompts, completed."""
-        count = -(-n // self.cfg.prompt_length)
+        count = -(-n // self.config.prompt_length)
         prefixes = [p for row in self.sample_prompts(count).prefixes(self.prompter[1]) for p in row]
-        return complete(self.generator, prefixes[:n], self.cfg, self.device)
+        return complete(self.language_model("generator"), prefixes[:n], self.config, self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "prompter": self.prompter[0].state_dict(),
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.prompter[0].load_state_dict(state["prompter"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 def repeat_divergence(log_dist: torch.Tensor) -> torch.Tensor:

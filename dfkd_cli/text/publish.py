@@ -14,40 +14,42 @@ from typing import Any
 import torch
 
 from dfkd_cli import __version__
-from dfkd_cli.config import RecipeConfig
+from dfkd_cli.batches import TextBatch
+from dfkd_cli.distill import Run
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.evaluate import _median_ms, agreement_report, count_params
 from dfkd_cli.measure import DEPLOYMENT_SKIPPED, check_fraction, deployment_checks, gate_result
 from dfkd_cli.report import SCHEMA_VERSION
 from dfkd_cli.runtime import Display, library_versions
+from dfkd_cli.selection import split
 from dfkd_cli.text.models import TextTeacher, load_text_teacher
-from dfkd_cli.text.synth import TextSynthesizer
 from dfkd_cli.text.trainer import TextTrainer, text_logits
 
 SAMPLES_PER_CLASS = 5  # synthesized texts per class shown in the report
 LATENCY_TEXT = "the film was a thoughtful and quietly moving portrait of a family"  # one sentence, ~15 tokens
 
 
-def publish(run_dir: Path, opts: Any, recipe: RecipeConfig, teacher: TextTeacher, trainer: TextTrainer,
-            synth: TextSynthesizer, holdout: tuple[list[str], torch.Tensor],
-            eval_table: tuple[list[str], list[int] | None] | None, run_info: dict[str, Any], display: Display) -> dict[str, Any]:
+def publish(run_dir: Path, opts: Any, run: Run, student_name: str, eval_table: tuple[list[str], list[int] | None] | None,
+            holdout: TextBatch, run_info: dict[str, Any], display: Display) -> dict[str, Any]:
     """Write the student (HF folder, safetensors, ONNX) and return the report."""
     from dfkd_cli.text.export import export_text_onnx, save_text_student
 
     display.stage("export", total=None)
+    trainer, teacher, recipe = run.trainer, run.trainer.teacher, run.recipe
     student = trainer.student.cpu().eval()
     teacher.model.cpu()
     trainer.device = torch.device("cpu")
     meta = {"class_names": teacher.class_names, "recipe": recipe.recipe.name, "teacher": str(teacher.path.resolve()),
             "teacher_sha256": teacher.sha256, "version": __version__, "max_length": trainer.max_length,
-            "student": opts.student}
+            "student": student_name}
     sizes = save_text_student(student, teacher.tokenizer, meta, run_dir)
-    texts, teacher_logits = holdout
-    half = len(texts) // 2
+    report_half = split(holdout)[1]
     onnx = run_dir / "student.onnx"
-    parity = export_text_onnx(student, teacher.tokenizer, onnx, texts[half:][:32], trainer.max_length) if deployment_checks() else None
+    parity = (export_text_onnx(student, teacher.tokenizer, onnx, report_half.texts[:32], trainer.max_length)
+              if deployment_checks() or opts.quantize == "int8" else None)  # int8 is made from student.onnx
+    int8 = _quantize(opts, run_dir, trainer, report_half, eval_table, display)
     display.stage("evaluate", total=None)
-    report_half = agreement_report(teacher_logits[half:], trainer.student_logits(texts[half:]), teacher.class_names)
+    synthetic = agreement_report(report_half.logits, trainer.student_logits(report_half.texts), teacher.class_names)
     warnings: list[str] = [] if parity else [DEPLOYMENT_SKIPPED]
     real = measure_table(teacher, trainer, eval_table, str(opts.eval_data)) if eval_table else None
     report = {
@@ -55,17 +57,32 @@ def publish(run_dir: Path, opts: Any, recipe: RecipeConfig, teacher: TextTeacher
         "teacher": {"arch": teacher.kind, "path": str(teacher.path), "sha256": teacher.sha256,
                     "num_classes": teacher.num_classes, "class_names": teacher.class_names, "params": teacher.num_params,
                     "latency_ms": _latency_ms(teacher.model, teacher.tokenizer, None)},
-        "student": {"arch": opts.student, "params": count_params(student), "layers": int(student.config.num_hidden_layers),
+        "student": {"arch": student_name, "params": count_params(student), "layers": int(student.config.num_hidden_layers),
                     "file_bytes": {"safetensors": sizes.get("student.safetensors"), "onnx": onnx.stat().st_size if parity else None},
                     "latency_ms": _latency_ms(student, teacher.tokenizer, onnx if parity else None),
                     "compression_ratio": round(teacher.num_params / count_params(student), 3)},
-        "synthetic_holdout": report_half, "eval_data": real, "onnx_parity": parity,
-        "samples": synth.pool.by_class(teacher.class_names, SAMPLES_PER_CLASS),
+        "synthetic_holdout": synthetic, "eval_data": real, "onnx_parity": parity, "int8": int8,
+        "samples": run.synth.pool.by_class(teacher.class_names, SAMPLES_PER_CLASS),
         "warnings": warnings,
         "run": {"recipe": recipe.recipe.name, "seed": opts.seed, **run_info},
     }
     report["gate"] = gate_result(opts.min_agreement, report)
     return report
+
+
+def _quantize(opts: Any, run_dir: Path, trainer: TextTrainer, report_half: TextBatch,
+              eval_table: tuple[list[str], list[int] | None] | None, display: Display) -> dict[str, Any] | None:
+    """``--quantize int8``: student.int8.onnx measured beside student.onnx (see :mod:`dfkd_cli.text.quantize`)."""
+    if opts.quantize != "int8":
+        return None
+    from dfkd_cli.text.quantize import quantize_text_and_measure
+
+    display.log("quantizing the student to int8 (dynamic quantization)")
+    eval_set = None
+    if eval_table is not None:
+        texts, labels = eval_table
+        eval_set = (TextBatch(texts, trainer.teacher_logits(texts)), torch.tensor(labels) if labels is not None else None)
+    return quantize_text_and_measure(run_dir, trainer.tokenizer, trainer.max_length, report_half, eval_set)
 
 
 def measure_table(teacher: TextTeacher | None, trainer: TextTrainer, table: tuple[list[str], list[int] | None],

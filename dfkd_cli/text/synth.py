@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
+from dfkd_cli.batches import TextBatch
 from dfkd_cli.errors import DfkdError
-from dfkd_cli.precision import LossScaler, Precision
-from dfkd_cli.synth.context import Capabilities
+from dfkd_cli.synth.base import Synthesizer
+from dfkd_cli.synth.context import Capabilities, SynthContext
 from dfkd_cli.synth.registry import register_synthesizer
 from dfkd_cli.text.models import TextTeacher
+from dfkd_cli.text.trainer import text_logits
 
-Labeler = Callable[[list[str]], torch.Tensor]  # texts -> teacher logits [N, C]
 CATEGORY = "[Category]"
 PAPER_TEMPLATES = ["A latest [Category] news", "A document about [Category]", "A [Category] movie review",
                    "[Category] sentence:"]
@@ -44,11 +45,11 @@ class TextPool:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def add(self, texts: list[str], logits: torch.Tensor) -> None:
-        logits = logits.detach().float().cpu()
+    def add(self, batch: TextBatch) -> None:
+        logits = batch.logits.detach().float().cpu()
         if self.logits is None:
             self.logits = torch.zeros(self.capacity, logits.shape[1])
-        for text, row in zip(texts, logits):
+        for text, row in zip(batch.texts, logits):
             if len(self.texts) < self.capacity:
                 self.texts.append(text)
             else:
@@ -56,10 +57,14 @@ class TextPool:
             self.logits[self._next] = row
             self._next = (self._next + 1) % self.capacity
 
-    def sample(self, n: int) -> tuple[list[str], torch.Tensor]:
-        assert self.logits is not None, "sample() before any synthesize()"
-        index = torch.randint(len(self.texts), (n,))
-        return [self.texts[i] for i in index.tolist()], self.logits[index]
+    def rows(self, index: torch.Tensor) -> TextBatch:
+        """The texts at ``index`` (slot numbers) with their logits."""
+        assert self.logits is not None, "rows() before any synthesize()"
+        return TextBatch([self.texts[i] for i in index.tolist()], self.logits[index])
+
+    def sample(self, n: int) -> TextBatch:
+        """``n`` texts drawn uniformly with replacement."""
+        return self.rows(torch.randint(len(self.texts), (n,)))
 
     def by_class(self, class_names: list[str], per_class: int) -> dict[str, list[str]]:
         """Up to ``per_class`` distinct texts the teacher assigns to each class (the newest first)."""
@@ -74,6 +79,28 @@ class TextPool:
                 bucket.append(self.texts[i])
         return shown
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"texts": list(self.texts), "logits": self.logits, "next": self._next}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
+        self.texts, self._next = list(state["texts"]), int(state["next"])
+        self.logits = state["logits"].cpu() if state["logits"] is not None else None
+
+
+class TextCorpus:
+    """The sentences of ``--prior``, shuffled once: the first ``holdout`` are never trained on."""
+
+    def __init__(self, sentences: list[str], holdout: int) -> None:
+        if len(sentences) < holdout + 1:
+            raise DfkdError(f"--prior has {len(sentences)} usable sentences, fewer than the {holdout} held out "
+                            "(train.holdout) plus one; give a larger corpus or lower train.holdout")
+        order = torch.randperm(len(sentences)).tolist()
+        self.held_out = [sentences[i] for i in order[:holdout]]
+        self.training = [sentences[i] for i in order[holdout:]]
+
+    def describe(self) -> dict[str, Any]:
+        return {"sentences": len(self.held_out) + len(self.training), "held_out": len(self.held_out)}
+
 
 @dataclass
 class TextConfig:
@@ -84,45 +111,50 @@ class TextConfig:
     max_length: int = 128  # tokens the teacher and student read (longer texts are truncated)
 
 
-class TextSynthesizer:
-    """Base class: a pool of labelled texts filled by ``make(n)``."""
+class TextSynthesizer(Synthesizer):
+    """Base class of the text synthesizers: ``make(n)`` writes texts, which the teacher labels
+    (:meth:`make_batch`) and the pool keeps. Language models (``--generator``, ``--prompter``) come
+    in ``context.language_models``; the corpus of ``--prior`` is ``context.prior`` (a :class:`TextCorpus`)."""
 
-    Config: type = TextConfig
-    loss_terms: tuple[str, ...] = ()
-    capabilities: ClassVar[Capabilities] = Capabilities()  # uses_prior: reads --prior (a text corpus)
-    needs: tuple[str, ...] = ()  # "generator", "prompter": the language models the recipe needs
+    Config: ClassVar[type] = TextConfig
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    needs: ClassVar[tuple[str, ...]] = ()  # "generator", "prompter": the language models the recipe needs
 
-    def __init__(self, teacher: TextTeacher, cfg: Any, loss: dict[str, float], device: torch.device) -> None:
-        self.teacher, self.cfg, self.loss, self.device = teacher, cfg, loss, device
-        self.pool = TextPool(cfg.pool_size)
-        self.label: Labeler | None = None  # set by the pipeline: the trainer's teacher forward
-        self.generator: Any = None  # (model, tokenizer) of --generator
-        self.prompter: Any = None  # (model, tokenizer) of --prompter
-        self.corpus: list[str] | None = None  # sentences of --prior
-        self.student_logits: Labeler | None = None  # the student's forward (the adversarial reward)
-        self.scaler = LossScaler()  # loss scaling of a trained prompter (fp16)
+    def __init__(self, context: SynthContext, config: Any, loss: dict[str, float]) -> None:
+        super().__init__(context, config, loss)
+        self.pool = TextPool(config.pool_size)  # type: ignore[assignment]
+        self.max_length = min(config.max_length, context.teacher.max_positions)
+        self.metrics: dict[str, float] = {}  # the last round's numbers for the display
 
-    def use_precision(self, precision: Precision) -> None:
-        self.scaler = precision.scaler()
+    @property
+    def teacher(self) -> TextTeacher:
+        return self.context.teacher
+
+    def language_model(self, name: str) -> tuple[Any, Any]:
+        """The ``(model, tokenizer)`` given as ``--{name}``."""
+        lm = self.context.language_models.get(name)
+        if lm is None:
+            raise RuntimeError(f"this recipe needs --{name}: build the synthesizer with SynthContext(language_models=...)")
+        return lm
+
+    def label(self, texts: list[str]) -> torch.Tensor:
+        """The teacher's float32 logits on ``texts`` (CPU)."""
+        return text_logits(self.teacher.model, self.teacher.tokenizer, texts, self.max_length, self.device)
 
     def make(self, n: int) -> list[str]:
         """``n`` new texts."""
         raise NotImplementedError
 
-    def synthesize(self) -> dict[str, float]:
-        """Make ``synth.batch_size`` texts, label them with the teacher and add them to the pool."""
-        assert self.label is not None
-        texts = self.make(self.cfg.batch_size)
-        self.pool.add(texts, self.label(texts))
-        return {}
+    def make_batch(self, n: int) -> TextBatch:
+        texts = self.make(n)
+        return TextBatch(texts, self.label(texts))
 
-    def sample(self, n: int) -> tuple[list[str], torch.Tensor]:
-        """A training batch: texts and the teacher's logits for them."""
-        return self.pool.sample(n)
-
-    def holdout(self, n: int) -> list[str]:
+    def holdout(self, n: int) -> TextBatch:  # type: ignore[override]
         """Fresh texts kept out of training, for selecting and reporting the student."""
-        return self.make(n)
+        return self.make_batch(n)
+
+    def status(self) -> dict[str, float]:
+        return {"pool": len(self.pool), **self.metrics}
 
 
 @dataclass
@@ -139,14 +171,14 @@ class RandomTextSynthesizer(TextSynthesizer):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        if not 1 <= self.cfg.min_tokens <= self.cfg.max_tokens:
-            raise DfkdError(f"synth.min_tokens ({self.cfg.min_tokens}) must be at least 1 and at most synth.max_tokens ({self.cfg.max_tokens})")
+        if not 1 <= self.config.min_tokens <= self.config.max_tokens:
+            raise DfkdError(f"synth.min_tokens ({self.config.min_tokens}) must be at least 1 and at most synth.max_tokens ({self.config.max_tokens})")
         tokenizer = self.teacher.tokenizer
         special = set(tokenizer.all_special_ids)
         self.token_ids = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
 
     def make(self, n: int) -> list[str]:
-        lengths = torch.randint(self.cfg.min_tokens, self.cfg.max_tokens + 1, (n,)).tolist()
+        lengths = torch.randint(self.config.min_tokens, self.config.max_tokens + 1, (n,)).tolist()
         ids = [self.token_ids[torch.randint(len(self.token_ids), (k,))].tolist() for k in lengths]
         return self.teacher.tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
 
@@ -157,21 +189,19 @@ class UnlabeledTextSynthesizer(TextSynthesizer):
 
     capabilities = Capabilities(uses_prior=True)
 
-    def attach_corpus(self, sentences: list[str], holdout: int) -> None:
-        """Shuffle the corpus once; the first ``holdout`` sentences are never trained on."""
-        if len(sentences) < holdout + 1:
-            raise DfkdError(f"--prior has {len(sentences)} usable sentences, fewer than the {holdout} held out "
-                            "(train.holdout) plus one; give a larger corpus or lower train.holdout")
-        order = torch.randperm(len(sentences)).tolist()
-        self.held_out = [sentences[i] for i in order[:holdout]]
-        self.corpus = [sentences[i] for i in order[holdout:]]
+    @property
+    def corpus(self) -> TextCorpus:
+        if not isinstance(self.context.prior, TextCorpus):
+            raise RuntimeError("unlabeled-text reads --prior: build the synthesizer with SynthContext(prior=TextCorpus(...))")
+        return self.context.prior
 
     def make(self, n: int) -> list[str]:
-        assert self.corpus is not None
-        return [self.corpus[i] for i in torch.randint(len(self.corpus), (n,)).tolist()]
+        training = self.corpus.training
+        return [training[i] for i in torch.randint(len(training), (n,)).tolist()]
 
-    def holdout(self, n: int) -> list[str]:
-        return self.held_out[:n]
+    def holdout(self, n: int) -> TextBatch:
+        texts = self.corpus.held_out[:n]
+        return TextBatch(texts, self.label(texts))
 
 
 @dataclass
@@ -227,8 +257,8 @@ class ManualPromptSynthesizer(TextSynthesizer):
         """``n`` prompts, the classes taking turns so every class is asked for equally."""
         names = self.teacher.class_names
         start = random.randrange(len(names))
-        return [random.choice(self.cfg.templates).replace(CATEGORY, names[(start + i) % len(names)]) for i in range(n)]
+        return [random.choice(self.config.templates).replace(CATEGORY, names[(start + i) % len(names)]) for i in range(n)]
 
     def make(self, n: int) -> list[str]:
-        return complete(self.generator, self.prompts(n), self.cfg, self.device)
+        return complete(self.language_model("generator"), self.prompts(n), self.config, self.device)
 

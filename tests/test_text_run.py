@@ -1,0 +1,122 @@
+"""Text runs go through the image runs' loop, supervisor and race: checkpoints and ``--resume``
+(bit for bit on CPU), clean stops, divergence rollback and ``--recipe auto`` races."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dfkd_cli import supervise
+from dfkd_cli.text.trainer import TextTrainer
+
+from test_resume import _nothing_published, _stop_at
+from test_text_cli import FAST, GENERATE, run, text_files  # noqa: F401  (the module fixture)
+
+RL = ["--recipe", "promptdfd-rl", "-s", "synth.prompt_length=2", *GENERATE, "-s", "train.checkpoint_every=4",
+      "-s", "synth.lr=0.05"]  # a prompter that changes visibly, so its state matters to the resumed run
+
+
+def _rl(files: dict[str, Path], out: Path, *extra: str):
+    return run("compress", files["bert"], "--generator", files["gpt2"], "--prompter", files["gpt2"], *RL,
+               "--out", out, *FAST, *extra)
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "student.safetensors")
+
+
+@pytest.mark.slow
+def test_an_interrupted_text_run_resumes_to_the_same_student(text_files, tmp_path, monkeypatch) -> None:
+    # Publish the last weights, not the selected ones: the toy teacher's bert-1 may already agree
+    # fully at step 0, and a selected starting student would hide any difference in training.
+    monkeypatch.setattr(TextTrainer, "restore_best", lambda self: self.student.eval())
+    whole = _rl(text_files, tmp_path / "whole", "--steps", "10")
+    assert whole.exit_code == 0, (whole.stderr, whole.exception)
+    with monkeypatch.context() as patch:
+        _stop_at(patch, 7)  # between checkpoints (every 4) and mid-round (4 steps per prompter round)
+        stopped = _rl(text_files, tmp_path / "split", "--steps", "10")
+    assert stopped.exit_code == 130, stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == ("error: stopped by SIGINT at student step 7; checkpoint saved, "
+                                                       f"continue with: dfkd compress --resume {tmp_path / 'split'}")
+    assert _nothing_published(tmp_path / "split")
+    resumed = run("compress", "--resume", tmp_path / "split", "--format", "json")
+    assert resumed.exit_code == 0, (resumed.stderr, resumed.exception)
+    report = json.loads(resumed.stdout)
+    assert report["run"]["resumed_from_step"] == 7 and report["run"]["steps"] == 10
+    whole_w, split_w = _weights(tmp_path / "whole"), _weights(tmp_path / "split")
+    assert whole_w.keys() == split_w.keys() and all(torch.equal(whole_w[k], split_w[k]) for k in whole_w)
+    assert not (tmp_path / "split" / "checkpoints").exists()
+
+
+def test_resuming_a_text_run_refuses_other_flags(text_files, tmp_path, monkeypatch) -> None:
+    with monkeypatch.context() as patch:
+        _stop_at(patch, 3)
+        assert _rl(text_files, tmp_path / "r").exit_code == 130
+    again = run("compress", "--resume", tmp_path / "r", "--steps", "9")
+    assert again.exit_code == 2
+    assert again.stderr.strip() == "error: --resume continues a run with the settings it started with; leave out --steps"
+
+
+def test_a_non_finite_text_loss_rolls_back_and_halves_the_student_lr(text_files, tmp_path, monkeypatch) -> None:
+    step = TextTrainer.step
+    calls = {"n": 0}
+
+    def poisoned(self, batch):
+        calls["n"] += 1
+        loss = step(self, batch)
+        return float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(TextTrainer, "step", poisoned)
+    result = run("compress", text_files["bert"], "--recipe", "random-text", "--out", tmp_path / "r", *FAST)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    health = json.loads(result.stdout)["run"]["health"]
+    assert health["rollbacks"] == 1 and health["lr_scales"]["student"] == supervise.LR_FACTOR
+    assert "rolled back to step" in result.stderr
+
+
+def test_auto_races_the_text_recipes_the_inputs_allow(text_files, tmp_path) -> None:
+    out = tmp_path / "race"
+    result = run("compress", text_files["bert"], "--prior", text_files["corpus"], "--generator", text_files["gpt2"],
+                 "--race-share", "0.5", "--out", out, *FAST)
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    race = json.loads(result.stdout)["run"]["race"]
+    entrants = [row["recipe"] for row in race["entrants"]]
+    assert sorted(entrants) == ["promptdfd-manual", "random-text", "unlabeled-text"]  # not promptdfd-rl: no --prompter
+    assert race["winner"] in entrants and all(row["steps"] == 1 for row in race["entrants"])  # 6 steps x 0.5 / 3
+    config = tomllib.loads((out / "config.toml").read_text())
+    assert config["run"]["recipe"] == race["winner"] == json.loads(result.stdout)["run"]["recipe"]
+
+
+def test_race_share_needs_recipe_auto(text_files, tmp_path) -> None:
+    result = run("compress", text_files["bert"], "--recipe", "random-text", "--race-share", "0.3", "--out", tmp_path / "r", *FAST)
+    assert result.exit_code == 2 and not (tmp_path / "r").exists()
+    assert result.stderr.strip() == ("error: --race-share races the recipes of --recipe auto; --recipe random-text runs one, "
+                                     "leave it out")
+
+
+def test_a_text_race_refuses_settings_of_one_recipe(text_files, tmp_path) -> None:
+    result = run("compress", text_files["bert"], "--prior", text_files["corpus"], "--race-share", "0.5",
+                 "--out", tmp_path / "r", *FAST, "-s", "synth.max_tokens=9")
+    assert result.exit_code == 2 and not (tmp_path / "r").exists()
+    assert result.stderr.strip().startswith("error: -s synth.max_tokens=9 names a setting of one recipe")
+
+
+def test_quantize_int8_writes_and_measures_a_dynamic_int8_text_student(text_files, tmp_path) -> None:
+    out = tmp_path / "q"
+    result = run("compress", text_files["bert"], "--recipe", "random-text", "--quantize", "int8",
+                 "--eval-data", text_files["dev"], "--min-agreement", "0.5", "--out", out, *FAST)
+    assert result.exit_code in (0, 1), (result.stderr, result.exception)
+    assert result.stdout.startswith("{"), (result.stdout, result.stderr)
+    report = json.loads(result.stdout)
+    int8 = report["int8"]
+    assert (out / "student.int8.onnx").is_file() and int8["file_bytes"]["int8"] < int8["file_bytes"]["fp32"]
+    assert int8["synthetic"]["n"] == 16 and int8["eval_data"]["n"] == 60  # the report half of 32; every dev row
+    assert int8["eval_data"]["int8_vs_fp32_top1"] >= 0.9 and "int8_accuracy" in int8["eval_data"]
+    assert report["gate"]["measured_on"] == "int8 student, eval data"
+    assert report["gate"]["measured"] == int8["eval_data"]["int8_top1_agreement"]
+    assert result.exit_code == (0 if report["gate"]["passed"] else 1)
