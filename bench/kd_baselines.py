@@ -74,7 +74,7 @@ def distil(trainer: StudentTrainer, teacher: Teacher, x_train: torch.Tensor, x_s
            cfg: TrainConfig, budget: Budget, device: torch.device, seed: int) -> None:
     """KD steps on real uint8 batches until ``cfg.steps`` or the time budget, selecting on the
     normalised ``x_select`` every ``eval_every`` steps. The schedule follows the budget as in ``dfkd compress``."""
-    trainer.time_progress = budget.fraction
+    trainer.follow_clock(budget.fraction)
     t_select = predict_classes(trainer.teacher, x_select)
     for batch in batches(x_train, cfg.batch_size, seed):
         if trainer.steps_done >= cfg.steps or budget.expired():

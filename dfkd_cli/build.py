@@ -77,8 +77,7 @@ class RunBuilder:
         model = self._student()  # the trainer trains this very module, the synthesizer sees it live
         synth = self.synthesizer(recipe, self.context(recipe, model, self.world, on_spill=display.log))
         trainer = StudentTrainer(model, self.teacher.model, recipe.train, self.device,
-                                 input_shape=self.teacher.input_shape, precision=self.precision)
-        trainer.world = self.world
+                                 input_shape=self.teacher.input_shape, precision=self.precision, world=self.world)
         if recipe.train.attention:
             display.log(trainer.attention.note)
         if self.world.active:

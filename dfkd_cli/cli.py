@@ -189,8 +189,6 @@ def compress(
     if nproc is not None and nproc > 1:
         from dfkd_cli.distributed import launch
 
-        if teacher is not None and _is_text_folder(teacher, arch):
-            raise DfkdError("--nproc: text runs use one process; leave it out")
         raise typer.Exit(launch(nproc, _without_nproc(sys.argv[1:])))
     flags = dict(teacher=teacher, arch=arch, student=student, recipe=recipe, out=out, steps=steps,
                  time_budget_s=_time_budget_flag(time_budget), input_shape=input_shape,
@@ -276,6 +274,8 @@ def _compress_text(flags: dict[str, Any], overrides: list[str], overwrite: bool,
         report = compress_text(opts, recipes, display)
     finally:
         display.close()
+    if report is None:  # a distributed run's other ranks: rank 0 reports
+        return
     render_compress(report, output_format.value)
     _check_gate(report)
 

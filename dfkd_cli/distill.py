@@ -87,7 +87,7 @@ class Run:
 def wire(run: Run, budget: Budget) -> None:
     """Let the run's schedules and synthesis follow ``budget`` (and the recipe's step count)."""
     steps = max(run.recipe.train.steps, 1)
-    run.trainer.time_progress = budget.fraction
+    run.trainer.follow_clock(budget.fraction)
     run.synth.hooks.follow(progress=lambda: max(run.trainer.steps_done / steps, budget.fraction()),
                            stop=lambda it, total, parts: budget.expired())
 

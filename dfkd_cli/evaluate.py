@@ -384,7 +384,7 @@ def torch_latency_ms(
     x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0))
     try:
         with torch.inference_mode():
-            return _median_ms(lambda: module(x), warmup, iters)
+            return median_ms(lambda: module(x), warmup, iters)
     finally:
         module.train(was_training)
 
@@ -402,10 +402,10 @@ def onnx_latency_ms(
 
     session = onnx_session(Path(path))
     feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((batch_size, *input_shape), dtype=np.float32)}
-    return _median_ms(lambda: session.run(None, feed), warmup, iters)
+    return median_ms(lambda: session.run(None, feed), warmup, iters)
 
 
-def _median_ms(run: Callable[[], object], warmup: int, iters: int) -> float:
+def median_ms(run: Callable[[], object], warmup: int, iters: int) -> float:
     """Median milliseconds of up to ``iters`` timed calls after up to ``warmup`` untimed ones; once
     ``LATENCY_BUDGET_S`` has passed, warm-up stops (after one call) and so does timing (after three)."""
     if iters < 1:

@@ -319,7 +319,7 @@ def _run_exporter(model: nn.Module, path: Path, input_shape: tuple[int, int, int
                 verbose=False,
             )
     except Exception as error:  # the exporter raises many types; all mean the same to the user
-        raise ExportError(f"ONNX export failed ({_root_cause(error)}); the PyTorch student was saved, report this as a bug") from error
+        raise ExportError(f"ONNX export failed ({root_cause(error)}); the PyTorch student was saved, report this as a bug") from error
     written_opset, batch_dim = _onnx_signature(path)
     if not isinstance(batch_dim, str):
         raise ExportError(
@@ -329,7 +329,7 @@ def _run_exporter(model: nn.Module, path: Path, input_shape: tuple[int, int, int
     return written_opset
 
 
-def _root_cause(error: BaseException) -> str:
+def root_cause(error: BaseException) -> str:
     """``Type: first line`` of the innermost exception in the chain, without terminal colour codes."""
     while error.__cause__ is not None:
         error = error.__cause__
@@ -361,7 +361,7 @@ def _measure_parity(model: nn.Module, path: Path, rows: torch.Tensor) -> tuple[f
     try:
         session = onnx_session(path)
     except Exception as error:  # onnxruntime raises its own exception types
-        raise ExportError(f"onnxruntime cannot load the exported ONNX model ({_root_cause(error)}); report this as a bug") from error
+        raise ExportError(f"onnxruntime cannot load the exported ONNX model ({root_cause(error)}); report this as a bug") from error
     max_abs_diff, agreeing, start, scale = 0.0, 0, 0, 0.0
     for batch_size in PARITY_BATCH_SIZES:
         batch = rows[start : start + batch_size]
@@ -371,7 +371,7 @@ def _measure_parity(model: nn.Module, path: Path, rows: torch.Tensor) -> tuple[f
             actual = onnx_predict(session, batch.numpy())
         except Exception as error:  # onnxruntime raises its own exception types
             raise ExportError(
-                f"the exported ONNX model fails at batch size {batch_size} ({_root_cause(error)}); report this as a bug"
+                f"the exported ONNX model fails at batch size {batch_size} ({root_cause(error)}); report this as a bug"
             ) from error
         if actual.shape != expected.shape:
             raise ExportError(

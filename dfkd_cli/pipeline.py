@@ -6,7 +6,6 @@ every artefact exists, so a failed run never leaves files that look like a finis
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,18 +23,16 @@ from dfkd_cli.measure import deployment_checks, eval_data_warnings, gate_result,
 from dfkd_cli.prior import PriorData
 from dfkd_cli.report import SCHEMA_VERSION, grid_sample_size, save_sample_grid, write_report
 from dfkd_cli.precision import Precision, channels_last, contiguous, loss_scales, resolve_precision
-from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, hardware_description, library_versions,
-                              resolve_device, seed_everything)
+from dfkd_cli.runtime import Display, Stopwatch, library_versions, seed_everything
 from dfkd_cli.build import RunBuilder
 from dfkd_cli.distill import Run
 from dfkd_cli.planner import make_plan
 from dfkd_cli.distributed import World
-from dfkd_cli.race import RACE_SHARE, distill_recipes
+from dfkd_cli.race import RACE_SHARE
 from dfkd_cli.resume import resume_state
-from dfkd_cli.rundir import claim_out_dir, drop_checkpoints, keep_failed, move_into_place, staging_dir
-from dfkd_cli.selection import stability
+from dfkd_cli.rundir import drop_checkpoints, keep_failed, move_into_place, staging_dir
 from dfkd_cli.synth import Synthesizer, synthesizer_class
-from dfkd_cli.supervise import Supervisor
+from dfkd_cli.session import Budgeting, Session, distill_session, run_processes
 from dfkd_cli.synth.generator import largest_batch_size
 from dfkd_cli.synthetic_set import SyntheticSet, load_synthetic_set, save_synthetic_set
 from dfkd_cli.sources import student_source
@@ -121,19 +118,10 @@ def compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displa
     distils alone; several race for a share of the budget first (``--recipe auto``). In a
     distributed run every rank trains and rank 0 alone writes and returns the report (the others
     return None)."""
-    world = World.from_env()
     out = opts.out or default_out_dir(opts)
     inputs = [opts.teacher, opts.labels, opts.eval_data, opts.prior, opts.from_synthetic]
-    # rank 0 checks, locks and writes OUT; the other ranks write nothing (and may see another file system)
-    with claim_out_dir(out, opts.overwrite, opts.resume, inputs) if world.is_main else contextlib.nullcontext():
-        if opts.resume and world.active:
-            raise DfkdError("--resume continues single-process runs; distributed runs do not checkpoint yet")
-        device = world.device(resolve_device(opts.device))
-        world.start(device)
-        try:
-            return _compress(opts, recipes, display, out, device, world)
-        finally:
-            world.stop()
+    with run_processes(out, opts.overwrite, opts.resume, inputs, opts.device) as (world, device):
+        return _compress(opts, recipes, display, out, device, world)
 
 
 def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Display, out: Path, device: torch.device,
@@ -167,34 +155,24 @@ def _compress(opts: CompressOptions, recipes: list[RecipeConfig], display: Displ
     def settings(run: Run) -> str:  # checkpoints/run.toml: what --resume repeats (a race's winner)
         return dump_toml({"run": {**opts.to_dict(), "recipe": run.name}, **run.recipe.to_dict()})
 
-    with StopRequest() as stop:
-        used = (resume["elapsed"] if resume else 0.0) + watch.total  # loading and planning count too
-        used = world.maximum([used])[0] if world.active else used  # one clock for every rank
-        budget = Budget(_distill_seconds(opts.time_budget_s, plan.export_s), used, stop, world)
-        budget.paces = world.any(plan.budget_binds or len(recipes) > 1)  # every rank on one schedule
-        supervisor = Supervisor(out, recipes[0].train, budget, display, teacher.sha256, settings, resume)
-        run, holdout, race = distill_recipes(recipes, make_run, budget, display, supervisor, opts.race_share)
-    if race is not None:
-        opts = dataclasses.replace(opts, recipe=run.name)  # config.toml repeats the winner, not the race
-    student = run.trainer.restore_best()
-    processes = {"count": world.size, "identical_students": world.identical(student)} if world.active else None
-    student = contiguous(student.cpu())
+    session = Session(out, device, world, precision, display, teacher.sha256, resume, started)
+    budgeting = Budgeting(_distill_seconds(opts.time_budget_s, plan.export_s),  # export and evaluation fit in too
+                          paces=plan.budget_binds or len(recipes) > 1, elapsed=watch.total)
+    done = distill_session(session, recipes, make_run, budgeting, settings, opts.race_share)
+    student = contiguous(done.run.trainer.student.cpu()) if done else None  # selected by distill_session
     contiguous(teacher.to(torch.device("cpu")).model)
     watch.lap("distill")
-    if not world.is_main:
+    if done is None:  # another rank of a distributed run: rank 0 publishes
         return None
-
-    run_info = {"started": started.isoformat(timespec="seconds"), "device": str(device),
-                "hardware": hardware_description(device), "steps": run.trainer.steps_done,
-                "best_step": run.trainer.best_step, "out": str(out), "prior": prior.describe() if prior else None,
+    run = done.run
+    if done.race is not None:
+        opts = dataclasses.replace(opts, recipe=run.name)  # config.toml repeats the winner, not the race
+    run_info = {**done.run_info, "prior": prior.describe() if prior else None,
                 "from_synthetic": str(opts.from_synthetic.resolve()) if opts.from_synthetic else None,
-                "stability": stability(run.curve), "race": race, "synthetic_saved": opts.save_synthetic,
-                "resumed_from_step": resume["run"]["trainer"]["steps_done"] if resume else None,
-                "precision": precision.name, "loss_scale": loss_scales(student=run.trainer.scaler, synthesizer=run.synth.scaler),
-                "channels_last": run.recipe.train.channels_last, "compiled": opts.compile,
-                "throughput": run.meter.to_dict(), "processes": processes, "plan": plan.to_dict(),
-                "health": {**supervisor.report(), "warnings": supervisor.warnings}}
-    result = Distilled(teacher, student, run.synth, holdout, eval_data, _training_set(opts, run), run_info)
+                "synthetic_saved": opts.save_synthetic,
+                "loss_scale": loss_scales(student=run.trainer.scaler, synthesizer=run.synth.scaler),
+                "channels_last": run.recipe.train.channels_last, "compiled": opts.compile, "plan": plan.to_dict()}
+    result = Distilled(teacher, student, run.synth, done.holdout, eval_data, _training_set(opts, run), run_info)
     return _publish(out, opts, run.recipe, result, display, watch)
 
 

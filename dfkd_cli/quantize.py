@@ -144,5 +144,9 @@ def quantize_run(run_dir: Path, eval_data_path: Path | None = None, min_agreemen
             eval_data = load_eval_data(eval_data_path, meta.input_shape, meta.mean, meta.std, list(meta.class_names))
         report["int8"] = quantize_and_measure(run_dir, teacher.model, teacher.input_shape, holdout, eval_data)
         report["gate"] = gate_result(min_agreement, report)
-        write_report(run_dir, report)
+        try:
+            write_report(run_dir, report)
+        except ValueError as error:  # a report another dfkd version wrote, or one edited by hand
+            raise DfkdError(f"'{run_dir / 'report.json'}' does not follow this dfkd's report schema ({error}); "
+                            "make the run again with this version") from None
     return report

@@ -1,11 +1,13 @@
 """The run report: one versioned JSON document, a Markdown rendering of it, and a grid of samples.
 
-``report.json`` is the source of truth; ``report.md`` is rendered from that dict alone, so the two
-never disagree.
+``report.json`` is the source of truth. :func:`write_report` reads the pipeline's dict into the
+typed :class:`~dfkd_cli.report_model.Report` (which checks every key against the published schema,
+docs/report.schema.json), writes that report's JSON and renders ``report.md`` from the same object,
+so the two never disagree.
 
 Example:
     >>> write_report(run_dir, {"schema_version": SCHEMA_VERSION, "dfkd_version": "0.1.0",
-    ...                        "run": {...}, "teacher": {...}, "student": {...}})
+    ...                        "run": {...}, "teacher": {...}, "student": {...}, ...})
     >>> sorted(p.name for p in run_dir.iterdir())
     ['report.json', 'report.md']
 """
@@ -23,11 +25,11 @@ import numpy as np
 import torch
 
 from dfkd_cli.atomic import atomic_write, replace, temporary_sibling
+from dfkd_cli.report_model import (SCHEMA_VERSION, Agreement, EvalData, Gate, Int8, OnnxParity, Race, Report, Run,
+                                   Student, StudentFiles, Teacher)
 
-__all__ = ["REQUIRED_KEYS", "SCHEMA_VERSION", "grid_sample_size", "render_markdown", "save_sample_grid", "write_report"]
+__all__ = ["SCHEMA_VERSION", "grid_sample_size", "render_markdown", "save_sample_grid", "typed_report", "write_report"]
 
-SCHEMA_VERSION = 1
-REQUIRED_KEYS = ("schema_version", "dfkd_version", "run", "teacher", "student")
 STAGES = ("load", "synthesize", "train", "export", "evaluate", "total")
 MAX_CLASS_ROWS = 100  # per-class table rows in report.md before only the weakest classes are listed
 MAX_GRID_CLASSES = 100
@@ -45,23 +47,25 @@ def grid_sample_size(num_classes: int) -> int:
 def write_report(run_dir: Path, report: dict[str, Any]) -> None:
     """Validate ``report`` and write ``report.json`` and ``report.md`` into ``run_dir`` atomically.
 
-    Non-finite floats become ``null`` (strict JSON), paths become strings; ``report.md`` is rendered
-    from exactly what ``report.json`` holds. Raises ``ValueError`` when a top-level key is missing or
-    ``schema_version`` is not :data:`SCHEMA_VERSION`.
+    Non-finite floats become ``null`` (strict JSON), paths become strings; the result is read into
+    a typed :class:`Report` (``ValueError`` naming the first key that is missing, unknown or of the
+    wrong type, or a ``schema_version`` other than :data:`SCHEMA_VERSION`), and both files are
+    written from it. The caller's dict is not changed.
 
     Example:
         >>> write_report(Path("runs/x"), report)
     """
-    missing = [key for key in REQUIRED_KEYS if key not in report]
-    if missing:
-        raise ValueError(f"report lacks top-level key(s) {', '.join(missing)}")
-    if report["schema_version"] != SCHEMA_VERSION:
-        raise ValueError(f"report schema_version is {report['schema_version']!r}, this dfkd writes {SCHEMA_VERSION}")
-    text = json.dumps(_json_ready(report), indent=2, sort_keys=False, allow_nan=False, ensure_ascii=False)
+    typed = typed_report(report)
+    text = json.dumps(typed.to_dict(), indent=2, sort_keys=False, allow_nan=False, ensure_ascii=False)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "report.json", text + "\n")
-    atomic_write(run_dir / "report.md", render_markdown(json.loads(text)))
+    atomic_write(run_dir / "report.md", render_markdown(typed))
+
+
+def typed_report(report: dict[str, Any]) -> Report:
+    """``report`` (as the pipeline builds it: paths, numpy scalars, NaN allowed) as a checked :class:`Report`."""
+    return Report.from_dict(_json_ready(report))
 
 
 def _json_ready(value: Any) -> Any:
@@ -79,122 +83,130 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    """Render a report dict as Markdown; every optional section may be missing or ``None``.
+def render_markdown(report: Report | dict[str, Any]) -> str:
+    """Render a report as Markdown. A dict is read leniently (``Report.from_dict(partial=True)``):
+    every optional section may be missing or ``None``.
 
     Example:
         >>> render_markdown(report).splitlines()[0]
         '# dfkd report: resnet34 → resnet8'
     """
-    teacher, student = report.get("teacher") or {}, report.get("student") or {}
+    if not isinstance(report, Report):
+        report = Report.from_dict(_json_ready(report), partial=True)
+    teacher, student = report.teacher or Teacher.blank(), report.student or Student.blank()
+    run = report.run or Run.blank()
     sections = [
-        f"# dfkd report: {teacher.get('arch', '?')} → {student.get('arch', '?')}",
-        _run_line(report),
-        _summary_section(report),
+        f"# dfkd report: {_known(teacher.arch)} → {_known(student.arch)}",
+        _run_line(report.dfkd_version, run),
+        _summary_section(report, run),
         _models_section(teacher, student),
-        _warnings_section(report.get("warnings") or []),
-        _race_section((report.get("run") or {}).get("race")),
-        _per_class_section(report.get("synthetic_holdout"), report.get("eval_data")),
-        _text_samples_section(report.get("samples")),
-        _timings_section(report.get("run") or {}),
-        _config_section((report.get("run") or {}).get("config")),
-        _versions_section(report),
+        _warnings_section(report.warnings or []),
+        _race_section(run.race),
+        _per_class_section(report.synthetic_holdout, report.eval_data),
+        _text_samples_section(report.samples),
+        _timings_section(run),
+        _config_section(run.config),
+        _versions_section(run.versions),
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
 
 
-def _run_line(report: dict[str, Any]) -> str:
-    run = report.get("run") or {}
-    parts = [f"dfkd {report.get('dfkd_version', '?')}", f"recipe `{run.get('recipe', '?')}`", f"seed {run.get('seed', '?')}"]
-    parts += [str(run[key]) for key in ("device", "hardware") if run.get(key)]
-    if run.get("steps") is not None:
-        parts.append(f"{run['steps']} steps")
-    if run.get("started"):
-        parts.append(f"started {run['started']}")
+def _known(value: Any) -> str:
+    return "?" if value is None else str(value)
+
+
+def _run_line(dfkd_version: str | None, run: Run) -> str:
+    parts = [f"dfkd {_known(dfkd_version)}", f"recipe `{_known(run.recipe)}`", f"seed {_known(run.seed)}"]
+    parts += [value for value in (run.device, run.hardware) if value]
+    if run.steps is not None:
+        parts.append(f"{run.steps} steps")
+    if run.started:
+        parts.append(f"started {run.started}")
     return " · ".join(parts)
 
 
-def _summary_section(report: dict[str, Any]) -> str:
-    synthetic, real = report.get("synthetic_holdout") or {}, report.get("eval_data") or {}
-    rows = [("Gate", _gate_text(report.get("gate")))]
+def _summary_section(report: Report, run: Run) -> str:
+    synthetic, real = report.synthetic_holdout, report.eval_data
+    rows = [("Gate", _gate_text(report.gate))]
     if synthetic:
-        rows.append((f"Top-1 agreement, synthetic hold-out (n={synthetic.get('n', '?')})", _percent(synthetic.get("top1_agreement"))))
+        rows.append((f"Top-1 agreement, synthetic hold-out (n={_known(synthetic.n)})", _percent(synthetic.top1_agreement)))
     if real:
-        rows.append((f"Top-1 agreement, eval data (n={real.get('n', '?')})", _percent(real.get("top1_agreement"))))
-        for who in ("teacher", "student"):
-            if f"{who}_accuracy" in real:
-                rows.append((f"{who.capitalize()} accuracy, eval data", _percent(real[f"{who}_accuracy"])))
-    rows += _int8_rows(report.get("int8"))
-    curve = (report.get("run") or {}).get("stability")
+        rows.append((f"Top-1 agreement, eval data (n={_known(real.n)})", _percent(real.top1_agreement)))
+        for who, accuracy in (("teacher", real.teacher_accuracy), ("student", real.student_accuracy)):
+            if accuracy is not None:
+                rows.append((f"{who.capitalize()} accuracy, eval data", _percent(accuracy)))
+    rows += _int8_rows(report.int8)
+    curve = run.stability
     if curve:
-        rows.append((f"Agreement along the run ({curve['evaluations']} evaluations, synthetic)",
-                     f"mean {curve['mean']:.2f}%, variance {curve['variance']:.2f}, max {curve['max']:.2f}%"))
-    prior = (report.get("run") or {}).get("prior")
+        rows.append((f"Agreement along the run ({curve.evaluations} evaluations, synthetic)",
+                     f"mean {curve.mean:.2f}%, variance {curve.variance:.2f}, max {curve.max:.2f}%"))
+    prior = run.prior
     if prior:
-        rows.append(("Prior images (--prior)", f"{prior['images']:,} in {_escape(prior['path'])}, "
-                     f"{prior['skipped_unreadable']:,} unreadable skipped"))
-    ratio = (report.get("student") or {}).get("compression_ratio")
+        rows.append(("Prior images (--prior)", f"{prior.images:,} in {_escape(prior.path)}, "
+                     f"{prior.skipped_unreadable:,} unreadable skipped"))
+    ratio = report.student.compression_ratio if report.student else None
     rows.append(("Compression (teacher / student parameters)", f"{ratio:.1f}×" if isinstance(ratio, (int, float)) else "–"))
-    rows.append(("ONNX parity", _parity_text(report.get("onnx_parity"))))
+    rows.append(("ONNX parity", _parity_text(report.onnx_parity)))
     return "## Summary\n\n" + _table(("Metric", "Value"), rows)
 
 
-def _int8_rows(int8: dict[str, Any] | None) -> list[tuple[str, str]]:
+def _int8_rows(int8: Int8 | None) -> list[tuple[str, str]]:
     if not int8:
         return []
     rows = []
-    for source, title in (("synthetic", "synthetic hold-out"), ("eval_data", "eval data")):
-        part = int8.get(source)
+    for part, title in ((int8.synthetic, "synthetic hold-out"), (int8.eval_data, "eval data")):
         if part:
-            rows.append((f"int8 ONNX top-1 agreement, {title} (n={part['n']})",
-                         f"{_percent(part['int8_top1_agreement'])} (fp32 ONNX {_percent(part['fp32_top1_agreement'])})"))
-    size, latency = int8["file_bytes"], int8["latency_ms"]
+            rows.append((f"int8 ONNX top-1 agreement, {title} (n={part.n})",
+                         f"{_percent(part.int8_top1_agreement)} (fp32 ONNX {_percent(part.fp32_top1_agreement)})"))
+    size, latency = int8.file_bytes, int8.latency_ms
     rows.append(("int8 ONNX size and latency (batch 1, CPU)",
-                 f"{_bytes(size['int8'])} vs {_bytes(size['fp32'])}; {_ms(latency['int8'])} vs {_ms(latency['fp32'])}"))
+                 f"{_bytes(size.int8)} vs {_bytes(size.fp32)}; {_ms(latency.int8)} vs {_ms(latency.fp32)}"))
     return rows
 
 
-def _gate_text(gate: dict[str, Any] | None) -> str:
-    if not gate or gate.get("min_agreement") is None:
+def _gate_text(gate: Gate | None) -> str:
+    if not gate or gate.min_agreement is None:
         return "none set"
-    verdict = "**passed**" if gate.get("passed") else "**FAILED**"
-    return f"{verdict} (min agreement {_percent(gate['min_agreement'])} on {gate.get('measured_on', '?')})"
+    verdict = "**passed**" if gate.passed else "**FAILED**"
+    return f"{verdict} (min agreement {_percent(gate.min_agreement)} on {_known(gate.measured_on)})"
 
 
-def _parity_text(parity: dict[str, Any] | None) -> str:
+def _parity_text(parity: OnnxParity | None) -> str:
     if not parity:
         return "not exported"
     return (
-        f"max abs diff {_number(parity.get('max_abs_diff'), '.2e')}, top-1 agreement {_percent(parity.get('top1_agreement'))}, "
-        f"batch sizes {parity.get('batch_sizes')}, opset {parity.get('opset')}"
+        f"max abs diff {_number(parity.max_abs_diff, '.2e')}, top-1 agreement {_percent(parity.top1_agreement)}, "
+        f"batch sizes {parity.batch_sizes}, opset {parity.opset}"
     )
 
 
-def _models_section(teacher: dict[str, Any], student: dict[str, Any]) -> str:
-    student_files = student.get("file_bytes") or {}
-    teacher_latency, student_latency = teacher.get("latency_ms") or {}, student.get("latency_ms") or {}
+def _models_section(teacher: Teacher, student: Student) -> str:
+    teacher_latency, student_latency = teacher.latency_ms, student.latency_ms
     rows = [
-        ("Architecture", f"`{teacher.get('arch', '?')}`", f"`{student.get('arch', '?')}`"),
-        ("Parameters", _count(teacher.get("params")), _count(student.get("params"))),
-        ("File size", _bytes(teacher.get("file_bytes")), _student_sizes(student_files)),
-        ("Latency, PyTorch CPU (batch 1)", _ms(teacher_latency.get("torch")), _ms(student_latency.get("torch"))),
-        ("Latency, ONNX Runtime CPU (batch 1)", _ms(teacher_latency.get("onnx")), _ms(student_latency.get("onnx"))),
+        ("Architecture", f"`{_known(teacher.arch)}`", f"`{_known(student.arch)}`"),
+        ("Parameters", _count(teacher.params), _count(student.params)),
+        ("File size", _bytes(teacher.file_bytes), _student_sizes(student.file_bytes)),
+        ("Latency, PyTorch CPU (batch 1)", _ms(teacher_latency and teacher_latency.torch),
+         _ms(student_latency and student_latency.torch)),
+        ("Latency, ONNX Runtime CPU (batch 1)", _ms(teacher_latency and teacher_latency.onnx),
+         _ms(student_latency and student_latency.onnx)),
     ]
     return "## Teacher and student\n\n" + _table(("", "Teacher", "Student"), rows)
 
 
-def _student_sizes(files: dict[str, Any]) -> str:
-    sizes = [f"{_bytes(size)} ({kind})" for kind, size in files.items() if size is not None]
+def _student_sizes(files: StudentFiles | None) -> str:
+    present = files.to_dict() if files else {}
+    sizes = [f"{_bytes(size)} ({kind})" for kind, size in present.items() if size is not None]
     return ", ".join(sizes) or "–"
 
 
-def _race_section(race: dict[str, Any] | None) -> str:
+def _race_section(race: Race | None) -> str:
     if not race:
         return ""
-    rows = [(f"**{row['recipe']}**" if row["recipe"] == race["winner"] else row["recipe"], str(row["steps"]),
-             f"{row['seconds']:.1f}", _percent(row["pooled_agreement"]), _percent(row["own_agreement"]))
-            for row in race["entrants"]]
-    return (f"## Race (--recipe auto, {race['share']:.0%} of the budget)\n\nThe leader on {race['pooled_samples']} "
+    rows = [(f"**{row.recipe}**" if row.recipe == race.winner else row.recipe, str(row.steps),
+             f"{row.seconds:.1f}", _percent(row.pooled_agreement), _percent(row.own_agreement))
+            for row in race.entrants]
+    return (f"## Race (--recipe auto, {race.share:.0%} of the budget)\n\nThe leader on {race.pooled_samples} "
             "pooled held-out synthetic samples (an equal share from every entrant) trained on with the rest.\n\n"
             + _table(("recipe", "steps", "seconds", "pooled agreement", "own held-out agreement"), rows))
 
@@ -215,11 +227,11 @@ def _text_samples_section(samples: dict[str, list[str]] | None) -> str:
     return "\n".join(lines).rstrip()
 
 
-def _per_class_section(synthetic: dict[str, Any] | None, real: dict[str, Any] | None) -> str:
+def _per_class_section(synthetic: Agreement | None, real: EvalData | None) -> str:
     sources = [
-        (label, part["per_class"], any("student_accuracy" in entry for entry in part["per_class"].values()))
+        (label, part.per_class, any(entry.has("student_accuracy") for entry in part.per_class.values()))
         for label, part in (("Synthetic", synthetic), ("Eval", real))
-        if part and part.get("per_class")
+        if part and part.per_class
     ]
     if not sources:
         return ""
@@ -227,7 +239,7 @@ def _per_class_section(synthetic: dict[str, Any] | None, real: dict[str, Any] | 
     note = "Agreement is keyed by the teacher's predicted class, accuracy by the true label."
     if len(names) > MAX_CLASS_ROWS:
         weakest_of = sources[-1][1]  # eval data when present, else the synthetic hold-out
-        names = sorted(names, key=lambda n: _sort_key((weakest_of.get(n) or {}).get("agreement")))[:MAX_CLASS_ROWS]
+        names = sorted(names, key=lambda n: _sort_key(weakest_of[n].agreement if n in weakest_of else None))[:MAX_CLASS_ROWS]
         note += f" Only the {MAX_CLASS_ROWS} classes with the lowest agreement are listed; report.json has all."
     header = ["Class"]
     for label, _, has_accuracy in sources:
@@ -236,9 +248,9 @@ def _per_class_section(synthetic: dict[str, Any] | None, real: dict[str, Any] | 
     for name in names:
         cells = [_escape(name)]
         for _, per_class, has_accuracy in sources:
-            entry = per_class.get(name) or {}
-            cells += [str(entry.get("n", "–")), _percent(entry.get("agreement"))]
-            cells += [_percent(entry.get("student_accuracy"))] if has_accuracy else []
+            entry = per_class.get(name)
+            cells += ["–" if entry is None or entry.n is None else str(entry.n), _percent(entry and entry.agreement)]
+            cells += [_percent(entry and entry.student_accuracy)] if has_accuracy else []
         rows.append(cells)
     return "## Per-class agreement\n\n" + note + "\n\n" + _table(header, rows)
 
@@ -247,31 +259,30 @@ def _sort_key(agreement: float | None) -> float:
     return agreement if isinstance(agreement, (int, float)) else math.inf
 
 
-def _timings_section(run: dict[str, Any]) -> str:
+def _timings_section(run: Run) -> str:
     """Seconds and peak memory per stage, and the distillation's throughput."""
-    wall_clock, memory = run.get("wall_clock_s") or {}, run.get("peak_memory_mb") or {}
+    wall_clock, memory = run.wall_clock_s or {}, run.peak_memory_mb or {}
     if not wall_clock:
         return ""
     ordered = [stage for stage in STAGES if stage in wall_clock] + [stage for stage in wall_clock if stage not in STAGES]
-    rows = [(stage, _number(wall_clock[stage], ".1f"), _number((memory.get(stage) or {}).get("rss"), ".0f"),
-             _number((memory.get(stage) or {}).get("cuda_allocated"), ".0f")) for stage in ordered]
+    rows = [(stage, _number(wall_clock[stage], ".1f"), _number(memory[stage].rss if stage in memory else None, ".0f"),
+             _number(memory[stage].cuda_allocated if stage in memory else None, ".0f")) for stage in ordered]
     text = "## Timings\n\n" + _table(("Stage", "Seconds", "Peak RSS MiB", "Peak CUDA MiB"), rows)
-    meter = run.get("throughput")
+    meter = run.throughput
     if meter:
-        text += (f"\n\nDistillation: {_number(meter['synthetic_samples_per_s'], ',.0f')} synthetic samples/s over "
-                 f"{_number(meter['synthesis_s'], '.1f')} s of synthesis, {_number(meter['student_samples_per_s'], ',.0f')} "
-                 f"student samples/s over {_number(meter['student_s'], '.1f')} s of student steps.")
+        text += (f"\n\nDistillation: {_number(meter.synthetic_samples_per_s, ',.0f')} synthetic samples/s over "
+                 f"{_number(meter.synthesis_s, '.1f')} s of synthesis, {_number(meter.student_samples_per_s, ',.0f')} "
+                 f"student samples/s over {_number(meter.student_s, '.1f')} s of student steps.")
     return text
 
 
-def _config_section(config: Any) -> str:
+def _config_section(config: dict[str, Any] | None) -> str:
     if not config:
         return ""
     return "## Configuration\n\n```json\n" + json.dumps(config, indent=2, ensure_ascii=False) + "\n```"
 
 
-def _versions_section(report: dict[str, Any]) -> str:
-    versions = (report.get("run") or {}).get("versions") or {}
+def _versions_section(versions: dict[str, str] | None) -> str:
     if not versions:
         return ""
     return "## Versions\n\n" + _table(("Package", "Version"), [(name, str(version)) for name, version in versions.items()])

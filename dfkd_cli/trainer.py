@@ -184,7 +184,8 @@ class StudentTrainer:
     """Updates the student on synthetic batches and keeps the best one seen on held-out agreement."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: TrainConfig, device: torch.device,
-                 input_shape: tuple[int, int, int] | None = None, precision: Precision | None = None) -> None:
+                 input_shape: tuple[int, int, int] | None = None, precision: Precision | None = None,
+                 world: World | None = None) -> None:
         self.student = student.to(device).train()
         if cfg.channels_last:
             channels_last(self.student)
@@ -200,7 +201,7 @@ class StudentTrainer:
         self.best_step = 0
         self._best_state: dict[str, torch.Tensor] | None = None
         self._snapshots: list[tuple[int, dict[str, torch.Tensor]]] = []
-        # Fraction of the run's time budget used (set by the pipeline): with a time budget the
+        # Fraction of the run's time budget used (see follow_clock): with a time budget the
         # schedule follows whichever of steps and time runs out first.
         self.time_progress: Callable[[], float] = lambda: 0.0
         # Earlier batches for the retention term (replay, lra); None for plain updates.
@@ -212,7 +213,12 @@ class StudentTrainer:
         self.lr_scale = 1.0
         # Share of the last batch the teacher put in its most frequent class (collapse watch).
         self.last_majority = 0.0
-        self.world = World()  # the processes of a distributed run (set by the pipeline)
+        self.world = world or World()  # the processes of a distributed run
+
+    def follow_clock(self, fraction: Callable[[], float]) -> None:
+        """From now on the learning-rate schedule also follows ``fraction`` (the share of the run's
+        time budget used; a race slice or the whole budget)."""
+        self.time_progress = fraction
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         cfg, params = self.cfg, self.student.parameters()

@@ -97,3 +97,16 @@ def gpt2_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from textkit import make_gpt2
 
     return make_gpt2(tmp_path_factory.mktemp("text-models") / "gpt2")
+
+
+@pytest.fixture(scope="module")
+def text_files(bert_teacher_folder: Path, gpt2_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The text teacher, a GPT-2 for --generator/--prompter, a labelled dev.tsv and an unlabelled corpus."""
+    from textkit import toy_corpus
+
+    root = tmp_path_factory.mktemp("text-cli")
+    dev = root / "dev.tsv"
+    dev.write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in toy_corpus(60, seed=7)))
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n".join(s for s, _ in toy_corpus(200, seed=8)) + "\n")
+    return {"bert": bert_teacher_folder, "gpt2": gpt2_folder, "dev": dev, "corpus": corpus, "root": root}

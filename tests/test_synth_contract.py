@@ -1,6 +1,7 @@
-"""The synthesizer contract, for every registered image synthesizer: built from a context alone,
-its capabilities declared, the three operations' shapes, the run's hooks honoured, read-only views
-of the context, and no code outside a synthesizer that sets attributes on one."""
+"""The synthesizer contract, for every registered synthesizer (image and text): built from a
+context alone, its capabilities declared, the operations' shapes, a state round trip, the run's
+hooks honoured, read-only views of the context, and no code outside a synthesizer that sets
+attributes on one."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import dataclasses
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,7 +31,8 @@ from dfkd_cli.text.synth import TextSynthesizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (1, 16, 16)
-IMAGE = sorted(name for name, cls in SYNTHESIZERS.items() if issubclass(cls, Synthesizer))
+IMAGE = sorted(name for name, cls in SYNTHESIZERS.items() if not issubclass(cls, TextSynthesizer))
+TEXT = sorted(name for name, cls in SYNTHESIZERS.items() if issubclass(cls, TextSynthesizer))
 # Tiny settings for whichever of them a synthesizer has: three iterations or generator steps each.
 TINY = {"batch_size": 4, "iterations": 3, "g_steps": 3, "ngf": 8, "latent_dim": 8, "head_dim": 8, "bank_size": 16,
         "impressions": 8, "d_width": 8, "warmup": 0, "warm_start_iterations": 0}
@@ -70,7 +73,8 @@ def _context(teacher: Teacher, prior: PriorData, hooks: RunHooks | None = None) 
 def test_every_registered_class_is_an_image_or_a_text_synthesizer():
     assert {"noise", "deepinversion", "cmi", "fast", "dafl", "zskt", "dfad", "dfq", "zskd", "avkd",
             "prior-kd"} == set(IMAGE)
-    assert all(issubclass(cls, (Synthesizer, TextSynthesizer)) for cls in SYNTHESIZERS.values())
+    assert {"random-text", "unlabeled-text", "promptdfd-manual", "promptdfd-rl"} == set(TEXT)
+    assert all(issubclass(cls, Synthesizer) for cls in SYNTHESIZERS.values())  # text ones too: one contract
     assert all(isinstance(cls.capabilities, Capabilities) for cls in SYNTHESIZERS.values())
 
 
@@ -95,6 +99,46 @@ def test_built_from_a_context_alone_with_the_operations_shapes(teacher, prior, n
     restored = cls(_context(teacher, prior), config, loss)
     restored.load_state_dict(synth.state_dict())
     assert len(restored.pool) == pooled
+
+
+@pytest.fixture(scope="module")
+def text_context(bert_teacher_folder, gpt2_folder):
+    """A text teacher, its bert-1 student, both language models and a corpus: what every text recipe reads."""
+    from dfkd_cli.text.models import build_text_student, load_causal_lm, load_text_teacher
+    from dfkd_cli.text.synth import TextCorpus
+    from dfkd_cli.text.trainer import TextTrainer
+
+    teacher = load_text_teacher(bert_teacher_folder)
+    trainer = TextTrainer(build_text_student("bert-1", teacher), teacher, load_recipe("random-text").train, torch.device("cpu"))
+    lms = {flag: load_causal_lm(gpt2_folder, f"--{flag}") for flag in ("generator", "prompter")}
+    corpus = TextCorpus([f"sentence {i} of the corpus" for i in range(40)], holdout=8)
+    return SynthContext(teacher, torch.device("cpu"), student=trainer.view(), prior=corpus, language_models=lms)
+
+
+@pytest.mark.parametrize("name", TEXT)
+def test_every_text_synthesizer_makes_labelled_batches_and_round_trips_its_state(text_context, name):
+    from dfkd_cli.batches import TextBatch
+
+    shipped = [r for r in list_recipes() if recipe_info(r).synthesizer == name][0]
+    tiny = [f"synth.{k}={v}" for k, v in {"batch_size": 4, "max_new_tokens": 3, "prompt_length": 2}.items()
+            if k in {f.name for f in dataclasses.fields(SYNTHESIZERS[name].Config)}]
+    recipe = load_recipe(shipped, tiny)
+    torch.manual_seed(0)
+    synth = SYNTHESIZERS[name](text_context, recipe.synth, recipe.loss)
+    synth.synthesize()
+    pooled = len(synth.pool)
+    batch, held = synth.sample(6), synth.holdout(5)
+    assert isinstance(batch, TextBatch) and len(batch) == 6 and batch.logits.shape == (6, 2)
+    assert isinstance(held, TextBatch) and len(held) == 5 and len(synth.pool) == pooled
+    texts = batch.texts[:2]
+    assert torch.allclose(batch.logits[:2], synth.label(texts), atol=1e-5), "the logits are the teacher's"
+    restored = SYNTHESIZERS[name](text_context, recipe.synth, recipe.loss)
+    restored.load_state_dict(synth.state_dict())
+    assert restored.pool.texts == synth.pool.texts and torch.equal(restored.pool.logits, synth.pool.logits)
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict()["scaler"].values(), synth.state_dict()["scaler"].values())) \
+        if synth.state_dict()["scaler"] else True
+    for key in ("prompter", "optimizer"):
+        assert (key in synth.state_dict()) == (name == "promptdfd-rl"), "the prompter's training is state"
 
 
 @pytest.mark.parametrize("name", IMAGE)
@@ -170,7 +214,8 @@ def test_held_out_samples_are_made_under_their_own_stop_rule_then_the_run_s_retu
     hooks = RunHooks(stop=lambda it, total, parts: True)  # the run's rule: stop at once
     synth = SYNTHESIZERS["deepinversion"](_context(teacher, prior, hooks), *_settings("deepinversion"))
     seen: list[int] = []
-    selector = FixedHoldout.make(synth, None, 8, Budget(None), lambda it, total, parts: seen.append(it))
+    trainer = SimpleNamespace(teacher_classes=lambda x: torch.zeros(len(x), dtype=torch.long))
+    selector = FixedHoldout.make(synth, trainer, 8, Budget(None), lambda it, total, parts: seen.append(it))
     assert seen == [1, 2, 3] * 2 and selector.holdout.shape == (8, *SHAPE)  # two batches of 4, every iteration
     assert hooks.should_stop(1, 3, {}), "the run's stop rule is back after the held-out samples"
 

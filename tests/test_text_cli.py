@@ -15,7 +15,6 @@ from dfkd_cli.cli import app
 from dfkd_cli.measure import DEPLOYMENT_SKIPPED
 
 import kit
-from textkit import toy_corpus
 
 runner = CliRunner()
 FAST = ["--steps", "6", "-s", "train.eval_every=3", "-s", "train.holdout=32", "-s", "train.steps_per_round=2",
@@ -25,16 +24,6 @@ GENERATE = ["-s", "synth.max_new_tokens=4", "-s", "synth.batch_size=4"]
 
 def run(*args: object):
     return runner.invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def text_files(bert_teacher_folder: Path, gpt2_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("text-cli")
-    dev = root / "dev.tsv"
-    dev.write_text("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in toy_corpus(60, seed=7)))
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(s for s, _ in toy_corpus(200, seed=8)) + "\n")
-    return {"bert": bert_teacher_folder, "gpt2": gpt2_folder, "dev": dev, "corpus": corpus, "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +161,6 @@ BAD = {
                                     "-s", 'synth.templates=["no slot"]'], "[Category]"),
     "bad reward": (lambda f, r: [f["bert"], "--recipe", "promptdfd-rl", "-s", "synth.reward=max"], "adversarial"),
     "alpha above one": (lambda f, r: [f["bert"], "--recipe", "random-text", "-s", "train.alpha=2"], "train.alpha"),
-    "nproc": (lambda f, r: [f["bert"], "--nproc", "2"], "one process"),
     "no holdout": (lambda f, r: [f["bert"], "--recipe", "random-text", "-s", "train.holdout=0"], "train.holdout"),
 }
 

@@ -15,7 +15,7 @@ from dfkd_cli import supervise
 from dfkd_cli.text.trainer import TextTrainer
 
 from test_resume import _nothing_published, _stop_at
-from test_text_cli import FAST, GENERATE, run, text_files  # noqa: F401  (the module fixture)
+from test_text_cli import FAST, GENERATE, run
 
 RL = ["--recipe", "promptdfd-rl", "-s", "synth.prompt_length=2", *GENERATE, "-s", "train.checkpoint_every=4",
       "-s", "synth.lr=0.05"]  # a prompter that changes visibly, so its state matters to the resumed run
@@ -120,3 +120,59 @@ def test_quantize_int8_writes_and_measures_a_dynamic_int8_text_student(text_file
     assert report["gate"]["measured_on"] == "int8 student, eval data"
     assert report["gate"]["measured"] == int8["eval_data"]["int8_top1_agreement"]
     assert result.exit_code == (0 if report["gate"]["passed"] else 1)
+
+
+def test_a_saved_text_set_trains_a_student_without_synthesizing(text_files, tmp_path, monkeypatch) -> None:
+    made = run("compress", text_files["bert"], "--recipe", "random-text", "--save-synthetic", "--out", tmp_path / "a", *FAST)
+    assert made.exit_code == 0, (made.stderr, made.exception)
+    saved = tmp_path / "a" / "synthetic"
+    manifest = json.loads((saved / "manifest.json").read_text())
+    rows = [json.loads(line) for line in (saved / "train.jsonl").read_text().splitlines()]
+    assert manifest["family"] == "text" and manifest["recipe"] == "random-text" and len(rows) == manifest["train_samples"]
+    assert len(rows) == 64 * 3 and len(rows[0]["logits"]) == 2  # 3 rounds of 64 texts, 2 classes
+    from dfkd_cli.text import synth
+
+    monkeypatch.setattr(synth.RandomTextSynthesizer, "make", lambda self, n: pytest.fail("synthesized"))
+    again = run("compress", text_files["bert"], "--from-synthetic", saved, "--out", tmp_path / "b", *FAST)
+    assert again.exit_code == 0, (again.stderr, again.exception)
+    report = json.loads(again.stdout)
+    assert report["run"]["from_synthetic"] == str(saved.resolve()) and report["run"]["recipe"] == "random-text"
+    held = [json.loads(line)["text"] for line in (saved / "holdout.jsonl").read_text().splitlines()]
+    assert report["synthetic_holdout"]["n"] == len(held) - len(held) // 2  # the saved report half, measured again
+
+
+@pytest.mark.parametrize("case", ["generator", "damaged", "other teacher"])
+def test_bad_from_synthetic_input_is_one_line(case, text_files, tmp_path) -> None:
+    saved = tmp_path / "set"
+    saved.mkdir()
+    (saved / "manifest.json").write_text(json.dumps({"format": 1, "family": "text", "recipe": "random-text",
+                                                     "teacher_sha256": "0" * 64 if case == "other teacher" else "", "num_classes": 2}))
+    extra = ["--generator", str(text_files["gpt2"])] if case == "generator" else []
+    if case == "damaged":
+        from dfkd_cli.text.models import load_text_teacher
+
+        manifest = json.loads((saved / "manifest.json").read_text())
+        manifest["teacher_sha256"] = load_text_teacher(text_files["bert"]).sha256
+        (saved / "manifest.json").write_text(json.dumps(manifest))
+        (saved / "train.jsonl").write_text('{"text": "fine", "logits": [1.0]}\n')
+    result = run("compress", text_files["bert"], "--from-synthetic", saved, "--out", tmp_path / "r", *FAST, *extra)
+    assert result.exit_code == 2 and not (tmp_path / "r").exists()
+    expected = {"generator": "--from-synthetic trains on a saved set without synthesizing, so --generator has no use",
+                "damaged": "train.jsonl' line 1 must be {\"text\": str, \"logits\": [2 finite numbers]}",
+                "other teacher": "was made for another teacher (sha256 000000000000"}[case]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+@pytest.mark.subprocess
+def test_two_processes_train_one_text_student_and_only_rank_0_writes(text_files, tmp_path) -> None:
+    from test_distributed import _dfkd
+
+    runs = tmp_path / "runs"
+    result = _dfkd("compress", text_files["bert"], "--recipe", "promptdfd-rl", "--generator", text_files["gpt2"],
+                   "--prompter", text_files["gpt2"], "-s", "synth.prompt_length=2", *GENERATE,
+                   "--out", runs / "two", *FAST, "--nproc", "2")
+    assert result.returncode == 0, result.stderr
+    run_info = json.loads(result.stdout)["run"]
+    assert run_info["processes"] == {"count": 2, "identical_students": True} and run_info["steps"] == 6
+    assert sorted(p.name for p in runs.iterdir()) == ["two"] and result.stderr.count("[distill] started") == 1

@@ -45,7 +45,7 @@ from dfkd_cli.export import (
     MIN_OPSET,
     _onnx_signature,
     _quiet_exporter,
-    _root_cause,
+    root_cause,
     _temporary_sibling,
     onnx_session,
 )
@@ -312,7 +312,7 @@ def _run_text_exporter(model: nn.Module, tokenizer: Any, path: Path, names: tupl
                 verbose=False,
             )
     except Exception as error:  # the exporter raises many types; all mean the same to the user
-        raise ExportError(f"ONNX export failed ({_root_cause(error)}); the PyTorch student was saved, report this as a bug") from error
+        raise ExportError(f"ONNX export failed ({root_cause(error)}); the PyTorch student was saved, report this as a bug") from error
     opset, _ = _onnx_signature(path)
     fixed = {name: dims for name, dims in _onnx_input_dims(path).items() if not all(isinstance(d, str) for d in dims[:2])}
     if fixed:
@@ -355,7 +355,7 @@ def _measure_text_parity(
     try:
         session = onnx_session(path)
     except Exception as error:  # onnxruntime raises its own exception types
-        raise ExportError(f"onnxruntime cannot load the exported ONNX model ({_root_cause(error)}); report this as a bug") from error
+        raise ExportError(f"onnxruntime cannot load the exported ONNX model ({root_cause(error)}); report this as a bug") from error
     wanted = [value.name for value in session.get_inputs()]
     max_abs_diff, agreeing, rows, scale, lengths = 0.0, 0, 0, 0.0, set()
     for kind, texts in batches:
@@ -368,7 +368,7 @@ def _measure_text_parity(
         except Exception as error:  # onnxruntime raises its own exception types
             raise ExportError(
                 f"the exported ONNX model fails on {kind} texts at batch size {len(texts)}, length "
-                f"{encoded['input_ids'].shape[1]} ({_root_cause(error)}); report this as a bug"
+                f"{encoded['input_ids'].shape[1]} ({root_cause(error)}); report this as a bug"
             ) from error
         if actual.shape != expected.shape:
             raise ExportError(f"ONNX output shape {list(actual.shape)} != PyTorch {list(expected.shape)} on {kind} texts at "

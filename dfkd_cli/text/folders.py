@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dfkd_cli.errors import DfkdError
-from dfkd_cli.export import _root_cause
+from dfkd_cli.export import root_cause
 
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")  # and any other *.bin (shards)
@@ -30,7 +30,7 @@ def read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DfkdError(f"{what} '{path}' is not readable JSON ({_root_cause(error)}); fix or re-save the model") from error
+        raise DfkdError(f"{what} '{path}' is not readable JSON ({root_cause(error)}); fix or re-save the model") from error
 
 
 def read_model_config(folder: Path, what: str, hint: str) -> dict[str, Any]:
@@ -102,7 +102,7 @@ def load_pretrained(loader: Any, folder: Path, what: str, part: str,
             warnings.simplefilter("ignore")
             return loader.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False, **kwargs)
     except LOAD_ERRORS as error:
-        raise DfkdError(f"{what} '{folder}': cannot load the {part} ({_root_cause(error)}); {hint}") from error
+        raise DfkdError(f"{what} '{folder}': cannot load the {part} ({root_cause(error)}); {hint}") from error
 
 
 def load_tokenizer(folder: Path, what: str) -> Any:

@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from dfkd_cli.errors import DfkdError
-from dfkd_cli.export import METADATA_PREFIX, _root_cause
+from dfkd_cli.export import METADATA_PREFIX, root_cause
 from dfkd_cli.text.export import FAMILY, STUDENT_DIR, STUDENT_FILE, quiet_transformers
 from dfkd_cli.text.folders import (
     check_folder,
@@ -98,7 +98,7 @@ def _load_from_safetensors(path: Path) -> tuple[nn.Module, Any, dict[str, Any]]:
             metadata = handle.metadata() or {}
             state = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError, ValueError) as error:
-        raise DfkdError(f"student file '{path}' is not a readable safetensors file ({_root_cause(error)}); "
+        raise DfkdError(f"student file '{path}' is not a readable safetensors file ({root_cause(error)}); "
                         "re-export it with dfkd") from error
     family = metadata.get(METADATA_PREFIX + "family")
     if family != FAMILY:
@@ -119,7 +119,7 @@ def _load_from_safetensors(path: Path) -> tuple[nn.Module, Any, dict[str, Any]]:
             config = AutoConfig.for_model(model_type, **config_dict)
             model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=False)
     except (ValueError, KeyError, TypeError) as error:
-        raise DfkdError(f"student file '{path}': cannot rebuild a '{model_type}' classifier ({_root_cause(error)}); "
+        raise DfkdError(f"student file '{path}': cannot rebuild a '{model_type}' classifier ({root_cause(error)}); "
                         "this transformers version may not know the architecture, upgrade transformers") from error
     try:
         model.load_state_dict(state, strict=True)

@@ -20,8 +20,7 @@ from dfkd_cli.runtime import resolve_device
 
 # Image-only flags (their names in the CLI's flag dict) and how the user wrote them.
 IMAGE_ONLY = {"arch": "--arch", "input_shape": "--input-shape", "normalize": "--normalize", "mean": "--mean",
-              "std": "--std", "save_synthetic": "--save-synthetic",
-              "from_synthetic": "--from-synthetic", "compile": "--compile"}
+              "std": "--std", "compile": "--compile"}
 TEXT_ONLY = {"generator": "--generator", "prompter": "--prompter", "text_column": "--text-column",
              "label_column": "--label-column"}
 
@@ -46,6 +45,8 @@ class TextOptions:
     prompter: Path | None = None
     min_agreement: float | None = None
     quantize: str = "none"  # none | int8: also write student.int8.onnx (dynamic quantization)
+    save_synthetic: bool = False  # write the training and held-out texts with their teacher logits to OUT/synthetic
+    from_synthetic: Path | None = None  # train on a saved text set instead of synthesizing
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16: autocast for synthesis and student steps
     seed: int = 0
@@ -93,7 +94,7 @@ def auto_recipe(opts: TextOptions) -> str:
     return "unlabeled-text" if opts.prior else "random-text"
 
 
-PATH_KEYS = ("teacher", "labels", "eval_data", "prior", "generator", "prompter")
+PATH_KEYS = ("teacher", "labels", "eval_data", "prior", "generator", "prompter", "from_synthetic")
 
 
 def resolve_text(flags: dict[str, Any], overrides: list[str], overwrite: bool, trust_pickle: bool,
@@ -122,6 +123,10 @@ def resolve_text(flags: dict[str, Any], overrides: list[str], overwrite: bool, t
         check_fraction(opts.race_share, "--race-share")
         if opts.recipe != "auto":
             raise DfkdError(f"--race-share races the recipes of --recipe auto; --recipe {opts.recipe} runs one, leave it out")
+    if opts.from_synthetic is not None and opts.recipe == "auto":
+        from dfkd_cli.text.synthetic_set import text_set_recipe
+
+        opts.recipe = text_set_recipe(opts.from_synthetic)  # its [train] settings; nothing is synthesized
     names = [opts.recipe]
     if opts.recipe == "auto":
         entrants = applicable_text_recipes(opts)

@@ -19,19 +19,21 @@ import torch
 
 from dfkd_cli.config import RecipeConfig, dump_toml
 from dfkd_cli.distill import Run
+from dfkd_cli.distributed import World
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.precision import Precision, loss_scales, resolve_text_precision
-from dfkd_cli.race import RACE_SHARE, distill_recipes
+from dfkd_cli.race import RACE_SHARE
 from dfkd_cli.report import write_report
 from dfkd_cli.resume import resume_state
-from dfkd_cli.rundir import claim_out_dir, move_into_place, staging_dir
-from dfkd_cli.runtime import (Budget, Display, StopRequest, Stopwatch, hardware_description, library_versions,
-                              resolve_device, seed_everything)
-from dfkd_cli.selection import stability
+from dfkd_cli.rundir import move_into_place, staging_dir
+from dfkd_cli.runtime import Display, Stopwatch, library_versions, seed_everything
+from dfkd_cli.session import Budgeting, Session, distill_session, run_processes
 from dfkd_cli.synth import SynthContext, synthesizer_class
 from dfkd_cli.text.models import TextTeacher, build_text_student, default_text_student, load_causal_lm, load_text_teacher
 from dfkd_cli.text.options import TextOptions, text_recipes
-from dfkd_cli.text.synth import TextCorpus
+from dfkd_cli.batches import TextBatch
+from dfkd_cli.text.synth import SavedTextSynthesizer, TextConfig, TextCorpus
+from dfkd_cli.text.synthetic_set import load_text_set
 from dfkd_cli.text.trainer import TextTrainer
 
 EvalTable = tuple[list[str], list[int] | None]
@@ -47,21 +49,24 @@ class TextInputs:
     language_models: dict[str, tuple[Any, Any]]  # "generator", "prompter": (model, tokenizer) on the device
     corpus: list[str] | None  # the sentences of --prior
     eval_table: EvalTable | None
+    saved: tuple[TextBatch, TextBatch] | None = None  # --from-synthetic: training and held-out texts
 
 
-def compress_text(opts: TextOptions, recipes: list[RecipeConfig], display: Display) -> dict[str, Any]:
-    """Distil a Hugging Face sequence classifier with a text recipe (several race); returns the report."""
+def compress_text(opts: TextOptions, recipes: list[RecipeConfig], display: Display) -> dict[str, Any] | None:
+    """Distil a Hugging Face sequence classifier with a text recipe (several race); returns the
+    report. In a distributed run (``--nproc``) every rank trains and rank 0 alone writes and
+    returns the report (the others return None)."""
     stamp = f"{datetime.now():%Y%m%d-%H%M%S}"
     out = opts.out or Path("runs") / f"{opts.teacher.name}-{opts.recipe}-{stamp}"
-    inputs = [opts.teacher, opts.labels, opts.eval_data, opts.prior, opts.generator, opts.prompter]
-    with claim_out_dir(out, opts.overwrite, opts.resume, inputs=inputs):  # checked and locked for the whole run
-        return _compress_text(opts, recipes, display, out)
+    inputs = [opts.teacher, opts.labels, opts.eval_data, opts.prior, opts.generator, opts.prompter, opts.from_synthetic]
+    with run_processes(out, opts.overwrite, opts.resume, inputs, opts.device) as (world, device):
+        return _compress_text(opts, recipes, display, out, device, world)
 
 
-def _compress_text(opts: TextOptions, recipes: list[RecipeConfig], display: Display, out: Path) -> dict[str, Any]:
+def _compress_text(opts: TextOptions, recipes: list[RecipeConfig], display: Display, out: Path, device: torch.device,
+                   world: World) -> dict[str, Any] | None:
     from dfkd_cli.text.publish import publish
 
-    device = resolve_device(opts.device)
     watch, started = Stopwatch(device), datetime.now(timezone.utc)
     precision = Precision(resolve_text_precision(opts.precision, device), device)
     if note := precision.slow_note():
@@ -70,34 +75,28 @@ def _compress_text(opts: TextOptions, recipes: list[RecipeConfig], display: Disp
     loaded = prepare(opts, recipes, device, display)
     resume = resume_state(out, loaded.teacher.sha256, recipes[0].recipe.name, device) if opts.resume else None
     watch.lap("load")
-    builder = TextRunBuilder(opts, loaded, device, precision)
+    builder = TextRunBuilder(opts, loaded, device, precision, world)
 
     def settings(run: Run) -> str:  # checkpoints/run.toml: what --resume repeats (a race's winner)
         return dump_toml({"run": {**opts.to_dict(), "recipe": run.name}, **run.recipe.to_dict()})
 
-    from dfkd_cli.supervise import Supervisor
-
-    with StopRequest() as stop:
-        budget = Budget(opts.time_budget_s, (resume["elapsed"] if resume else 0.0) + watch.total, stop)
-        budget.paces = opts.budget_paces or len(recipes) > 1
-        supervisor = Supervisor(out, recipes[0].train, budget, display, loaded.teacher.sha256, settings, resume)
-        run, holdout, race = distill_recipes(recipes, builder.run, budget, display, supervisor,
-                                             opts.race_share or RACE_SHARE)
-    run.trainer.restore_best()
+    session = Session(out, device, world, precision, display, loaded.teacher.sha256, resume, started)
+    budgeting = Budgeting(opts.time_budget_s, paces=opts.budget_paces or len(recipes) > 1, elapsed=watch.total)
+    done = distill_session(session, recipes, builder.run, budgeting, settings, opts.race_share or RACE_SHARE)
     watch.lap("distill")
-    run_info = {"started": started.isoformat(timespec="seconds"), "device": str(device),
-                "hardware": hardware_description(device), "steps": run.trainer.steps_done,
-                "best_step": run.trainer.best_step, "out": str(out), "stability": stability(run.curve),
-                "race": race, "resumed_from_step": resume["run"]["trainer"]["steps_done"] if resume else None,
-                "precision": precision.name, "loss_scale": loss_scales(student=run.trainer.scaler, prompter=run.synth.scaler),
-                "throughput": run.meter.to_dict(), "health": {**supervisor.report(), "warnings": supervisor.warnings}}
+    if done is None:  # another rank of a distributed run: rank 0 publishes
+        return None
+    run = done.run
+    run_info = {**done.run_info, "synthetic_saved": opts.save_synthetic,
+                "from_synthetic": str(opts.from_synthetic.resolve()) if opts.from_synthetic else None,
+                "loss_scale": loss_scales(student=run.trainer.scaler, prompter=run.synth.scaler)}
     with staging_dir(out) as staging:
-        report = publish(staging, opts, run, loaded.student_name, loaded.eval_table, holdout, run_info, display)
+        report = publish(staging, opts, run, loaded.student_name, loaded.eval_table, done.holdout, run_info, display)
         watch.lap("export_and_evaluate")
         watch.seconds["total"] = round(sum(watch.seconds.values()), 3)
         report["run"].update(wall_clock_s=dict(watch.seconds), peak_memory_mb=dict(watch.memory_mb))
-        report["warnings"] += supervisor.warnings
-        config = {"run": {**opts.to_dict(), "recipe": run.name if race else opts.recipe}, **run.recipe.to_dict()}
+        report["warnings"] += run_info["health"]["warnings"]
+        config = {"run": {**opts.to_dict(), "recipe": run.name if done.race else opts.recipe}, **run.recipe.to_dict()}
         (staging / "config.toml").write_text(dump_toml(config), encoding="utf-8")
         report["run"]["config"], report["run"]["versions"] = config, library_versions()
         write_report(staging, report)
@@ -114,6 +113,7 @@ class TextRunBuilder:
     inputs: TextInputs
     device: torch.device
     precision: Precision
+    world: World
 
     def _student(self) -> Any:
         if self.inputs.student is not None:
@@ -124,7 +124,12 @@ class TextRunBuilder:
 
     def run(self, recipe: RecipeConfig) -> Run:
         teacher = self.inputs.teacher
-        trainer = TextTrainer(self._student(), teacher, recipe.train, self.device, recipe.synth.max_length, self.precision)
+        trainer = TextTrainer(self._student(), teacher, recipe.train, self.device, recipe.synth.max_length,
+                              self.precision, self.world)
+        if self.world.active:
+            seed_everything(self.opts.seed + self.world.rank)  # same student on every rank, each its own texts
+        if self.inputs.saved is not None:
+            return Run(recipe.recipe.name, recipe, self._saved(trainer), trainer, autocast=self.precision.autocast)
         cls = synthesizer_class(recipe.recipe.synthesizer)
         corpus = self.inputs.corpus
         context = SynthContext(teacher=teacher, device=self.device, precision=self.precision, student=trainer.view(),
@@ -134,14 +139,32 @@ class TextRunBuilder:
         return Run(recipe.recipe.name, recipe, synth, trainer, autocast=self.precision.autocast)
 
 
+    def _saved(self, trainer: TextTrainer) -> SavedTextSynthesizer:
+        assert self.inputs.saved is not None
+        train, holdout = self.inputs.saved
+        context = SynthContext(teacher=self.inputs.teacher, device=self.device, precision=self.precision,
+                               student=trainer.view())
+        synth = SavedTextSynthesizer(context, TextConfig(pool_size=len(train)), {})
+        synth.load(train, holdout)
+        return synth
+
+
 def prepare(opts: TextOptions, recipes: list[RecipeConfig], device: torch.device, display: Display) -> TextInputs:
     """Load and check every input before any long work starts."""
     from dfkd_cli.text.data import read_corpus, read_text_table
 
-    for recipe in recipes:
-        _check_recipe(opts, recipe)
-    refuse_unused_inputs(opts, recipes)
     teacher = load_text_teacher(opts.teacher, opts.labels, opts.trust_pickle)
+    saved = None
+    if opts.from_synthetic is not None:
+        given = [f"--{flag}" for flag in ("generator", "prompter", "prior") if getattr(opts, flag) is not None]
+        if given:
+            raise DfkdError(f"--from-synthetic trains on a saved set without synthesizing, so {given[0]} has no use; leave it out")
+        train, holdout, _ = load_text_set(opts.from_synthetic, teacher)
+        saved = (train, holdout)
+    else:
+        for recipe in recipes:
+            _check_recipe(opts, recipe)
+        refuse_unused_inputs(opts, recipes)
     models = {flag: load_causal_lm(path, f"--{flag}", opts.trust_pickle)
               for flag, path in (("generator", opts.generator), ("prompter", opts.prompter)) if path is not None}
     models = {flag: (model.to(device), tokenizer) for flag, (model, tokenizer) in models.items()}
@@ -156,7 +179,7 @@ def prepare(opts: TextOptions, recipes: list[RecipeConfig], device: torch.device
     teacher.model.to(device)
     names = ", ".join(f"{r.recipe.name} ({r.recipe.description})" for r in recipes)
     display.log(f"recipe{'s racing' if len(recipes) > 1 else ''}: {names}")
-    return TextInputs(teacher, student_name, student, models, corpus, eval_table)
+    return TextInputs(teacher, student_name, student, models, corpus, eval_table, saved)
 
 
 def _check_recipe(opts: TextOptions, recipe: RecipeConfig) -> None:

@@ -134,6 +134,7 @@ class RLPromptSynthesizer(TextSynthesizer):
         loss = self.loss.get("reward", 1.0) * reinforce + self.loss.get("repeat", 0.0) * repeat
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.backward(loss)
+        self.world.average_gradients(self.prompter[0].parameters())  # one prompter on every rank
         self.scaler.step(self.optimizer)
         self.pool.add(TextBatch(texts, teacher_logits))
         self.metrics = {"reward": float(q.mean()), "repeat": float(repeat.detach())}

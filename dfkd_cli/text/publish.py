@@ -17,7 +17,7 @@ from dfkd_cli import __version__
 from dfkd_cli.batches import TextBatch
 from dfkd_cli.distill import Run
 from dfkd_cli.errors import DfkdError
-from dfkd_cli.evaluate import _median_ms, agreement_report, count_params
+from dfkd_cli.evaluate import median_ms, agreement_report, count_params
 from dfkd_cli.measure import DEPLOYMENT_SKIPPED, check_fraction, deployment_checks, gate_result
 from dfkd_cli.report import SCHEMA_VERSION
 from dfkd_cli.runtime import Display, library_versions
@@ -48,6 +48,10 @@ def publish(run_dir: Path, opts: Any, run: Run, student_name: str, eval_table: t
     parity = (export_text_onnx(student, teacher.tokenizer, onnx, report_half.texts[:32], trainer.max_length)
               if deployment_checks() or opts.quantize == "int8" else None)  # int8 is made from student.onnx
     int8 = _quantize(opts, run_dir, trainer, report_half, eval_table, display)
+    if opts.save_synthetic:
+        from dfkd_cli.text.synthetic_set import save_text_set
+
+        save_text_set(run_dir / "synthetic", run.synth.pool.batch(), holdout, teacher, recipe.recipe.name)
     display.stage("evaluate", total=None)
     synthetic = agreement_report(report_half.logits, trainer.student_logits(report_half.texts), teacher.class_names)
     warnings: list[str] = [] if parity else [DEPLOYMENT_SKIPPED]
@@ -122,7 +126,7 @@ def text_latency_ms(model: Any, tokenizer: Any, iters: int = 20) -> float:
     enc = tokenizer([LATENCY_TEXT], return_tensors="pt")
     model.eval()
     with torch.inference_mode():
-        return _median_ms(lambda: model(**enc), warmup=3, iters=iters)
+        return median_ms(lambda: model(**enc), warmup=3, iters=iters)
 
 
 def onnx_text_latency_ms(path: Path, tokenizer: Any, iters: int = 20) -> float:
@@ -132,7 +136,7 @@ def onnx_text_latency_ms(path: Path, tokenizer: Any, iters: int = 20) -> float:
     names = {i.name for i in session.get_inputs()}
     enc = tokenizer([LATENCY_TEXT], return_tensors="np")
     feed = {k: v.astype("int64") for k, v in enc.items() if k in names}
-    return _median_ms(lambda: session.run(None, feed), warmup=3, iters=iters)
+    return median_ms(lambda: session.run(None, feed), warmup=3, iters=iters)
 
 
 class _Reader:

@@ -66,6 +66,10 @@ class TextPool:
         """``n`` texts drawn uniformly with replacement."""
         return self.rows(torch.randint(len(self.texts), (n,)))
 
+    def batch(self) -> TextBatch:
+        """Every text in the pool (what ``--save-synthetic`` saves)."""
+        return self.rows(torch.arange(len(self.texts)))
+
     def by_class(self, class_names: list[str], per_class: int) -> dict[str, list[str]]:
         """Up to ``per_class`` distinct texts the teacher assigns to each class (the newest first)."""
         shown: dict[str, list[str]] = {name: [] for name in class_names}
@@ -262,3 +266,19 @@ class ManualPromptSynthesizer(TextSynthesizer):
     def make(self, n: int) -> list[str]:
         return complete(self.language_model("generator"), self.prompts(n), self.config, self.device)
 
+
+
+class SavedTextSynthesizer(TextSynthesizer):
+    """``--from-synthetic``: the texts of a saved set (see :mod:`dfkd_cli.text.synthetic_set`) form
+    the pool and its held-out texts select the student; nothing is made."""
+
+    def load(self, train: TextBatch, holdout: TextBatch) -> None:
+        self.pool = TextPool(len(train))  # type: ignore[assignment]
+        self.pool.add(train)
+        self._holdout = holdout
+
+    def synthesize(self) -> None:
+        """Nothing to make: the saved set is the data."""
+
+    def holdout(self, n: int) -> TextBatch:
+        return self._holdout[:n]

@@ -76,12 +76,16 @@ class TextTrainer:
         self.best_step = 0
         self.best_agreement = -1.0
         self._best_state: dict[str, torch.Tensor] | None = None
-        self.time_progress: Callable[[], float] = lambda: 0.0  # the run's share of its time budget
+        self.time_progress: Callable[[], float] = lambda: 0.0  # the run's share of its time budget (follow_clock)
         self.scaler = (precision or Precision()).scaler()  # loss scaling for fp16
         self.world = world or World()
         self.lr_scale = 1.0  # lowered by the divergence guard after a non-finite loss
         self.last_parts: dict[str, float] = {}
         self.last_majority = 0.0  # share of the last batch in the teacher's most frequent class
+
+    def follow_clock(self, fraction: Callable[[], float]) -> None:
+        """From now on the learning rate also follows ``fraction`` (the share of the time budget used)."""
+        self.time_progress = fraction
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         cfg, params = self.cfg, [p for p in self.student.parameters() if p.requires_grad]
