@@ -72,12 +72,12 @@ def explicit_keys(overrides: list[str], tables: dict[str, Any]) -> set[str]:
     return keys
 
 
-def _get(recipe: RecipeConfig, key: str) -> Any:
+def get_setting(recipe: RecipeConfig, key: str) -> Any:
     table, name = key.split(".", 1)
     return getattr(recipe.train if table == "train" else recipe.synth, name, None)
 
 
-def _set(recipe: RecipeConfig, key: str, value: Any) -> None:
+def set_setting(recipe: RecipeConfig, key: str, value: Any) -> None:
     table, name = key.split(".", 1)
     setattr(recipe.train if table == "train" else recipe.synth, name, value)
 
@@ -85,10 +85,10 @@ def _set(recipe: RecipeConfig, key: str, value: Any) -> None:
 def _apply(recipe: RecipeConfig, changes: dict[str, Any], reason: str, explicit: set[str]) -> list[Adjustment]:
     made = []
     for key, value in changes.items():
-        before = _get(recipe, key)
+        before = get_setting(recipe, key)
         if key in explicit or before is None or not isinstance(before, int) or value >= before:
             continue
-        _set(recipe, key, value)
+        set_setting(recipe, key, value)
         made.append(Adjustment(key, before, value, reason))
     return made
 
@@ -108,10 +108,10 @@ def scale_to_steps(recipe: RecipeConfig, steps: int, recipe_steps: int, explicit
     train_batch = train.batch_size
     if steps <= SMOKE_STEPS and train_batch > SMOKE_BATCH and "train.batch_size" not in explicit:
         changes["train.batch_size"] = train_batch = SMOKE_BATCH
-    iterations = _get(recipe, "synth.iterations")
+    iterations = get_setting(recipe, "synth.iterations")
     if isinstance(iterations, int) and iterations > MIN_ITERATIONS:
         changes["synth.iterations"] = max(MIN_ITERATIONS, round(iterations * share))
-    synth_batch = _get(recipe, "synth.batch_size")
+    synth_batch = get_setting(recipe, "synth.batch_size")
     rounds = -(-steps // max(train.steps_per_round, 1))  # synthesis rounds the run will make
     if isinstance(synth_batch, int) and rounds * synth_batch > steps * train_batch:
         changes["synth.batch_size"] = max(MIN_SYNTH_BATCH, -(-steps * train_batch // rounds))
@@ -129,7 +129,7 @@ def fit_memory(recipe: RecipeConfig, bytes_per_sample: dict[str, float], fixed_b
         if peak <= 0.8 * available:
             return made, peak
         shrunk = {key: max(MIN_BATCH, value // 2) for key in ("synth.batch_size", "train.batch_size")
-                  if isinstance(value := _get(recipe, key), int) and value > MIN_BATCH}
+                  if isinstance(value := get_setting(recipe, key), int) and value > MIN_BATCH}
         step = _apply(recipe, shrunk, f"estimated peak memory {peak / 2**30:.1f} GiB does not fit the "
                       f"{available / 2**30:.1f} GiB available", explicit)
         if not step:
@@ -139,7 +139,7 @@ def fit_memory(recipe: RecipeConfig, bytes_per_sample: dict[str, float], fixed_b
 
 def estimate_peak(recipe: RecipeConfig, bytes_per_sample: dict[str, float], fixed_bytes: float) -> float:
     """Peak memory: what is already held plus the larger of a synthesis batch and a student step."""
-    synth_batch = _get(recipe, "synth.batch_size")
+    synth_batch = get_setting(recipe, "synth.batch_size")
     synth_batch = synth_batch if isinstance(synth_batch, int) else recipe.train.batch_size
     return fixed_bytes + max(synth_batch * bytes_per_sample["synthesis"],
                              recipe.train.batch_size * bytes_per_sample["student"])

@@ -14,12 +14,12 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dfkd_cli.archs import NORMALIZE_PRESETS
-from dfkd_cli.autopilot import Adjustment, copy_recipe, fit_memory
+from dfkd_cli.autopilot import Adjustment, copy_recipe, fit_memory, get_setting, set_setting
 from dfkd_cli.config import RecipeConfig
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.plan import Plan, Stage
@@ -128,6 +128,8 @@ def make_plan(opts: "CompressOptions", recipes: list[RecipeConfig], teacher: Tea
         lead = recipes[0].recipe.name
         reason = opts.origins.get("recipe") or "given"
     notes, adjustments, costs, peaks = [], list(opts.step_adjustments.get(lead, [])), {}, {}
+    if opts.recipe == "auto":
+        adjustments += policy_settings(by_name[lead], rule.settings, rule.name, explicit | _steps_given(opts))
     available = None
     for name in [lead] + [n for n in race_names if n != lead]:
         recipe = by_name[name]
@@ -169,6 +171,23 @@ def make_plan(opts: "CompressOptions", recipes: list[RecipeConfig], teacher: Tea
     lead = chosen[0]
     plan.budget_binds = train.budget_s is not None and lead.train.steps * _step_seconds(lead, costs[lead.recipe.name]) > 0.8 * train.budget_s
     return plan, chosen
+
+
+def policy_settings(recipe: RecipeConfig, settings: dict[str, Any], rule: str, explicit: set[str]) -> list[Adjustment]:
+    """The policy rule's settings for its lead recipe (e.g. more student steps for a long budget),
+    except the keys the user set; each change is an adjustment the plan shows."""
+    made = []
+    for key, value in settings.items():
+        before = get_setting(recipe, key)
+        if key in explicit or before == value:
+            continue
+        set_setting(recipe, key, value)
+        made.append(Adjustment(key, before, value, f"policy rule '{rule}'"))
+    return made
+
+
+def _steps_given(opts: "CompressOptions") -> set[str]:
+    return {"train.steps"} if opts.steps is not None else set()
 
 
 def _race_decision(opts: "CompressOptions", names: list[str], recipes: dict[str, RecipeConfig],

@@ -19,7 +19,8 @@ from typing import Any
 from dfkd_cli.config import recipe_dir, read_toml
 from dfkd_cli.errors import DfkdError
 
-_CONDITIONS = ("batchnorm", "channels", "max_input", "device", "max_budget_s")
+_CONDITIONS = ("batchnorm", "channels", "max_input", "device", "max_budget_s", "min_budget_s")
+_SETTINGS = ("train.steps",)  # what a rule may set (a -s or --steps the user gave wins)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Rule:
     race: tuple[str, ...] = ()
     evidence: str = ""
     conditions: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)  # for the lead recipe, e.g. {"train.steps": 6000}
 
     def holds(self, has_bn: bool, input_shape: tuple[int, int, int], device: str, budget_s: float | None) -> bool:
         c = self.conditions
@@ -38,7 +40,8 @@ class Rule:
                 and ("channels" not in c or c["channels"] == input_shape[0])
                 and ("max_input" not in c or max(input_shape[1:]) <= c["max_input"])
                 and ("device" not in c or c["device"] == device)
-                and ("max_budget_s" not in c or (budget_s is not None and budget_s <= c["max_budget_s"])))
+                and ("max_budget_s" not in c or (budget_s is not None and budget_s <= c["max_budget_s"]))
+                and ("min_budget_s" not in c or (budget_s is not None and budget_s >= c["min_budget_s"])))
 
 
 @dataclass(frozen=True)
@@ -57,12 +60,14 @@ def load_policy(path: Path | None = None) -> Policy:
     data = read_toml(path)
     rules = []
     for index, raw in enumerate(data.get("rule", [])):
-        unknown = set(raw) - {"name", "recipe", "race", "evidence", *_CONDITIONS}
-        if unknown or "recipe" not in raw:
-            raise DfkdError(f"policy '{path}' rule {index + 1}: unknown keys {sorted(unknown)} or no recipe")
+        unknown = set(raw) - {"name", "recipe", "race", "evidence", "settings", *_CONDITIONS}
+        settings = raw.get("settings", {})
+        if unknown or "recipe" not in raw or not isinstance(settings, dict) or set(settings) - set(_SETTINGS):
+            raise DfkdError(f"policy '{path}' rule {index + 1}: unknown keys {sorted(unknown)}, no recipe, or settings "
+                            f"other than {', '.join(_SETTINGS)}")
         rules.append(Rule(name=str(raw.get("name", f"rule {index + 1}")), recipe=str(raw["recipe"]),
                           race=tuple(raw.get("race", ())), evidence=" ".join(str(raw.get("evidence", "")).split()),
-                          conditions={k: raw[k] for k in _CONDITIONS if k in raw}))
+                          conditions={k: raw[k] for k in _CONDITIONS if k in raw}, settings=dict(settings)))
     if not rules:
         raise DfkdError(f"policy '{path}' has no [[rule]]")
     return Policy(tuple(rules), int(data.get("race_min_steps", 300)))

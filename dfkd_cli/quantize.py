@@ -73,8 +73,14 @@ def _onnx_classes(path: Path, x: torch.Tensor) -> torch.Tensor:
 
 def _agreements(fp32_path: Path, int8_path: Path, teacher_classes: torch.Tensor, x: torch.Tensor,
                 labels: torch.Tensor | None) -> dict[str, Any]:
-    fp32, int8 = _onnx_classes(fp32_path, x), _onnx_classes(int8_path, x)
-    part: dict[str, Any] = {"n": len(x),
+    return agreement_section(_onnx_classes(fp32_path, x), _onnx_classes(int8_path, x), teacher_classes, labels)
+
+
+def agreement_section(fp32: torch.Tensor, int8: torch.Tensor, teacher_classes: torch.Tensor,
+                      labels: torch.Tensor | None) -> dict[str, Any]:
+    """One part of the report's int8 section: the fp32 and int8 students' classes against the
+    teacher's (and the labels when there are any)."""
+    part: dict[str, Any] = {"n": len(fp32),
                             "fp32_top1_agreement": float((fp32 == teacher_classes).float().mean()),
                             "int8_top1_agreement": float((int8 == teacher_classes).float().mean()),
                             "int8_vs_fp32_top1": float((int8 == fp32).float().mean())}

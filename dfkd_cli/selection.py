@@ -17,15 +17,46 @@ the report measures, so the reported agreement is not the one that was maximised
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 
 from dfkd_cli.batches import Batch, batch_from_state, batch_state
+from dfkd_cli.distributed import World
 from dfkd_cli.runtime import Budget
 from dfkd_cli.trainer import StudentTrainer
 
-Trainer = Any  # a StudentTrainer or a dfkd_cli.text.trainer.TextTrainer: step, select, teacher_classes, student_classes
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """What a run asks of a student trainer, whatever its batch type (images:
+    :class:`dfkd_cli.trainer.StudentTrainer`; text: :class:`dfkd_cli.text.trainer.TextTrainer`)."""
+
+    student: Any
+    steps_done: int
+    best_step: int
+    lr_scale: float  # lowered by the divergence guard
+    last_parts: dict[str, float]  # the last step's loss terms, for the display
+    last_majority: float  # share of the last batch in the teacher's most frequent class (collapse watch)
+    world: World
+    scaler: Any
+
+    def follow_clock(self, fraction: Callable[[], float]) -> None: ...
+
+    def step(self, batch: Any) -> float: ...
+
+    def teacher_classes(self, batch: Any) -> torch.Tensor: ...
+
+    def student_classes(self, batch: Any) -> torch.Tensor: ...
+
+    def select(self, batch: Any, teacher_classes: torch.Tensor) -> float: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def restore_best(self) -> Any: ...
 
 
 def stability(curve: list[float]) -> dict[str, float | int] | None:

@@ -74,17 +74,24 @@ def save_synthetic_set(folder: Path, train: torch.Tensor, holdout: torch.Tensor,
     return manifest
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """The set's manifest; a one-line error when ``folder`` is not a synthetic set."""
+def manifest_json(folder: Path) -> Any:
+    """The parsed ``manifest.json`` of a synthetic set folder (image or text); one-line errors when
+    the folder or the file is missing or the file is not JSON."""
     path = Path(folder) / "manifest.json"
     if not Path(folder).is_dir():
         raise DfkdError(f"synthetic set '{folder}' not found; pass the synthetic/ folder of a run made with --save-synthetic")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DfkdError(f"'{folder}' has no manifest.json; pass the synthetic/ folder of a run made with --save-synthetic") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise DfkdError(f"'{path}' is not valid JSON; the synthetic set is damaged") from None
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The set's manifest; a one-line error when ``folder`` is not a synthetic set."""
+    path = Path(folder) / "manifest.json"
+    manifest = manifest_json(folder)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DfkdError(f"'{path}' is not a dfkd synthetic set of format {FORMAT}")
     where = f"synthetic set manifest '{path}' key"

@@ -226,3 +226,25 @@ def test_export_estimate_counts_the_teachers_work_after_training():
     assert export_reserve(600, alone) == alone  # fits a quarter of 10 minutes
     assert export_reserve(60, alone) == 15  # a quarter of a minute at most
     assert export_reserve(None, alone) == alone
+
+
+def test_a_policy_rule_sets_the_lead_recipe_s_steps_unless_the_user_did(tiny_teacher, tmp_path, monkeypatch):
+    from dfkd_cli import planner
+    from dfkd_cli.policy import Policy, Rule
+
+    rule = Rule(name="long budget", recipe="dfad", race=("dfad",), evidence="a test", settings={"train.steps": 777},
+                conditions={"min_budget_s": 30})
+    monkeypatch.setattr(planner, "load_policy", lambda: Policy((rule,), 300))
+
+    def steps_adjustments(*extra):
+        result = compress(tiny_teacher, tmp_path / "run", "--dry-run", "--format", "json", "--time-budget", "60s", *extra)
+        assert result.exit_code == 0, result.stderr
+        plan = json.loads(result.stdout)
+        return plan["steps"], [a for a in plan["adjustments"] if a["key"] == "train.steps"]
+
+    steps, made = steps_adjustments()
+    assert steps == 777 and made == [{"key": "train.steps", "before": load_recipe("dfad").train.steps, "after": 777,
+                                      "reason": "policy rule 'long budget'"}]
+    assert steps_adjustments("-s", "train.steps=50") == (50, [])
+    assert steps_adjustments("--steps", "40")[0] == 40
+    assert not rule.holds(True, (3, 32, 32), "cpu", 29) and rule.holds(True, (3, 32, 32), "cpu", 30)

@@ -90,6 +90,21 @@ def test_auto_races_the_text_recipes_the_inputs_allow(text_files, tmp_path) -> N
     assert race["winner"] in entrants and all(row["steps"] == 1 for row in race["entrants"])  # 6 steps x 0.5 / 3
     config = tomllib.loads((out / "config.toml").read_text())
     assert config["run"]["recipe"] == race["winner"] == json.loads(result.stdout)["run"]["recipe"]
+    again = run("compress", "--config", out / "config.toml", "--out", tmp_path / "again", "--format", "json")
+    assert again.exit_code == 0, again.stderr  # the config repeats the winner alone
+    assert json.loads(again.stdout)["run"]["race"] is None
+
+
+def test_a_stopped_text_race_resumes_its_winner(text_files, tmp_path, monkeypatch) -> None:
+    args = ["compress", text_files["bert"], "--prior", text_files["corpus"], "--race-share", "0.5", *FAST,
+            "--steps", "12", "-s", "train.checkpoint_every=2"]
+    with monkeypatch.context() as patch:
+        _stop_at(patch, 9)  # after the race (3 entrants x 2 steps), while the leader trains
+        assert run(*args, "--out", tmp_path / "r").exit_code == 130
+    resumed = run("compress", "--resume", tmp_path / "r", "--format", "json")
+    assert resumed.exit_code == 0, (resumed.stderr, resumed.exception)
+    report = json.loads(resumed.stdout)
+    assert report["run"]["resumed_from_step"] == 9 and report["run"]["steps"] == 12
 
 
 def test_race_share_needs_recipe_auto(text_files, tmp_path) -> None:
@@ -176,3 +191,20 @@ def test_two_processes_train_one_text_student_and_only_rank_0_writes(text_files,
     run_info = json.loads(result.stdout)["run"]
     assert run_info["processes"] == {"count": 2, "identical_students": True} and run_info["steps"] == 6
     assert sorted(p.name for p in runs.iterdir()) == ["two"] and result.stderr.count("[distill] started") == 1
+
+
+def test_both_trainers_keep_the_trainer_contract(text_files, tiny_teacher) -> None:
+    from dfkd_cli.config import load_recipe
+    from dfkd_cli.selection import Trainer
+    from dfkd_cli.teacher import load_teacher
+    from dfkd_cli.text.models import build_text_student, load_text_teacher
+    from dfkd_cli.trainer import StudentTrainer
+
+    text = load_text_teacher(text_files["bert"])
+    image = load_teacher(tiny_teacher["path"], "resnet8", (1, 16, 16), mean=[0.5], std=[0.5])
+    cpu = torch.device("cpu")
+    trainers = [TextTrainer(build_text_student("bert-1", text), text, load_recipe("random-text").train, cpu),
+                StudentTrainer(image.model, image.model, load_recipe("dfad").train, cpu)]
+    for trainer in trainers:
+        assert isinstance(trainer, Trainer), type(trainer).__name__
+        assert all(hasattr(trainer, name) for name in Trainer.__annotations__), type(trainer).__name__

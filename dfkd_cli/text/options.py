@@ -25,9 +25,10 @@ TEXT_ONLY = {"generator": "--generator", "prompter": "--prompter", "text_column"
              "label_column": "--label-column"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class TextOptions:
-    """Everything a text ``dfkd compress`` needs besides the recipe; saved as ``[run]`` in config.toml."""
+    """Everything a text ``dfkd compress`` needs besides the recipe; saved as ``[run]`` in config.toml.
+    Frozen: resolved once by :func:`resolve_text`."""
 
     teacher: Path
     student: str | None = None  # bert-N or a folder; default bert-(teacher layers / 2)
@@ -126,12 +127,12 @@ def resolve_text(flags: dict[str, Any], overrides: list[str], overwrite: bool, t
     if opts.from_synthetic is not None and opts.recipe == "auto":
         from dfkd_cli.text.synthetic_set import text_set_recipe
 
-        opts.recipe = text_set_recipe(opts.from_synthetic)  # its [train] settings; nothing is synthesized
+        opts = dataclasses.replace(opts, recipe=text_set_recipe(opts.from_synthetic))  # its [train] settings
     names = [opts.recipe]
     if opts.recipe == "auto":
         entrants = applicable_text_recipes(opts)
         names = entrants if opts.race_share is not None and len(entrants) > 1 else [auto_recipe(opts)]
-        opts.recipe = names[0] if len(names) == 1 else "auto"
+        opts = dataclasses.replace(opts, recipe=names[0] if len(names) == 1 else "auto")
     if len(names) > 1:
         from dfkd_cli.runconfig import refuse_recipe_settings  # runconfig imports the image pipeline: slow
 

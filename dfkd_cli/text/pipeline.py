@@ -78,7 +78,7 @@ def _compress_text(opts: TextOptions, recipes: list[RecipeConfig], display: Disp
     builder = TextRunBuilder(opts, loaded, device, precision, world)
 
     def settings(run: Run) -> str:  # checkpoints/run.toml: what --resume repeats (a race's winner)
-        return dump_toml({"run": {**opts.to_dict(), "recipe": run.name}, **run.recipe.to_dict()})
+        return dump_toml({"run": ran_options(opts, run.name), **run.recipe.to_dict()})
 
     session = Session(out, device, world, precision, display, loaded.teacher.sha256, resume, started)
     budgeting = Budgeting(opts.time_budget_s, paces=opts.budget_paces or len(recipes) > 1, elapsed=watch.total)
@@ -96,12 +96,22 @@ def _compress_text(opts: TextOptions, recipes: list[RecipeConfig], display: Disp
         watch.seconds["total"] = round(sum(watch.seconds.values()), 3)
         report["run"].update(wall_clock_s=dict(watch.seconds), peak_memory_mb=dict(watch.memory_mb))
         report["warnings"] += run_info["health"]["warnings"]
-        config = {"run": {**opts.to_dict(), "recipe": run.name if done.race else opts.recipe}, **run.recipe.to_dict()}
+        config = {"run": ran_options(opts, run.name if done.race else opts.recipe), **run.recipe.to_dict()}
         (staging / "config.toml").write_text(dump_toml(config), encoding="utf-8")
         report["run"]["config"], report["run"]["versions"] = config, library_versions()
         write_report(staging, report)
         move_into_place(staging, out)
     return report
+
+
+def ran_options(opts: TextOptions, recipe: str) -> dict[str, Any]:
+    """The ``[run]`` table of config.toml and checkpoints/run.toml: the options with the recipe that
+    ran, so ``--config`` and ``--resume`` repeat a race's winner alone, with only the inputs it reads."""
+    data = {**opts.to_dict(), "recipe": recipe}
+    if recipe != opts.recipe:  # a race's winner
+        reads = synthesizer_needs(recipe)
+        data.update({flag: None for flag in ("generator", "prompter", "prior") if flag not in reads}, race_share=None)
+    return data
 
 
 @dataclass

@@ -50,15 +50,10 @@ def quantize_text_int8(fp32_path: Path, int8_path: Path) -> None:
 
 def _agreements(predict: Callable[[Path, list[str]], torch.Tensor], fp32_path: Path, int8_path: Path,
                 texts: list[str], teacher_classes: torch.Tensor, labels: torch.Tensor | None) -> dict[str, Any]:
+    from dfkd_cli.quantize import agreement_section
+
     fp32, int8 = predict(fp32_path, texts).argmax(1), predict(int8_path, texts).argmax(1)
-    part: dict[str, Any] = {"n": len(texts),
-                            "fp32_top1_agreement": float((fp32 == teacher_classes).float().mean()),
-                            "int8_top1_agreement": float((int8 == teacher_classes).float().mean()),
-                            "int8_vs_fp32_top1": float((int8 == fp32).float().mean())}
-    if labels is not None:
-        part["fp32_accuracy"] = float((fp32 == labels).float().mean())
-        part["int8_accuracy"] = float((int8 == labels).float().mean())
-    return part
+    return agreement_section(fp32, int8, teacher_classes, labels)
 
 
 def quantize_text_and_measure(run_dir: Path, tokenizer: Any, max_length: int, report_half: TextBatch,

@@ -102,9 +102,6 @@ class TextCorpus:
         self.held_out = [sentences[i] for i in order[:holdout]]
         self.training = [sentences[i] for i in order[holdout:]]
 
-    def describe(self) -> dict[str, Any]:
-        return {"sentences": len(self.held_out) + len(self.training), "held_out": len(self.held_out)}
-
 
 @dataclass
 class TextConfig:

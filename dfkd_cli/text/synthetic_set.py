@@ -61,15 +61,10 @@ def text_set_recipe(folder: Path) -> str:
 
 
 def _manifest(folder: Path) -> dict[str, Any]:
+    from dfkd_cli.synthetic_set import manifest_json
+
     path = Path(folder) / "manifest.json"
-    if not Path(folder).is_dir():
-        raise DfkdError(f"synthetic set '{folder}' not found; pass the synthetic/ folder of a run made with --save-synthetic")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DfkdError(f"'{folder}' has no manifest.json; pass the synthetic/ folder of a run made with --save-synthetic") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise DfkdError(f"'{path}' is not valid JSON; {_DAMAGED}") from None
+    manifest = manifest_json(folder)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("family") != "text":
         raise DfkdError(f"'{path}' is not a dfkd text synthetic set of format {FORMAT}; pass the synthetic/ folder "
                         "of a text run made with --save-synthetic")
