@@ -9,7 +9,7 @@ one code path for both: the budget and stop requests, the :class:`~dfkd_cli.supe
 ``run`` facts of the report.
 
 Example:
-    >>> session = Session(out, device, World(), precision, display, teacher.sha256, resume=None)
+    >>> session = Session(out, device, World(), precision, display, teacher.sha256, None, started)
     >>> done = distill_session(session, recipes, builder.run, Budgeting(600.0, paces=False, elapsed=4.2),
     ...                        settings, race_share=0.15)
     >>> done.run_info["steps"], done.holdout[:2]
@@ -18,8 +18,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -52,7 +52,7 @@ class Session:
     display: Display
     teacher_sha256: str
     resume: dict[str, Any] | None  # the checkpoint a --resume continues (see dfkd_cli.resume.resume_state)
-    started: datetime = field(default_factory=lambda: datetime.now(timezone.utc))  # when the command began
+    started: datetime  # when the command began (loading counts as part of the run)
 
 
 @dataclass(frozen=True)
