@@ -104,7 +104,7 @@ ensure_inputs(dataclasses.replace(make_suite("mnist-lenet"), prior=None))  # the
 PY
 add_row inputs "MNIST test file for throughput.py"
 
-run_step "cuda tests" "$step_limit" python -m pytest -q -p no:cacheprovider tests/test_cuda.py
+run_step "cuda tests" "$step_limit" python -m pytest -q -n 0 -p no:cacheprovider tests/test_cuda.py
 detail=$(summary pytest "$work/logs/cuda tests.log")
 if ((step_rc == 0)) && ! grep -q passed <<<"$detail"; then
   if ((smoke)); then detail="$detail (no CUDA device: all skipped, as expected on a CPU)"

@@ -37,6 +37,8 @@ from dfkd_cli.errors import DfkdError
 from dfkd_cli.runtime import distributed_env
 
 TIMEOUT = datetime.timedelta(minutes=10)  # a rank that stops answering ends the job after this
+STOP_GRACE_S = 10.0  # what a rank gets to stop cleanly (SIGTERM) before it is killed
+FAILED_JOB_GRACE_S = 2.0  # the same once another rank has failed
 
 
 @dataclass
@@ -164,12 +166,17 @@ def launch(nproc: int, args: list[str]) -> int:
     # process stops cleanly with exit 130 and this one returns that
     previous_term = signal.signal(signal.SIGTERM, lambda *_: [p.terminate() for p in processes])
     processes += [subprocess.Popen(command, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
+    grace = STOP_GRACE_S
     try:
-        return _wait_all(processes)
+        code = _wait_all(processes)
+        # The ranks still running wait in a collective for the one that failed, where a stop
+        # request cannot reach them: they have nothing left to save.
+        grace = FAILED_JOB_GRACE_S if code else grace
+        return code
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
-        _stop(processes)
+        _stop(processes, grace)
 
 
 def _wait_all(processes: list[subprocess.Popen]) -> int:
@@ -183,7 +190,7 @@ def _wait_all(processes: list[subprocess.Popen]) -> int:
         time.sleep(0.2)
 
 
-def _stop(processes: list[subprocess.Popen], grace: float = 10.0) -> None:
+def _stop(processes: list[subprocess.Popen], grace: float) -> None:
     for process in processes:
         if process.poll() is None:
             process.terminate()

@@ -154,13 +154,14 @@ def test_checkpoint_clean_up_removes_only_what_dfkd_wrote(tmp_path):
 # ---------------------------------------------------------------------------------------------- lock
 
 
-def test_a_second_run_into_a_locked_out_fails_at_once_naming_the_first(tiny_teacher, tmp_path):
+def test_a_second_run_into_a_locked_out_fails_at_once_naming_the_first(tiny_teacher, tmp_path, monkeypatch):
     out = tmp_path / "runs" / "x"
+    monkeypatch.setattr(sys, "argv", ["dfkd", "compress", "first.pt"])  # the command line the lock records
     with OutputLock(out):
         started = time.monotonic()
         line = one_error_line(compress(tiny_teacher, out, *FAST))
         assert time.monotonic() - started < 10
-        assert f"another dfkd run (pid {os.getpid()}: dfkd " in line and str(out) in line, line
+        assert f"another dfkd run (pid {os.getpid()}: dfkd compress first.pt)" in line and str(out) in line, line
         assert not out.exists()
     assert not lock_path(out).exists() and not (tmp_path / "runs").exists(), "lock or its folder left behind"
 
