@@ -37,7 +37,9 @@ Every row but the teacher's is one process: `dfkd compress TEACHER ... --recipe 
 --steps S --format json` for a recipe (the recipes that apply are asked of `dfkd inspect`), or
 bench/kd_baselines.py for KD on real images (same student, trainer and budget; the trainer settings
 are those of the suite's `kd_train_from` recipe). All rows of a suite get the same --time-budget,
-and --steps is so large that the budget is what ends each run. On a CPU, recipes run with their
+and --steps is so large that the budget is what ends each run, except the default row (`--recipe
+auto`), which runs as a user runs it: no --steps, so the policy's recipe's own steps may end it
+before the budget. On a CPU, recipes run with their
 files' settings except where a suite says otherwise (make_suite: DeepInversion/ADI at fewer pixel
 iterations, no mirrored digits); `--gpu` restores the papers' synthesis settings where a recipe
 file ships CPU-sized ones, and gives each row an hour. Accuracy and teacher
@@ -157,9 +159,12 @@ def split_settings(settings: list[str]) -> tuple[list[str], list[str]]:
 
 
 def compress_cmd(suite: Suite, recipe: str, budget: str, steps: int, extra: list[str], out: Path) -> list[str]:
-    """`dfkd compress` for one recipe row."""
+    """`dfkd compress` for one recipe row. The default row (``auto``) runs as a user runs it, without
+    --steps (its recipe's steps or the budget end it), unless the bench was given --steps."""
+    as_user = recipe == "auto" and steps == HUGE_STEPS
     return [str(DFKD), "compress", *suite.teacher_args(), "--student", suite.student,
-           "--eval-data", str(suite.eval_npz), "--recipe", recipe, "--time-budget", budget, "--steps", str(steps),
+           "--eval-data", str(suite.eval_npz), "--recipe", recipe, "--time-budget", budget,
+           *([] if as_user else ["--steps", str(steps)]),
            "--device", suite.device, "--out", str(out), "--overwrite", "--format", "json",
            *(["--prior", str(suite.prior_npz)] if suite.prior_npz and recipe in prior_recipes() else []),
            *overrides_for(suite, recipe, extra)]
@@ -275,7 +280,8 @@ def footer(suite: Suite, budget: str, steps: int) -> str:
     """What the numbers are, under the table."""
     dataset, n = suite.eval_data
     images = f"all {n:,}" if n == 10_000 else f"the first {n:,}"
-    stop = f"the budget (--steps {steps:,} is never reached)" if steps == HUGE_STEPS else f"--steps {steps:,} or it"
+    stop = (f"the budget (--steps {steps:,} is never reached; the default row runs without --steps, as a user "
+            "runs it)") if steps == HUGE_STEPS else f"--steps {steps:,} or it"
     which = f" of classes {', '.join(map(str, suite.classes))}" if suite.classes else ""
     text = (f"Accuracy and agreement on {images} {DATA_NAMES[dataset]} test images{which} (never used for selection). "
             f"Every row but the teacher's: `--time-budget {budget}` (for a dfkd row the whole run, export included; "

@@ -192,6 +192,13 @@ def test_kd_like_baselines_train_like_the_kd_rows_and_prior_recipes_get_the_prio
     assert "--prior" not in run_bench.compress_cmd(suite, "dfad", "1m", 10, [], tmp_path)
 
 
+def test_the_default_row_runs_without_steps_as_a_user_runs_it(tmp_path):
+    suite = run_bench.make_suite("mnist-lenet")
+    assert "--steps" not in run_bench.compress_cmd(suite, "auto", "1m", run_bench.HUGE_STEPS, [], tmp_path)
+    assert "--steps" in run_bench.compress_cmd(suite, "auto", "1m", 10, [], tmp_path)  # the bench was given --steps
+    assert "--steps" in run_bench.compress_cmd(suite, "dfad", "1m", run_bench.HUGE_STEPS, [], tmp_path)
+
+
 def test_variant_rows_carry_their_settings_and_a_split_suite_separates_classes():
     update = run_bench.make_suite("mnist-update")
     recipe, settings = update.variants["dafl+lra"]
