@@ -234,7 +234,8 @@ def row_from_report(name: str, report: dict[str, Any]) -> dict[str, Any]:
 
 def teacher_row(suite: Suite) -> dict[str, Any]:
     """The teacher's own accuracy on the eval data (the same code as dfkd's reports)."""
-    from dfkd_cli.evaluate import load_eval_data, predict
+    from dfkd_cli.evaluate import predict
+    from dfkd_cli.eval_data import load_eval_data
     from dfkd_cli.teacher import load_teacher, parse_input_shape
 
     teacher = load_teacher(suite.teacher, suite.arch, parse_input_shape(suite.input_shape), normalize=suite.normalize)

@@ -56,7 +56,7 @@ from torchvision import transforms as T
 
 from dfkd_cli.config import RecipeConfig, load_recipe
 from dfkd_cli.distill import Run, start, train, wire
-from dfkd_cli.evaluate import load_eval_data
+from dfkd_cli.eval_data import load_eval_data
 from dfkd_cli.precision import Precision, channels_last
 from dfkd_cli.runtime import Budget, Display, hardware_description, parse_duration, seed_everything
 from dfkd_cli.synth import StudentView, SynthContext, Synthesizer, synthesizer_class

@@ -1,55 +1,23 @@
 """The ``dfkd`` command line: parses options, calls the pipeline, renders results, maps errors.
 
-Results go to stdout, progress and logs to stderr. Exit codes: 0 success, 1 a quality gate
-failed, 2 bad input or usage, 3 runtime or export failure, 130 interrupted.
+Results go to stdout, progress and logs to stderr. Errors and exit codes: :mod:`dfkd_cli.cli_common`;
+``dfkd recipes``: :mod:`dfkd_cli.cli_recipes`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
-from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Optional
 
 import typer
-from typer.core import TyperGroup
 
 from dfkd_cli import __version__, interrupts
-from dfkd_cli.errors import EXIT_INTERRUPTED, EXIT_RUNTIME, DfkdError
+from dfkd_cli.cli_common import FormatOption, OneLineErrors, OutputFormat, check_gate, user_errors
+from dfkd_cli.cli_recipes import recipes_app
+from dfkd_cli.errors import DfkdError
 from dfkd_cli.outlock import refuse_if_locked
-
-# Typer vendors click in recent versions and uses the click package in older ones: take the
-# exception classes from Typer's own BadParameter.
-_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
-_CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
-
-
-class OneLineErrors(TyperGroup):
-    """Usage errors (a bad option value, an unknown option) as one ``error:`` line, exit 2, like
-    every other dfkd error, instead of click's usage box."""
-
-    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
-             **extra: Any) -> Any:
-        try:
-            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except _USAGE_ERROR as err:
-            if type(err).__name__ == "NoArgsIsHelpError":  # plain `dfkd`: the help, as usual
-                return super().main(args, prog_name, complete_var, standalone_mode=standalone_mode, **extra)
-            where = f"; see `{err.ctx.command_path} --help`" if err.ctx is not None else ""
-            _print_error(f"{err.format_message()}{where}")
-            sys.exit(2)
-        except typer.Abort:
-            _print_error("interrupted")
-            sys.exit(EXIT_INTERRUPTED)
-        except _CLICK_EXCEPTION as err:
-            _print_error(err.format_message())
-            sys.exit(err.exit_code)
-        if standalone_mode:
-            sys.exit(result if isinstance(result, int) else 0)
-        return result
-
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -59,25 +27,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-recipes_app = typer.Typer(help="List, show, copy and validate recipes.", invoke_without_command=True)
 app.add_typer(recipes_app, name="recipes")
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
-
-
-class OutputFormat(str, Enum):
-    human = "human"
-    json = "json"
-    quiet = "quiet"
-
-
-FormatOption = Annotated[OutputFormat, typer.Option("--format", "-f", help="human, json (results on stdout) or quiet.")]
-
-
-def _print_error(message: str) -> None:
-    # Never imports torch: this also runs when Ctrl-C cut torch's own import short.
-    one_line = " ".join(message.split("\n"))
-    print(f"error: {interrupts.rank_prefix()}{one_line}", file=sys.stderr)
 
 
 def _without_nproc(args: list[str]) -> list[str]:
@@ -91,38 +43,6 @@ def _without_nproc(args: list[str]) -> list[str]:
         elif not arg.startswith("--nproc="):
             kept.append(arg)
     return kept
-
-
-def _fail(message: str, code: int) -> None:
-    _print_error(message)
-    raise typer.Exit(code)
-
-
-def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn DfkdError into one line on stderr with its exit code, and Ctrl-C into exit 130."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except DfkdError as err:
-            _fail(err.message, err.exit_code)
-        except KeyboardInterrupt as err:
-            _fail(f"interrupted by {interrupts.signal_name(err)}", EXIT_INTERRUPTED)
-        except (MemoryError, RuntimeError) as err:
-            if not _out_of_memory(err):
-                raise
-            _fail("out of memory (" + (str(err).split("\n")[0][:120] or type(err).__name__) + "); lower "
-                  "train.batch_size or synth.batch_size (-s train.batch_size=64), or use a smaller student", EXIT_RUNTIME)
-
-    return wrapper
-
-
-def _out_of_memory(err: BaseException) -> bool:
-    """CUDA and CPU allocation failures (torch raises both as RuntimeError subclasses)."""
-    text = str(err)
-    return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
-            or "can't allocate memory" in text or "out of memory" in text)
 
 
 def _version(value: bool) -> None:
@@ -231,7 +151,7 @@ def compress(
         render_plan(report, output_format.value)
         return
     render_compress(report, output_format.value)
-    _check_gate(report)
+    check_gate(report)
 
 
 def _is_text_folder(teacher: Path, arch: str | None) -> bool:
@@ -277,13 +197,7 @@ def _compress_text(flags: dict[str, Any], overrides: list[str], overwrite: bool,
     if report is None:  # a distributed run's other ranks: rank 0 reports
         return
     render_compress(report, output_format.value)
-    _check_gate(report)
-
-
-def _check_gate(report: dict[str, Any]) -> None:
-    gate = report.get("gate")
-    if gate and not gate["passed"]:
-        _fail(f"agreement {gate['measured']:.4f} on {gate['measured_on']} is below --min-agreement {gate['min_agreement']}", 1)
+    check_gate(report)
 
 
 @app.command("eval")
@@ -317,7 +231,7 @@ def eval_(
             raise DfkdError("--text-column and --label-column are for text students (a Hugging Face student folder)")
         report = evaluate_student(student, teacher, arch, eval_data, onnx, min_agreement, trust_pickle)
     render_eval(report, output_format.value)
-    _check_gate(report)
+    check_gate(report)
 
 
 @app.command()
@@ -336,7 +250,7 @@ def quantize(
 
     report = quantize_run(run, eval_data, min_agreement, trust_pickle)
     render_quantize(report, output_format.value)
-    _check_gate(report)
+    check_gate(report)
 
 
 @app.command()
@@ -389,71 +303,6 @@ def archs(
         whole = "dfkd archs 'timm:*'" if in_timm else "dfkd archs"
         raise DfkdError(f"no architecture matches '{pattern}'; try `{whole}` for the whole list")
     render_rows(rows, output_format.value, title="timm models" if in_timm else "architectures (timm's models too: dfkd archs 'timm:*')")
-
-
-@recipes_app.callback()
-@user_errors
-def recipes_list(ctx: typer.Context, output_format: FormatOption = OutputFormat.human) -> None:
-    """List recipes with a one-line description each."""
-    if ctx.invoked_subcommand is not None:
-        return
-    from dfkd_cli.config import list_recipes, recipe_info
-    from dfkd_cli.render import render_rows
-
-    rows = []
-    for name in list_recipes():
-        info = recipe_info(name)
-        rows.append({"name": name, "family": info.family, "needs_bn": "yes" if info.requires_bn else "no",
-                     "description": info.description})
-    render_rows(rows, output_format.value, title="recipes")
-
-
-@recipes_app.command("show")
-@user_errors
-def recipes_show(name: Annotated[str, typer.Argument(help="Recipe name (see `dfkd recipes`); not a path.")]) -> None:
-    """Print a shipped recipe."""
-    from dfkd_cli.config import recipe_path
-
-    print(recipe_path(name).read_text(encoding="utf-8"), end="")
-
-
-@recipes_app.command("cp")
-@user_errors
-def recipes_cp(
-    name: Annotated[str, typer.Argument(help="Recipe name (see `dfkd recipes`); not a path.")],
-    dest: Annotated[Path, typer.Argument(help="Where to write the copy (a .toml file) to edit and pass to --recipe.")],
-) -> None:
-    """Copy a shipped recipe to edit it; use the copy with `dfkd compress --recipe my.toml`."""
-    from dfkd_cli.atomic import atomic_write
-    from dfkd_cli.config import recipe_path
-
-    text = recipe_path(name).read_text(encoding="utf-8")
-    if dest.exists() or dest.is_symlink():
-        raise DfkdError(f"'{dest}' already exists; choose another destination")
-    if not dest.parent.is_dir():
-        raise DfkdError(f"cannot write '{dest}': folder '{dest.parent}' does not exist; create it or choose another destination")
-    try:
-        with interrupts.while_writing():  # Ctrl-C leaves no half-written copy
-            atomic_write(dest, text)
-    except OSError as err:
-        raise DfkdError(f"cannot write '{dest}' ({err.strerror or err}); choose another destination") from None
-    print(str(dest))
-
-
-@recipes_app.command("validate")
-@user_errors
-def recipes_validate(path: Annotated[Path, typer.Argument(help="A recipe .toml file.")]) -> None:
-    """Check a recipe file: known tables and keys, right types, on a GPU and (with its [cpu] table) a CPU. Exit 0 when valid."""
-    from dfkd_cli.config import build_recipe, read_toml
-
-    data = read_toml(path)
-    cfg = build_recipe(data, [], default_name=path.stem, device_type="cuda")  # main tables; [cpu] keys checked too
-    try:
-        cpu = build_recipe(data, [], default_name=path.stem, device_type="cpu")
-    except DfkdError as err:  # the main tables built, so the [cpu] table's values are at fault
-        raise DfkdError(f"{err.message} (with the [cpu] table applied, as on a CPU)", err.exit_code) from None
-    on_cpu = f", {cpu.train.steps} on a CPU" if cpu.train.steps != cfg.train.steps else ""
-    print(f"{path}: valid ({cfg.recipe.synthesizer} synthesizer, {cfg.train.steps} student steps{on_cpu})")
 
 
 def main() -> None:

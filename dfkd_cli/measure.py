@@ -12,7 +12,6 @@ from torch import nn
 from dfkd_cli import validate
 from dfkd_cli.errors import DfkdError, ExportError
 from dfkd_cli.evaluate import (
-    EvalData,
     agreement_report,
     count_params,
     file_size_bytes,
@@ -20,6 +19,7 @@ from dfkd_cli.evaluate import (
     predict,
     torch_latency_ms,
 )
+from dfkd_cli.eval_data import EvalData
 from dfkd_cli.export import export_onnx, onnx_predict
 from dfkd_cli.sources import student_source
 from dfkd_cli.teacher import Teacher
@@ -170,7 +170,7 @@ def evaluate_student(student_path: Path, teacher_path: Path | None, arch: str | 
     """The `dfkd eval` report: the student rebuilt from its own metadata, measured against the
     teacher (when given) on real data (when given)."""
     from dfkd_cli import __version__
-    from dfkd_cli.evaluate import load_eval_data
+    from dfkd_cli.eval_data import load_eval_data
     from dfkd_cli.export import load_student
     from dfkd_cli.report import SCHEMA_VERSION
     from dfkd_cli.runtime import library_versions

@@ -17,7 +17,7 @@ import torch
 from dfkd_cli import __version__
 from dfkd_cli.config import RecipeConfig, applicable_recipes, dump_toml, prior_recipes
 from dfkd_cli.errors import DfkdError, ExportError
-from dfkd_cli.evaluate import EvalData, load_eval_data
+from dfkd_cli.eval_data import EvalData, load_eval_data
 from dfkd_cli.export import StudentMeta, export_onnx, save_student
 from dfkd_cli.measure import deployment_checks, eval_data_warnings, gate_result, measure_models, real_data_report
 from dfkd_cli.prior import PriorData

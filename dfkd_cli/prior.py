@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dfkd_cli.errors import DfkdError
-from dfkd_cli.evaluate import IMAGE_SUFFIXES, is_image_file, read_image, read_npz, to_unit_nchw
+from dfkd_cli.eval_data import IMAGE_SUFFIXES, is_image_file, read_image, read_npz, to_unit_nchw
 
 
 class _ImageFiles(Dataset):

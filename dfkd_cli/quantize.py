@@ -27,7 +27,8 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from dfkd_cli.atomic import replace, temporary_sibling
 from dfkd_cli.errors import ExportError
-from dfkd_cli.evaluate import EvalData, file_size_bytes, onnx_latency_ms, predict
+from dfkd_cli.evaluate import file_size_bytes, onnx_latency_ms, predict
+from dfkd_cli.eval_data import EvalData
 from dfkd_cli.export import onnx_predict, onnx_session
 
 QUANTIZE_CHOICES = ("none", "int8")
@@ -121,7 +122,7 @@ def quantize_run(run_dir: Path, eval_data_path: Path | None = None, min_agreemen
     """``dfkd quantize RUN``: int8 for a finished run made with ``--save-synthetic``, calibrated on
     its saved held-out samples; adds the int8 section (and the gate) to RUN's report."""
     from dfkd_cli.errors import DfkdError
-    from dfkd_cli.evaluate import load_eval_data
+    from dfkd_cli.eval_data import load_eval_data
     from dfkd_cli.export import load_student
     from dfkd_cli.measure import check_fraction, gate_result
     from dfkd_cli.report import write_report

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from dfkd_cli import __version__
 from dfkd_cli import validate
 from dfkd_cli.errors import DfkdError
-from dfkd_cli.evaluate import predict, read_npz
+from dfkd_cli.evaluate import predict
+from dfkd_cli.eval_data import read_npz
 from dfkd_cli.teacher import Teacher
 
 FORMAT = 1

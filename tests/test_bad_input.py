@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from dfkd_cli.archs import create_model
 from dfkd_cli.cli import app
-from dfkd_cli.evaluate import read_image
+from dfkd_cli.eval_data import read_image
 
 from conftest import quadrant_task
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import quadrant_task
-from dfkd_cli.config import list_recipes, load_recipe
+from dfkd_cli.config import load_recipe
 from dfkd_cli.errors import DfkdError
-from dfkd_cli.evaluate import load_eval_data
+from dfkd_cli.eval_data import load_eval_data
 from dfkd_cli.race import race_entrants
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"

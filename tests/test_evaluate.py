@@ -14,15 +14,14 @@ from torch import nn
 
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.evaluate import (
-    EvalData,
     agreement_report,
     count_params,
     file_size_bytes,
-    load_eval_data,
     onnx_latency_ms,
     predict,
     torch_latency_ms,
 )
+from dfkd_cli.eval_data import EvalData, load_eval_data
 
 RGB_MEAN, RGB_STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
 

@@ -292,7 +292,7 @@ def test_torchvision_resnets_have_matching_blocks():
 @pytest.mark.parametrize("name", RECIPES)
 def test_each_recipe_distills_a_student_through_the_pipeline_loop(teacher, tiny_teacher, name):
     """The pipeline's own distillation loop (synthesize, student steps, trajectory selection)."""
-    from dfkd_cli.evaluate import load_eval_data
+    from dfkd_cli.eval_data import load_eval_data
     from dfkd_cli.distill import Run, distill
     from dfkd_cli.runtime import Budget, Display
 
