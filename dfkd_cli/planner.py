@@ -23,7 +23,7 @@ from dfkd_cli.autopilot import Adjustment, copy_recipe, fit_memory, get_setting,
 from dfkd_cli.config import RecipeConfig
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.plan import Plan, Stage
-from dfkd_cli.policy import choose_rule, load_policy
+from dfkd_cli.policy import FILL_BUDGET, Rule, choose_rule, load_policy
 from dfkd_cli.precision import Precision
 from dfkd_cli.probe import Costs, available_memory, probe_run
 from dfkd_cli.report import grid_sample_size
@@ -39,6 +39,7 @@ EXPORT_SECONDS = 10.0  # export and evaluation of small models (measured: 3-8 s 
 # The teacher's ONNX export (for its latency) grows with its size: 25 s for an 86M-parameter
 # ViT-B/16, about 1 s for a CIFAR resnet20, on the 2-core benchmark CPU.
 ONNX_SECONDS_PER_MPARAM = 0.3
+BUDGET_FILL_MARGIN = 1.5  # steps beyond the estimate of a budget-filling rule (see fill_budget)
 
 
 def export_estimate(costs: Costs | None, teacher: Teacher, eval_images: int) -> float:
@@ -139,6 +140,8 @@ def make_plan(opts: "CompressOptions", recipes: list[RecipeConfig], teacher: Tea
             export_s = export_estimate(costs[name], teacher, eval_images)
         made, peaks[name], available = _fit(recipe, costs[name], device, explicit)
         adjustments += made
+        if name == lead and policy is not None:
+            adjustments += fill_budget(recipe, costs[name], rule, budget, export_s, explicit | _steps_given(opts))
         distributed = builder.world.active
         if name == lead and not _race_decision(opts, race_names, by_name, costs, policy, distributed, export_s, only=lead):
             break  # the lead alone cannot get enough race steps: no race, no need to probe the others
@@ -179,11 +182,32 @@ def policy_settings(recipe: RecipeConfig, settings: dict[str, Any], rule: str, e
     made = []
     for key, value in settings.items():
         before = get_setting(recipe, key)
-        if key in explicit or before == value:
+        if key in explicit or before == value or value == FILL_BUDGET:  # FILL_BUDGET: fill_budget, after the probe
             continue
         set_setting(recipe, key, value)
         made.append(Adjustment(key, before, value, f"policy rule '{rule}'"))
     return made
+
+
+def fill_budget(recipe: RecipeConfig, costs: Costs, rule: Rule, budget: float | None, export_s: float,
+                explicit: set[str]) -> list[Adjustment]:
+    """A rule's ``train.steps = "budget"``: when the budget holds more student steps than the
+    recipe's own (which would end the run early), the budget ends training instead: the steps it
+    holds at the probed speed, after the probe, the held-out samples and export, with half as many
+    again, since the probe's first steps run slower than later ones (94 against about 70 ms on the
+    MNIST BatchNorm teacher here) and the schedules follow the clock when the budget binds. Never
+    when the user set the steps."""
+    if rule.settings.get("train.steps") != FILL_BUDGET or budget is None or "train.steps" in explicit:
+        return []
+    step_s = _step_seconds(recipe, costs)
+    train_s = budget - export_reserve(budget, export_s) - costs.probe_s - _holdout_seconds(recipe, costs)
+    before, fits = recipe.train.steps, int(train_s / step_s)
+    if fits <= before:
+        return []
+    set_setting(recipe, "train.steps", int(fits * BUDGET_FILL_MARGIN))
+    return [Adjustment("train.steps", before, int(fits * BUDGET_FILL_MARGIN),
+                       f"policy rule '{rule.name}': the budget ends training (it holds about {fits} steps at "
+                       f"~{step_s * 1000:.0f} ms a step)")]
 
 
 def _steps_given(opts: "CompressOptions") -> set[str]:

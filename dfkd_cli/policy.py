@@ -21,6 +21,7 @@ from dfkd_cli.errors import DfkdError
 
 _CONDITIONS = ("batchnorm", "channels", "max_input", "device", "max_budget_s", "min_budget_s")
 _SETTINGS = ("train.steps",)  # what a rule may set (a -s or --steps the user gave wins)
+FILL_BUDGET = "budget"  # train.steps = "budget": the steps the time budget holds, when more than the recipe's
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,10 @@ def load_policy(path: Path | None = None) -> Policy:
         if unknown or "recipe" not in raw or not isinstance(settings, dict) or set(settings) - set(_SETTINGS):
             raise DfkdError(f"policy '{path}' rule {index + 1}: unknown keys {sorted(unknown)}, no recipe, or settings "
                             f"other than {', '.join(_SETTINGS)}")
+        steps = settings.get("train.steps", 1)
+        if isinstance(steps, bool) or not (steps == FILL_BUDGET or isinstance(steps, int) and steps > 0):
+            raise DfkdError(f"policy '{path}' rule {index + 1}: train.steps must be a positive integer or "
+                            f"\"{FILL_BUDGET}\", not {steps!r}")
         rules.append(Rule(name=str(raw.get("name", f"rule {index + 1}")), recipe=str(raw["recipe"]),
                           race=tuple(raw.get("race", ())), evidence=" ".join(str(raw.get("evidence", "")).split()),
                           conditions={k: raw[k] for k in _CONDITIONS if k in raw}, settings=dict(settings)))

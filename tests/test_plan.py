@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from dfkd_cli.autopilot import MIN_BATCH, SMOKE_BATCH, SMOKE_STEPS, copy_recipe, estimate_peak, fit_memory, scale_to_steps
 from dfkd_cli.cli import app
 from dfkd_cli.config import list_recipes, load_recipe, recipe_info
+from dfkd_cli.errors import DfkdError
 from dfkd_cli.policy import choose_rule, load_policy
 from dfkd_cli.race import race_entrants
 
@@ -248,3 +249,38 @@ def test_a_policy_rule_sets_the_lead_recipe_s_steps_unless_the_user_did(tiny_tea
     assert steps_adjustments("-s", "train.steps=50") == (50, [])
     assert steps_adjustments("--steps", "40")[0] == 40
     assert not rule.holds(True, (3, 32, 32), "cpu", 29) and rule.holds(True, (3, 32, 32), "cpu", 30)
+
+
+def test_a_budget_filling_rule_gives_the_lead_the_steps_the_budget_holds(tiny_teacher, tmp_path, monkeypatch):
+    from dfkd_cli import planner
+    from dfkd_cli.policy import Policy, Rule
+
+    rule = Rule(name="fill", recipe="dfad", race=("dfad",), evidence="a test", settings={"train.steps": "budget"})
+    monkeypatch.setattr(planner, "load_policy", lambda: Policy((rule,), 300))
+    own = load_recipe("dfad").train.steps
+
+    def plan_for(budget, *extra):
+        result = compress(tiny_teacher, tmp_path / "run", "--dry-run", "--format", "json", "--time-budget", budget, *extra)
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout)
+
+    plan = plan_for("10m")
+    [made] = [a for a in plan["adjustments"] if a["key"] == "train.steps"]
+    assert made["before"] == own and made["after"] == plan["steps"] > own
+    assert made["reason"].startswith("policy rule 'fill': the budget ends training (it holds about ")
+    assert plan["budget_binds"]  # so the schedules follow the clock
+    train = next(stage for stage in plan["stages"] if stage["name"] == "train")
+    assert 0.9 * train["budget_s"] <= train["estimate_s"] <= train["budget_s"] + 0.001, train  # the steps fill the budget
+    short = plan_for("3s")  # holds fewer than the recipe's own: they stay, and the budget ends the run
+    assert short["steps"] == own and not [a for a in short["adjustments"] if a["key"] == "train.steps"]
+    assert plan_for("10m", "--steps", "40")["steps"] == 40
+    assert plan_for("10m", "-s", "train.steps=50")["steps"] == 50
+
+
+@pytest.mark.parametrize("steps", ["forever", 0, True])
+def test_a_policy_rule_s_steps_are_a_positive_count_or_budget(tmp_path, steps):
+    policy = tmp_path / "auto.toml"
+    value = f'"{steps}"' if isinstance(steps, str) else str(steps).lower()
+    policy.write_text(f'[[rule]]\nrecipe = "dfad"\nsettings = {{ "train.steps" = {value} }}\n')
+    with pytest.raises(DfkdError, match="train.steps must be a positive integer or \"budget\""):
+        load_policy(policy)
