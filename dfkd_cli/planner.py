@@ -204,10 +204,10 @@ def fill_budget(recipe: RecipeConfig, costs: Costs, rule: Rule, budget: float | 
     before, fits = recipe.train.steps, int(train_s / step_s)
     if fits <= before:
         return []
-    set_setting(recipe, "train.steps", int(fits * BUDGET_FILL_MARGIN))
-    return [Adjustment("train.steps", before, int(fits * BUDGET_FILL_MARGIN),
-                       f"policy rule '{rule.name}': the budget ends training (it holds about {fits} steps at "
-                       f"~{step_s * 1000:.0f} ms a step)")]
+    after = int(fits * BUDGET_FILL_MARGIN)
+    set_setting(recipe, "train.steps", after)
+    return [Adjustment("train.steps", before, after, f"policy rule '{rule.name}': the budget ends training "
+                                                     f"(it holds about {fits} steps at ~{step_s * 1000:.0f} ms a step)")]
 
 
 def _steps_given(opts: "CompressOptions") -> set[str]:

@@ -21,7 +21,7 @@ from dfkd_cli.errors import DfkdError
 
 _CONDITIONS = ("batchnorm", "channels", "max_input", "device", "max_budget_s", "min_budget_s")
 _SETTINGS = ("train.steps",)  # what a rule may set (a -s or --steps the user gave wins)
-FILL_BUDGET = "budget"  # train.steps = "budget": the steps the time budget holds, when more than the recipe's
+FILL_BUDGET = "budget"  # train.steps = "budget": the time budget ends training when it holds more steps
 
 
 @dataclass(frozen=True)
