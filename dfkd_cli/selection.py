@@ -27,7 +27,6 @@ from dfkd_cli.runtime import Budget
 from dfkd_cli.trainer import StudentTrainer
 
 
-
 @runtime_checkable
 class Trainer(Protocol):
     """What a run asks of a student trainer, whatever its batch type (images:
