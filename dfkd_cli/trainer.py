@@ -180,6 +180,18 @@ def predict_classes(model: nn.Module, x: torch.Tensor, batch_size: int = 512) ->
     return preds
 
 
+def within_noise(agreement: float, peak: float, samples: int) -> bool:
+    """Whether a held-out ``agreement`` on ``samples`` samples is within one standard error of the
+    ``peak`` agreement seen: the two are then not measurably different, and selection keeps the
+    later student, which has had more of the learning-rate schedule (the one-standard-error rule).
+
+    Example:
+        >>> within_noise(0.53, 0.55, 256), within_noise(0.49, 0.55, 256)  # one s.e. is 3.1 points
+        (True, False)
+    """
+    return agreement >= peak - math.sqrt(max(peak * (1 - peak), 0.0) / max(samples, 1))
+
+
 class StudentTrainer:
     """Updates the student on synthetic batches and keeps the best one seen on held-out agreement."""
 
@@ -197,7 +209,8 @@ class StudentTrainer:
             self._probe_attention(torch.zeros(2, *input_shape, device=device))
         self.optimizer = self._make_optimizer()
         self.steps_done = 0
-        self.best_agreement = -1.0
+        self.best_agreement = -1.0  # the kept student's held-out agreement
+        self.peak_agreement = -1.0  # the highest seen (see within_noise)
         self.best_step = 0
         self._best_state: dict[str, torch.Tensor] | None = None
         self._snapshots: list[tuple[int, dict[str, torch.Tensor]]] = []
@@ -310,9 +323,11 @@ class StudentTrainer:
         return predict_classes(self.student, x)
 
     def select(self, x: torch.Tensor, teacher_classes: torch.Tensor) -> float:
-        """Agreement with the teacher on held-out ``x``; the best student so far is kept."""
+        """Agreement with the teacher on held-out ``x``; the student is kept when it is within noise
+        of the best agreement seen so far (:func:`within_noise`)."""
         agreement = self.world.mean(float((predict_classes(self.student, x) == teacher_classes).float().mean()))
-        if agreement > self.best_agreement:
+        self.peak_agreement = max(self.peak_agreement, agreement)
+        if within_noise(agreement, self.peak_agreement, len(x)):
             self.best_agreement, self.best_step = agreement, self.steps_done
             self._best_state = copy.deepcopy(self.student.state_dict())
         return agreement
@@ -327,25 +342,27 @@ class StudentTrainer:
             self._snapshots = self._snapshots[::-2][::-1]  # every other one, ending with the latest
 
     def select_snapshot(self, x: torch.Tensor, teacher_classes: torch.Tensor) -> float:
-        """Choose the snapshot that agrees best with the teacher on held-out ``x`` (ties go to the
-        later one) and make it the best student; returns its agreement."""
+        """Choose the latest snapshot within noise of the best agreement with the teacher on
+        held-out ``x`` (:func:`within_noise`) and make it the kept student; returns its agreement."""
         if not self._snapshots:
             raise RuntimeError("no snapshots to select from: call snapshot() first")
         current = copy.deepcopy(self.student.state_dict())
-        self.best_agreement = -1.0
+        scored = []
         for step, state in self._snapshots:
             self.student.load_state_dict(state)
             agreement = self.world.mean(float((predict_classes(self.student, x) == teacher_classes).float().mean()))
-            if agreement >= self.best_agreement:
-                self.best_agreement, self.best_step, self._best_state = agreement, step, state
+            scored.append((agreement, step, state))
         self.student.load_state_dict(current)
+        self.peak_agreement = max(agreement for agreement, _, _ in scored)
+        kept = [entry for entry in scored if within_noise(entry[0], self.peak_agreement, len(x))]
+        self.best_agreement, self.best_step, self._best_state = kept[-1]
         return self.best_agreement
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs: weights, optimizer, counters, selection candidates, memory."""
         return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "steps_done": self.steps_done, "best_agreement": self.best_agreement, "best_step": self.best_step,
-                "best_state": self._best_state, "snapshots": [list(s) for s in self._snapshots],
+                "peak_agreement": self.peak_agreement, "best_state": self._best_state, "snapshots": [list(s) for s in self._snapshots],
                 "memory": self.memory.state_dict() if self.memory is not None else None, "lr_scale": self.lr_scale,
                 "scaler": self.scaler.state_dict()}
 
@@ -354,6 +371,7 @@ class StudentTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps_done, self.best_step = int(state["steps_done"]), int(state["best_step"])
         self.best_agreement, self.lr_scale = float(state["best_agreement"]), float(state["lr_scale"])
+        self.peak_agreement = float(state.get("peak_agreement", self.best_agreement))  # older checkpoints
         self._best_state = state["best_state"]
         self._snapshots = [(int(step), weights) for step, weights in state["snapshots"]]
         if self.memory is not None and state["memory"] is not None:

@@ -215,6 +215,25 @@ def test_text_steps_average_gradients_and_losses_over_the_ranks(text_files) -> N
     assert len(world.means) == 2  # the selection agreement is the ranks' mean too
 
 
+def test_the_text_trainer_keeps_the_latest_student_within_noise_of_the_best(text_files) -> None:
+    from dfkd_cli.batches import TextBatch
+    from dfkd_cli.config import load_recipe
+    from dfkd_cli.text.models import build_text_student, load_text_teacher
+
+    teacher = load_text_teacher(text_files["bert"])
+    trainer = TextTrainer(build_text_student("bert-1", teacher), teacher, load_recipe("random-text").train,
+                          torch.device("cpu"))
+    batch, teacher_classes = TextBatch(["a film"] * 256, torch.zeros(256, 2)), torch.zeros(256, dtype=torch.long)
+    kept = []
+    for step, right in enumerate([141, 136, 123, 138], start=1):  # 55%, 53%, 48%, 54%: one s.e. is 3.1 points
+        trainer.steps_done = step
+        trainer.student_classes = lambda _, right=right: (torch.arange(256) >= right).long()
+        trainer.select(batch, teacher_classes)
+        kept.append(trainer.best_step)
+    assert kept == [1, 2, 2, 4]
+    assert trainer.peak_agreement == pytest.approx(141 / 256)
+
+
 def test_both_trainers_keep_the_trainer_contract(text_files, tiny_teacher) -> None:
     from dfkd_cli.config import load_recipe
     from dfkd_cli.selection import Trainer

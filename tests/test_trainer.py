@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd_cli.config import TrainConfig
-from dfkd_cli.trainer import StudentTrainer, augment, kd_loss, predict_classes
+import dfkd_cli.trainer as trainer_module
+from dfkd_cli.trainer import StudentTrainer, augment, kd_loss, predict_classes, within_noise
 
 
 def test_kd_loss_is_zero_for_identical_logits_and_positive_otherwise():
@@ -64,6 +65,51 @@ def test_trainer_raises_agreement_and_keeps_the_best_student():
     restored = trainer.restore_best()
     assert float((predict_classes(restored, x_val) == t_val).float().mean()) == pytest.approx(best)
     assert not restored.training
+
+
+def test_within_noise_is_one_standard_error_of_the_peak():
+    assert within_noise(0.55 - 0.031, 0.55, 256) and not within_noise(0.55 - 0.032, 0.55, 256)
+    assert within_noise(0.9, 0.9, 10) and not within_noise(0.99, 1.0, 10_000)
+
+
+def _agreeing(monkeypatch, agreements: list[float], n: int = 256):
+    """Make ``predict_classes`` agree with all-zero teacher classes on the next share of ``n`` rows."""
+    shares = iter(agreements)
+
+    def fake(model, x, batch_size=512):
+        wrong = n - round(next(shares) * n)
+        return torch.cat([torch.zeros(n - wrong, dtype=torch.long), torch.ones(wrong, dtype=torch.long)])
+
+    monkeypatch.setattr(trainer_module, "predict_classes", fake)
+
+
+def test_selection_keeps_the_latest_student_within_noise_of_the_best(monkeypatch):
+    teacher, student = _toy_models()
+    trainer = StudentTrainer(student, teacher, TrainConfig(steps=4), torch.device("cpu"))
+    x, t = torch.zeros(256, 1, 2, 4), torch.zeros(256, dtype=torch.long)
+    _agreeing(monkeypatch, [0.55, 0.53, 0.48, 0.54])  # one standard error at 0.55 on 256 samples: 3.1 points
+    kept = []
+    for step in range(1, 5):
+        trainer.steps_done = step
+        with torch.no_grad():
+            trainer.student[1].bias.fill_(step)  # weights that say which step they are from
+        trainer.select(x, t)
+        kept.append(trainer.best_step)
+    assert kept == [1, 2, 2, 4]
+    assert trainer.peak_agreement == pytest.approx(0.55, abs=0.002)
+    assert trainer.best_agreement == pytest.approx(0.54, abs=0.002)
+    assert float(trainer.restore_best()[1].bias[0]) == 4.0
+
+
+def test_snapshot_selection_keeps_the_latest_within_noise_of_the_best(monkeypatch):
+    teacher, student = _toy_models()
+    trainer = StudentTrainer(student, teacher, TrainConfig(steps=4), torch.device("cpu"))
+    for step in range(1, 5):
+        trainer.steps_done = step
+        trainer.snapshot()
+    _agreeing(monkeypatch, [0.40, 0.56, 0.53, 0.50])
+    trainer.select_snapshot(torch.zeros(256, 1, 2, 4), torch.zeros(256, dtype=torch.long))
+    assert trainer.best_step == 3 and trainer.peak_agreement == pytest.approx(0.56, abs=0.002)
 
 
 def test_cosine_schedule_decays_to_zero():
