@@ -296,7 +296,8 @@ class Run(Record):
     device: str | None = key("torch device", required=COMPRESS)
     hardware: str | None = key("the hardware, in words", required=COMPRESS)
     steps: int | None = key("student steps made", required=COMPRESS)
-    best_step: int | None = key("the step of the student kept (the latest within noise of the best held-out agreement)", required=COMPRESS)
+    best_step: int | None = key("the step of the student kept (the latest within noise of the best held-out agreement)",
+                                required=COMPRESS)
     out: str | None = key("the run folder", required=COMPRESS)
     prior: Prior | None = key("--prior images (null: none)", required=[IMAGE_COMPRESS], null=True)
     from_synthetic: str | None = key("--from-synthetic set (null: none)", required=[IMAGE_COMPRESS], null=True)

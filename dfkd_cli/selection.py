@@ -3,13 +3,13 @@
 Two ways, by kind of synthesizer:
 
 - ``FixedHoldout``: synthesizers whose batches do not depend on the training run (DeepInversion,
-  ZSKD, noise...) make the held-out samples once, before training; the trainer keeps the best
-  student seen at each evaluation.
+  ZSKD, noise...) make the held-out samples once, before training; at each evaluation the trainer
+  keeps the student when it is within noise of the best agreement seen (``trainer.within_noise``).
 - ``TrajectoryHoldout``: online synthesizers (a generator trained alongside the student) change
   what they make as the run goes on, so samples drawn at the start would come from an untrained
   generator. At each evaluation a few fresh samples (never trained on) join a uniform reservoir
   over the whole run and the student is snapshotted; at the end every snapshot is scored on the
-  same reservoir and the best one wins.
+  same reservoir and the latest within noise of the best wins.
 
 In both, the first half of the held-out samples selects the student and the second half is what
 the report measures, so the reported agreement is not the one that was maximised.

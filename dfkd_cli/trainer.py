@@ -4,8 +4,9 @@ The KD loss is KL(teacher || student) at temperature T scaled by T^2 (Hinton et 
 mean absolute logit difference where a paper says so (``train.loss = "l1"``), plus, with
 ``train.attention`` > 0, attention transfer between matching block stages (Zagoruyko & Komodakis,
 ICLR 2017; ZSKT's beta). ``train.update`` adds a retention term on a memory of earlier batches
-(``replay``, ``lra``: see :mod:`dfkd_cli.retention`). The best student is selected on agreement
-with the teacher over held-out synthetic samples, never on real data.
+(``replay``, ``lra``: see :mod:`dfkd_cli.retention`). The student is selected on agreement with
+the teacher over held-out synthetic samples, never on real data: the latest one within one
+standard error of the best agreement seen (:func:`within_noise`).
 
 Example:
     >>> trainer = StudentTrainer(student, teacher.model, TrainConfig(steps=100), torch.device("cpu"))
@@ -193,7 +194,8 @@ def within_noise(agreement: float, peak: float, samples: int) -> bool:
 
 
 class StudentTrainer:
-    """Updates the student on synthetic batches and keeps the best one seen on held-out agreement."""
+    """Updates the student on synthetic batches and keeps the latest one within noise of the best
+    held-out agreement seen."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: TrainConfig, device: torch.device,
                  input_shape: tuple[int, int, int] | None = None, precision: Precision | None = None,
@@ -362,7 +364,8 @@ class StudentTrainer:
         """Everything a resumed run needs: weights, optimizer, counters, selection candidates, memory."""
         return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "steps_done": self.steps_done, "best_agreement": self.best_agreement, "best_step": self.best_step,
-                "peak_agreement": self.peak_agreement, "best_state": self._best_state, "snapshots": [list(s) for s in self._snapshots],
+                "peak_agreement": self.peak_agreement, "best_state": self._best_state,
+                "snapshots": [list(s) for s in self._snapshots],
                 "memory": self.memory.state_dict() if self.memory is not None else None, "lr_scale": self.lr_scale,
                 "scaler": self.scaler.state_dict()}
 

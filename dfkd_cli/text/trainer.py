@@ -64,7 +64,8 @@ class TextStudentView(StudentView):
 
 
 class TextTrainer:
-    """Updates the student; keeps the best student on the selection half of the hold-out."""
+    """Updates the student; keeps the latest student within noise of the best agreement on the
+    selection half of the hold-out."""
 
     def __init__(self, student: Any, teacher: TextTeacher, cfg: TrainConfig, device: torch.device,
                  max_length: int = 128, precision: Precision | None = None, world: World | None = None) -> None:
@@ -141,10 +142,11 @@ class TextTrainer:
         return value
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs: weights, optimizer, counters and the best student."""
+        """Everything a resumed run needs: weights, optimizer, counters and the kept student."""
         return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "steps_done": self.steps_done, "best_agreement": self.best_agreement, "best_step": self.best_step,
-                "peak_agreement": self.peak_agreement, "best_state": self._best_state, "lr_scale": self.lr_scale, "scaler": self.scaler.state_dict()}
+                "peak_agreement": self.peak_agreement, "best_state": self._best_state, "lr_scale": self.lr_scale,
+                "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
