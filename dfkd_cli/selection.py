@@ -4,7 +4,7 @@ Two ways, by kind of synthesizer:
 
 - ``FixedHoldout``: synthesizers whose batches do not depend on the training run (DeepInversion,
   ZSKD, noise...) make the held-out samples once, before training; at each evaluation the trainer
-  keeps the student when it is within noise of the best agreement seen (``trainer.within_noise``).
+  keeps the student when it is within noise of the best agreement seen (``kept.within_noise``).
 - ``TrajectoryHoldout``: online synthesizers (a generator trained alongside the student) change
   what they make as the run goes on, so samples drawn at the start would come from an untrained
   generator. At each evaluation a few fresh samples (never trained on) join a uniform reservoir
@@ -23,6 +23,7 @@ import torch
 
 from dfkd_cli.batches import Batch, batch_from_state, batch_state
 from dfkd_cli.distributed import World
+from dfkd_cli.kept import KeptStudent
 from dfkd_cli.runtime import Budget
 from dfkd_cli.trainer import StudentTrainer
 
@@ -34,7 +35,7 @@ class Trainer(Protocol):
 
     student: Any
     steps_done: int
-    best_step: int
+    kept: KeptStudent  # the student selection keeps (dfkd_cli.kept)
     lr_scale: float  # lowered by the divergence guard
     last_parts: dict[str, float]  # the last step's loss terms, for the display
     last_majority: float  # share of the last batch in the teacher's most frequent class (collapse watch)

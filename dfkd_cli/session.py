@@ -122,7 +122,7 @@ def _run_facts(session: Session, run: Run, race: dict[str, Any] | None, supervis
     resume = session.resume
     return {"started": session.started.isoformat(timespec="seconds"), "device": str(session.device),
             "hardware": hardware_description(session.device), "steps": run.trainer.steps_done,
-            "best_step": run.trainer.best_step, "out": str(session.out), "stability": stability(run.curve),
+            "best_step": run.trainer.kept.step, "out": str(session.out), "stability": stability(run.curve),
             "race": race, "resumed_from_step": resume["run"]["trainer"]["steps_done"] if resume else None,
             "precision": session.precision.name, "throughput": run.meter.to_dict(), "processes": processes,
             "health": {**supervisor.report(), "warnings": supervisor.warnings}}

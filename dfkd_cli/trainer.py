@@ -6,7 +6,7 @@ mean absolute logit difference where a paper says so (``train.loss = "l1"``), pl
 ICLR 2017; ZSKT's beta). ``train.update`` adds a retention term on a memory of earlier batches
 (``replay``, ``lra``: see :mod:`dfkd_cli.retention`). The student is selected on agreement with
 the teacher over held-out synthetic samples, never on real data: the latest one within one
-standard error of the best agreement seen (:func:`within_noise`).
+standard error of the best agreement seen (:mod:`dfkd_cli.kept`).
 
 Example:
     >>> trainer = StudentTrainer(student, teacher.model, TrainConfig(steps=100), torch.device("cpu"))
@@ -28,6 +28,7 @@ from torch import nn
 from dfkd_cli.checkpoint import with_module_versions
 from dfkd_cli.config import TrainConfig
 from dfkd_cli.distributed import World
+from dfkd_cli.kept import KeptStudent
 from dfkd_cli.precision import Precision, channels_last
 from dfkd_cli.retention import MemoryBank, lra_stepped_params, retention_loss
 
@@ -181,18 +182,6 @@ def predict_classes(model: nn.Module, x: torch.Tensor, batch_size: int = 512) ->
     return preds
 
 
-def within_noise(agreement: float, peak: float, samples: int) -> bool:
-    """Whether a held-out ``agreement`` on ``samples`` samples is within one standard error of the
-    ``peak`` agreement seen: the two are then not measurably different, and selection keeps the
-    later student, which has had more of the learning-rate schedule (the one-standard-error rule).
-
-    Example:
-        >>> within_noise(0.53, 0.55, 256), within_noise(0.49, 0.55, 256)  # one s.e. is 3.1 points
-        (True, False)
-    """
-    return agreement >= peak - math.sqrt(max(peak * (1 - peak), 0.0) / max(samples, 1))
-
-
 class StudentTrainer:
     """Updates the student on synthetic batches and keeps the latest one within noise of the best
     held-out agreement seen."""
@@ -211,10 +200,7 @@ class StudentTrainer:
             self._probe_attention(torch.zeros(2, *input_shape, device=device))
         self.optimizer = self._make_optimizer()
         self.steps_done = 0
-        self.best_agreement = -1.0  # the kept student's held-out agreement
-        self.peak_agreement = -1.0  # the highest seen (see within_noise)
-        self.best_step = 0
-        self._best_state: dict[str, torch.Tensor] | None = None
+        self.kept = KeptStudent()
         self._snapshots: list[tuple[int, dict[str, torch.Tensor]]] = []
         # Fraction of the run's time budget used (see follow_clock): with a time budget the
         # schedule follows whichever of steps and time runs out first.
@@ -326,12 +312,9 @@ class StudentTrainer:
 
     def select(self, x: torch.Tensor, teacher_classes: torch.Tensor) -> float:
         """Agreement with the teacher on held-out ``x``; the student is kept when it is within noise
-        of the best agreement seen so far (:func:`within_noise`)."""
+        of the best agreement seen so far (:func:`dfkd_cli.kept.within_noise`)."""
         agreement = self.world.mean(float((predict_classes(self.student, x) == teacher_classes).float().mean()))
-        self.peak_agreement = max(self.peak_agreement, agreement)
-        if within_noise(agreement, self.peak_agreement, len(x)):
-            self.best_agreement, self.best_step = agreement, self.steps_done
-            self._best_state = copy.deepcopy(self.student.state_dict())
+        self.kept.offer(agreement, len(x), self.steps_done, self.student.state_dict())
         return agreement
 
     def snapshot(self, keep: int = 16) -> None:
@@ -345,7 +328,7 @@ class StudentTrainer:
 
     def select_snapshot(self, x: torch.Tensor, teacher_classes: torch.Tensor) -> float:
         """Choose the latest snapshot within noise of the best agreement with the teacher on
-        held-out ``x`` (:func:`within_noise`) and make it the kept student; returns its agreement."""
+        held-out ``x`` (:func:`dfkd_cli.kept.within_noise`) and make it the kept student; returns its agreement."""
         if not self._snapshots:
             raise RuntimeError("no snapshots to select from: call snapshot() first")
         current = copy.deepcopy(self.student.state_dict())
@@ -355,16 +338,12 @@ class StudentTrainer:
             agreement = self.world.mean(float((predict_classes(self.student, x) == teacher_classes).float().mean()))
             scored.append((agreement, step, state))
         self.student.load_state_dict(current)
-        self.peak_agreement = max(agreement for agreement, _, _ in scored)
-        kept = [entry for entry in scored if within_noise(entry[0], self.peak_agreement, len(x))]
-        self.best_agreement, self.best_step, self._best_state = kept[-1]
-        return self.best_agreement
+        return self.kept.choose(scored, len(x))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs: weights, optimizer, counters, selection candidates, memory."""
         return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "steps_done": self.steps_done, "best_agreement": self.best_agreement, "best_step": self.best_step,
-                "peak_agreement": self.peak_agreement, "best_state": self._best_state,
+                "steps_done": self.steps_done, **self.kept.state_dict(),
                 "snapshots": [list(s) for s in self._snapshots],
                 "memory": self.memory.state_dict() if self.memory is not None else None, "lr_scale": self.lr_scale,
                 "scaler": self.scaler.state_dict()}
@@ -372,10 +351,8 @@ class StudentTrainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.steps_done, self.best_step = int(state["steps_done"]), int(state["best_step"])
-        self.best_agreement, self.lr_scale = float(state["best_agreement"]), float(state["lr_scale"])
-        self.peak_agreement = float(state.get("peak_agreement", self.best_agreement))  # older checkpoints
-        self._best_state = state["best_state"]
+        self.steps_done, self.lr_scale = int(state["steps_done"]), float(state["lr_scale"])
+        self.kept.load_state_dict(state)
         self._snapshots = [(int(step), weights) for step, weights in state["snapshots"]]
         if self.memory is not None and state["memory"] is not None:
             self.memory.load_state_dict(state["memory"])
@@ -383,6 +360,4 @@ class StudentTrainer:
 
     def restore_best(self) -> nn.Module:
         """Load the best selected weights into the student, in eval mode, and return it."""
-        if self._best_state is not None:
-            self.student.load_state_dict(self._best_state)
-        return self.student.eval()
+        return self.kept.restore(self.student)

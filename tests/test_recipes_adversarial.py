@@ -306,13 +306,13 @@ def test_each_recipe_distills_a_student_through_the_pipeline_loop(teacher, tiny_
     holdout, curve = distill(run, Budget(None), Display()), run.curve
     assert trainer.steps_done == 40 and holdout.shape[1:] == (1, 16, 16) and len(holdout) >= 16
     assert len(curve) == 4 and all(0 <= a <= 1 for a in curve)  # an agreement per evaluation
-    assert len(trainer._snapshots) >= 4 and 0 < trainer.best_step <= 40
+    assert len(trainer._snapshots) >= 4 and 0 < trainer.kept.step <= 40
     assert synth.preview(64).shape == (64, 1, 16, 16)
     real = load_eval_data(tiny_teacher["eval"], (1, 16, 16), [0.5], [0.5])
     student = trainer.restore_best()
     with torch.no_grad():
         accuracy = float((student(real.x).argmax(1) == real.y).float().mean())
-    assert trainer.best_agreement >= 0.5, f"{name}: the selected student disagrees with the teacher on held-out samples"
+    assert trainer.kept.agreement >= 0.5, f"{name}: the selected student disagrees with the teacher on held-out samples"
     if name == "dafl":  # the adversarial games need far more than 40 steps before real accuracy moves
         assert accuracy > 0.4, f"the student learned nothing about the real task ({accuracy:.2f}, chance 0.25)"
 

@@ -63,7 +63,7 @@ def test_select_snapshot_picks_the_best_scoring_weights_not_the_last():
         student[1].weight.mul_(-1.0)  # the later snapshot disagrees
     trainer.snapshot()
     assert trainer.select_snapshot(x, t) == 1.0
-    assert trainer.best_step == 0
+    assert trainer.kept.step == 0
     assert torch.equal(trainer.restore_best()[1].weight, teacher[1].weight)
 
 
@@ -96,7 +96,7 @@ def test_trajectory_holdout_draws_along_the_run_and_selects_at_the_end():
     holdout, best = selector.finish()
     assert synth.calls == 4 and len(trainer._snapshots) == 4
     assert len(holdout) == 4 * selector.per_evaluation  # under capacity: all draws kept
-    assert best == trainer.best_agreement
+    assert best == trainer.kept.agreement
 
 
 @pytest.mark.parametrize("arch, expected", [("lenet5", False), ("resnet8", True), ("vgg11", False), ("vgg11_bn", True)])

@@ -229,9 +229,9 @@ def test_the_text_trainer_keeps_the_latest_student_within_noise_of_the_best(text
         trainer.steps_done = step
         trainer.student_classes = lambda _, right=right: (torch.arange(256) >= right).long()
         trainer.select(batch, teacher_classes)
-        kept.append(trainer.best_step)
+        kept.append(trainer.kept.step)
     assert kept == [1, 2, 2, 4]
-    assert trainer.peak_agreement == pytest.approx(141 / 256)
+    assert trainer.kept.peak == pytest.approx(141 / 256)
 
 
 def test_both_trainers_keep_the_trainer_contract(text_files, tiny_teacher) -> None:

@@ -9,7 +9,8 @@ from torch import nn
 
 from dfkd_cli.config import TrainConfig
 import dfkd_cli.trainer as trainer_module
-from dfkd_cli.trainer import StudentTrainer, augment, kd_loss, predict_classes, within_noise
+from dfkd_cli.kept import KeptStudent, within_noise
+from dfkd_cli.trainer import StudentTrainer, augment, kd_loss, predict_classes
 
 
 def test_kd_loss_is_zero_for_identical_logits_and_positive_otherwise():
@@ -57,7 +58,7 @@ def test_trainer_raises_agreement_and_keeps_the_best_student():
         trainer.step(torch.randn(64, 1, 2, 4))
     after = trainer.select(x_val, t_val)
     assert after > max(before, 0.9)
-    best = trainer.best_agreement
+    best = trainer.kept.agreement
     with torch.no_grad():  # ruin the weights: the selected ones must come back
         for p in trainer.student.parameters():
             p.zero_()
@@ -94,11 +95,11 @@ def test_selection_keeps_the_latest_student_within_noise_of_the_best(monkeypatch
         with torch.no_grad():
             trainer.student[1].bias.fill_(step)  # weights that say which step they are from
         trainer.select(x, t)
-        kept.append(trainer.best_step)
+        kept.append(trainer.kept.step)
     assert kept == [1, 2, 2, 4]
-    assert trainer.peak_agreement == pytest.approx(0.55, abs=0.002)
-    assert trainer.best_agreement == pytest.approx(0.54, abs=0.002)
-    assert float(trainer.restore_best()[1].bias[0]) == 4.0
+    assert trainer.kept.peak == pytest.approx(0.55, abs=0.002)
+    assert trainer.kept.agreement == pytest.approx(0.54, abs=0.002)
+    assert float(trainer.restore_best()[1].bias[0].detach()) == 4.0
 
 
 def test_snapshot_selection_keeps_the_latest_within_noise_of_the_best(monkeypatch):
@@ -109,7 +110,7 @@ def test_snapshot_selection_keeps_the_latest_within_noise_of_the_best(monkeypatc
         trainer.snapshot()
     _agreeing(monkeypatch, [0.40, 0.56, 0.53, 0.50])
     trainer.select_snapshot(torch.zeros(256, 1, 2, 4), torch.zeros(256, dtype=torch.long))
-    assert trainer.best_step == 3 and trainer.peak_agreement == pytest.approx(0.56, abs=0.002)
+    assert trainer.kept.step == 3 and trainer.kept.peak == pytest.approx(0.56, abs=0.002)
 
 
 def test_cosine_schedule_decays_to_zero():
@@ -118,3 +119,18 @@ def test_cosine_schedule_decays_to_zero():
     assert trainer._lr_at(0) == pytest.approx(0.1) and trainer._lr_at(10) == pytest.approx(0.0)
     constant = StudentTrainer(student, teacher, TrainConfig(steps=10, lr=0.1, schedule="constant"), torch.device("cpu"))
     assert constant._lr_at(7) == 0.1
+
+
+def test_the_kept_student_is_a_copy_and_survives_a_checkpoint_round_trip():
+    weights = {"w": torch.ones(1)}
+    kept = KeptStudent()
+    assert kept.offer(0.6, 256, 5, weights) and not kept.offer(0.4, 256, 6, weights)
+    weights["w"].add_(1.0)  # the trainer goes on updating its weights in place
+    assert torch.equal(kept.weights["w"], torch.ones(1))
+    again = KeptStudent()
+    again.load_state_dict(kept.state_dict())
+    assert (again.step, again.agreement, again.peak) == (5, 0.6, 0.6)
+    older = {key: value for key, value in kept.state_dict().items() if key != "peak_agreement"}
+    again.peak = -1.0
+    again.load_state_dict(older)  # a checkpoint from before the rule: the peak is the kept agreement
+    assert again.peak == 0.6

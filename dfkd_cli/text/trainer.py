@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable
 
 import torch
@@ -27,7 +26,8 @@ from dfkd_cli.distributed import World
 from dfkd_cli.precision import Precision
 from dfkd_cli.synth.context import StudentView
 from dfkd_cli.text.models import TextTeacher
-from dfkd_cli.trainer import kd_loss, scheduled_lr, within_noise
+from dfkd_cli.kept import KeptStudent
+from dfkd_cli.trainer import kd_loss, scheduled_lr
 
 
 @torch.inference_mode()
@@ -74,10 +74,7 @@ class TextTrainer:
         self.max_length = min(max_length, teacher.max_positions)
         self.optimizer = self._make_optimizer()
         self.steps_done = 0
-        self.best_step = 0
-        self.best_agreement = -1.0  # the kept student's selection agreement
-        self.peak_agreement = -1.0  # the highest seen (see within_noise)
-        self._best_state: dict[str, torch.Tensor] | None = None
+        self.kept = KeptStudent()
         self.time_progress: Callable[[], float] = lambda: 0.0  # the run's share of its time budget (follow_clock)
         self.scaler = (precision or Precision()).scaler()  # loss scaling for fp16
         self.world = world or World()
@@ -133,31 +130,23 @@ class TextTrainer:
 
     def select(self, batch: TextBatch, teacher_classes: torch.Tensor) -> float:
         """Agreement on the selection texts; the student is kept when it is within noise of the best
-        agreement seen so far (:func:`dfkd_cli.trainer.within_noise`)."""
+        agreement seen so far (:func:`dfkd_cli.kept.within_noise`)."""
         value = self.world.mean(float((self.student_classes(batch) == teacher_classes).float().mean()))
-        self.peak_agreement = max(self.peak_agreement, value)
-        if within_noise(value, self.peak_agreement, len(batch)):
-            self.best_agreement, self.best_step = value, self.steps_done
-            self._best_state = copy.deepcopy(self.student.state_dict())
+        self.kept.offer(value, len(batch), self.steps_done, self.student.state_dict())
         return value
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs: weights, optimizer, counters and the kept student."""
         return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "steps_done": self.steps_done, "best_agreement": self.best_agreement, "best_step": self.best_step,
-                "peak_agreement": self.peak_agreement, "best_state": self._best_state, "lr_scale": self.lr_scale,
+                "steps_done": self.steps_done, **self.kept.state_dict(), "lr_scale": self.lr_scale,
                 "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.steps_done, self.best_step = int(state["steps_done"]), int(state["best_step"])
-        self.best_agreement, self.lr_scale = float(state["best_agreement"]), float(state["lr_scale"])
-        self.peak_agreement = float(state.get("peak_agreement", self.best_agreement))  # older checkpoints
-        self._best_state = state["best_state"]
+        self.steps_done, self.lr_scale = int(state["steps_done"]), float(state["lr_scale"])
+        self.kept.load_state_dict(state)
         self.scaler.load_state_dict(state.get("scaler"))
 
     def restore_best(self) -> Any:
-        if self._best_state is not None:
-            self.student.load_state_dict(self._best_state)
-        return self.student.eval()
+        return self.kept.restore(self.student)
