@@ -121,8 +121,11 @@ def test_a_text_race_refuses_settings_of_one_recipe(text_files, tmp_path) -> Non
     assert result.stderr.strip().startswith("error: -s synth.max_tokens=9 names a setting of one recipe")
 
 
-def test_quantize_int8_writes_and_measures_a_dynamic_int8_text_student(text_files, tmp_path) -> None:
+def test_quantize_int8_writes_and_measures_a_dynamic_int8_text_student(text_files, tmp_path, monkeypatch) -> None:
     out = tmp_path / "q"
+    sizes: list[int] = []
+    teacher_logits = TextTrainer.teacher_logits
+    monkeypatch.setattr(TextTrainer, "teacher_logits", lambda self, texts: sizes.append(len(texts)) or teacher_logits(self, texts))
     result = run("compress", text_files["bert"], "--recipe", "random-text", "--quantize", "int8",
                  "--eval-data", text_files["dev"], "--min-agreement", "0.5", "--out", out, *FAST)
     assert result.exit_code in (0, 1), (result.stderr, result.exception)
@@ -135,6 +138,7 @@ def test_quantize_int8_writes_and_measures_a_dynamic_int8_text_student(text_file
     assert report["gate"]["measured_on"] == "int8 student, eval data"
     assert report["gate"]["measured"] == int8["eval_data"]["int8_top1_agreement"]
     assert result.exit_code == (0 if report["gate"]["passed"] else 1)
+    assert sizes.count(60) == 1  # the teacher reads the eval texts once, for the int8 section and the report
 
 
 def test_a_saved_text_set_trains_a_student_without_synthesizing(text_files, tmp_path, monkeypatch) -> None:

@@ -47,7 +47,8 @@ def publish(run_dir: Path, opts: Any, run: Run, student_name: str, eval_table: t
     onnx = run_dir / "student.onnx"
     parity = (export_text_onnx(student, teacher.tokenizer, onnx, report_half.texts[:32], trainer.max_length)
               if deployment_checks() or opts.quantize == "int8" else None)  # int8 is made from student.onnx
-    int8 = _quantize(opts, run_dir, trainer, report_half, eval_table, display)
+    eval_logits = trainer.teacher_logits(eval_table[0]) if eval_table else None  # once, for int8 and the report
+    int8 = _quantize(opts, run_dir, trainer, report_half, eval_table, eval_logits, display)
     if opts.save_synthetic:
         from dfkd_cli.text.synthetic_set import save_text_set
 
@@ -55,7 +56,7 @@ def publish(run_dir: Path, opts: Any, run: Run, student_name: str, eval_table: t
     display.stage("evaluate", total=None)
     synthetic = agreement_report(report_half.logits, trainer.student_logits(report_half.texts), teacher.class_names)
     warnings: list[str] = [] if parity else [DEPLOYMENT_SKIPPED]
-    real = measure_table(teacher, trainer, eval_table, str(opts.eval_data)) if eval_table else None
+    real = measure_table(teacher, trainer, eval_table, str(opts.eval_data), teacher_logits=eval_logits) if eval_table else None
     report = {
         "schema_version": SCHEMA_VERSION, "dfkd_version": __version__, "kind": "compress", "family": "text",
         "teacher": {"arch": teacher.kind, "path": str(teacher.path), "sha256": teacher.sha256,
@@ -75,7 +76,8 @@ def publish(run_dir: Path, opts: Any, run: Run, student_name: str, eval_table: t
 
 
 def _quantize(opts: Any, run_dir: Path, trainer: TextTrainer, report_half: TextBatch,
-              eval_table: tuple[list[str], list[int] | None] | None, display: Display) -> dict[str, Any] | None:
+              eval_table: tuple[list[str], list[int] | None] | None, eval_logits: torch.Tensor | None,
+              display: Display) -> dict[str, Any] | None:
     """``--quantize int8``: student.int8.onnx measured beside student.onnx (see :mod:`dfkd_cli.text.quantize`)."""
     if opts.quantize != "int8":
         return None
@@ -83,16 +85,19 @@ def _quantize(opts: Any, run_dir: Path, trainer: TextTrainer, report_half: TextB
 
     display.log("quantizing the student to int8 (dynamic quantization)")
     eval_set = None
-    if eval_table is not None:
+    if eval_table is not None and eval_logits is not None:
         texts, labels = eval_table
-        eval_set = (TextBatch(texts, trainer.teacher_logits(texts)), torch.tensor(labels) if labels is not None else None)
+        eval_set = (TextBatch(texts, eval_logits), torch.tensor(labels) if labels is not None else None)
     return quantize_text_and_measure(run_dir, trainer.tokenizer, trainer.max_length, report_half, eval_set)
 
 
 def measure_table(teacher: TextTeacher | None, trainer: TextTrainer, table: tuple[list[str], list[int] | None],
-                  source: str, onnx_path: Path | None = None) -> dict[str, Any]:
-    """Agreement (with a teacher) and accuracy (with labels) on a labelled text table."""
+                  source: str, onnx_path: Path | None = None, teacher_logits: torch.Tensor | None = None) -> dict[str, Any]:
+    """Agreement (with a teacher) and accuracy (with labels) on a labelled text table; the teacher's
+    logits on it are computed here unless given."""
     texts, labels = table
+    if teacher is not None and teacher_logits is None:
+        teacher_logits = trainer.teacher_logits(texts)
     y = torch.tensor(labels) if labels is not None else None
     student = trainer.student_logits(texts)
     names = teacher.class_names if teacher else trainer.class_names
@@ -101,13 +106,13 @@ def measure_table(teacher: TextTeacher | None, trainer: TextTrainer, table: tupl
         if y is not None:
             report["student_accuracy"] = float((student.argmax(1) == y).float().mean())
     else:
-        report = agreement_report(trainer.teacher_logits(texts), student, names, y)
+        report = agreement_report(teacher_logits, student, names, y)
     if onnx_path is not None:
         from dfkd_cli.text.export import onnx_text_predict
 
         onnx = torch.from_numpy(onnx_text_predict(onnx_path, trainer.tokenizer, texts, trainer.max_length))
-        if teacher is not None:
-            report["onnx_top1_agreement"] = float((onnx.argmax(1) == trainer.teacher_logits(texts).argmax(1)).float().mean())
+        if teacher_logits is not None:
+            report["onnx_top1_agreement"] = float((onnx.argmax(1) == teacher_logits.argmax(1)).float().mean())
         if y is not None:
             report["onnx_accuracy"] = float((onnx.argmax(1) == y).float().mean())
     report["source"] = source
