@@ -18,6 +18,8 @@ Example:
     >>> model, tokenizer, meta = load_text_student(run_dir / "student.safetensors")
     >>> parity = export_text_onnx(model, tokenizer, run_dir / "student.onnx", holdout_texts)
     >>> logits = onnx_text_predict(run_dir / "student.onnx", tokenizer, ["a fine film"], max_length=128)
+
+Running the ONNX student is :mod:`dfkd_cli.text.onnx_predict` (``onnx_text_predict`` is re-exported here).
 """
 
 from __future__ import annotations
@@ -27,19 +29,18 @@ import copy
 import inspect
 import json
 import logging
-import os
 import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from dfkd_cli.atomic import replace, temporary_folder
-from dfkd_cli.errors import DfkdError, ExportError
+from dfkd_cli.errors import ExportError
 from dfkd_cli.export import (
     METADATA_PREFIX,
     MIN_OPSET,
@@ -49,9 +50,7 @@ from dfkd_cli.export import (
     _temporary_sibling,
     onnx_session,
 )
-
-if TYPE_CHECKING:
-    import onnxruntime
+from dfkd_cli.text.onnx_predict import encode, onnx_text_predict, session_inputs
 
 __all__ = [
     "STUDENT_DIR",
@@ -252,11 +251,6 @@ def _cap_length(model: nn.Module, tokenizer: Any, max_length: int) -> int:
     return max(2, limit)
 
 
-def _encode(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
-    encoded = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="np")
-    return {name: np.asarray(value, dtype=np.int64) for name, value in encoded.items()}
-
-
 def _parity_batches(tokenizer: Any, texts: list[str], max_length: int) -> list[tuple[str, list[str]]]:
     """``(kind, texts)`` batches at every TEXT_PARITY_BATCH_SIZES: short, long, and mixed (short + long + over-long)."""
     lengths = [len(tokenizer(text, truncation=False)["input_ids"]) for text in texts]
@@ -290,7 +284,7 @@ def _run_text_exporter(model: nn.Module, tokenizer: Any, path: Path, names: tupl
     # Two rows of different lengths (so the example is padded and the mask is real); batch 2 and a length
     # of at least 3 that differs from it, as torch.export specialises sizes 0 and 1 and may unify equal sizes.
     example_texts = [min(texts, key=len), max(texts, key=len)]
-    encoded = _encode(tokenizer, example_texts, max_length)
+    encoded = encode(tokenizer, example_texts, max_length)
     ids = torch.from_numpy(encoded["input_ids"])
     example = tuple(torch.from_numpy(encoded[name]) if name in encoded else torch.zeros_like(ids) for name in names)
     if example[0].shape[1] < 3:
@@ -359,12 +353,12 @@ def _measure_text_parity(
     wanted = [value.name for value in session.get_inputs()]
     max_abs_diff, agreeing, rows, scale, lengths = 0.0, 0, 0, 0.0, set()
     for kind, texts in batches:
-        encoded = _encode(tokenizer, texts, max_length)
-        feed = _feed(encoded, wanted)
+        encoded = encode(tokenizer, texts, max_length)
+        inputs = session_inputs(encoded, wanted)
         lengths.add(int(encoded["input_ids"].shape[1]))
-        expected = model(**{name: torch.from_numpy(value) for name, value in feed.items()}).logits.float().numpy()
+        expected = model(**{name: torch.from_numpy(value) for name, value in inputs.items()}).logits.float().numpy()
         try:
-            actual = session.run(None, feed)[0]
+            actual = session.run(None, inputs)[0]
         except Exception as error:  # onnxruntime raises its own exception types
             raise ExportError(
                 f"the exported ONNX model fails on {kind} texts at batch size {len(texts)}, length "
@@ -380,53 +374,3 @@ def _measure_text_parity(
         rows += len(texts)
         scale = max(scale, float(np.abs(expected).max()))
     return max_abs_diff, agreeing / rows, scale, sorted(lengths)
-
-
-def _feed(encoded: dict[str, np.ndarray], wanted: list[str]) -> dict[str, np.ndarray]:
-    """The session's inputs from a tokenizer's output; ``token_type_ids`` zeros when the tokenizer gives none."""
-    feed = {}
-    for name in wanted:
-        if name in encoded:
-            feed[name] = encoded[name]
-        elif name == "token_type_ids":
-            feed[name] = np.zeros_like(encoded["input_ids"])
-        elif name == "attention_mask":
-            feed[name] = np.ones_like(encoded["input_ids"])
-        else:
-            raise DfkdError(f"the ONNX model wants input '{name}', which the tokenizer does not produce; "
-                            "use the tokenizer saved with the student")
-    return feed
-
-
-def onnx_text_predict(
-    path_or_session: Path | onnxruntime.InferenceSession,
-    tokenizer: Any,
-    texts: list[str],
-    max_length: int,
-    batch_size: int = 64,
-) -> np.ndarray:
-    """Logits ``[len(texts), num_classes]`` (float32) from an exported text student, in the order of ``texts``.
-
-    Texts are batched by token length (less padding), truncated to ``max_length`` tokens.
-
-    Example:
-        >>> onnx_text_predict(Path("runs/x/student.onnx"), tokenizer, ["a fine film", "dull"], 128).shape
-        (2, 2)
-    """
-    session = onnx_session(path_or_session) if isinstance(path_or_session, (str, os.PathLike)) else path_or_session
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    texts = [str(text) for text in texts]
-    wanted = [value.name for value in session.get_inputs()]
-    if not texts:
-        classes = session.get_outputs()[0].shape[-1]
-        return np.zeros((0, classes if isinstance(classes, int) else 0), dtype=np.float32)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    outputs: list[np.ndarray] = []
-    for start in range(0, len(order), batch_size):
-        chunk = [texts[i] for i in order[start : start + batch_size]]
-        outputs.append(session.run(None, _feed(_encode(tokenizer, chunk, max_length), wanted))[0])
-    sorted_logits = np.concatenate(outputs, axis=0).astype(np.float32, copy=False)
-    logits = np.empty_like(sorted_logits)
-    logits[np.asarray(order)] = sorted_logits
-    return logits

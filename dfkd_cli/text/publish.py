@@ -108,7 +108,7 @@ def measure_table(teacher: TextTeacher | None, trainer: TextTrainer, table: tupl
     else:
         report = agreement_report(teacher_logits, student, names, y)
     if onnx_path is not None:
-        from dfkd_cli.text.export import onnx_text_predict
+        from dfkd_cli.text.onnx_predict import onnx_text_predict
 
         onnx = torch.from_numpy(onnx_text_predict(onnx_path, trainer.tokenizer, texts, trainer.max_length))
         if teacher_logits is not None:

@@ -60,7 +60,7 @@ def quantize_text_and_measure(run_dir: Path, tokenizer: Any, max_length: int, re
                               eval_set: tuple[TextBatch, torch.Tensor | None] | None) -> dict[str, Any]:
     """RUN/student.int8.onnx from RUN/student.onnx, measured beside it on ``report_half`` and on
     ``eval_set`` (the eval texts with the teacher's logits, and their labels if any)."""
-    from dfkd_cli.text.export import onnx_text_predict
+    from dfkd_cli.text.onnx_predict import onnx_text_predict
     from dfkd_cli.text.publish import onnx_text_latency_ms
 
     def predict(path: Path, texts: list[str]) -> torch.Tensor:
