@@ -71,14 +71,19 @@ def save_synthetic_set(folder: Path, train: torch.Tensor, holdout: torch.Tensor,
                 "num_classes": teacher.num_classes, "class_names": teacher.class_names,
                 "space": "normalised teacher inputs", "dtype": "float16",
                 "train_samples": len(train), "holdout_samples": len(holdout), "shards": shards}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    manifest_path(folder).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def manifest_path(folder: Path) -> Path:
+    """Where a synthetic set folder (image or text) keeps its manifest."""
+    return Path(folder) / "manifest.json"
 
 
 def manifest_json(folder: Path) -> Any:
     """The parsed ``manifest.json`` of a synthetic set folder (image or text); one-line errors when
     the folder or the file is missing or the file is not JSON."""
-    path = Path(folder) / "manifest.json"
+    path = manifest_path(folder)
     if not Path(folder).is_dir():
         raise DfkdError(f"synthetic set '{folder}' not found; pass the synthetic/ folder of a run made with --save-synthetic")
     try:
@@ -91,8 +96,7 @@ def manifest_json(folder: Path) -> Any:
 
 def read_manifest(folder: Path) -> dict[str, Any]:
     """The set's manifest; a one-line error when ``folder`` is not a synthetic set."""
-    path = Path(folder) / "manifest.json"
-    manifest = manifest_json(folder)
+    path, manifest = manifest_path(folder), manifest_json(folder)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DfkdError(f"'{path}' is not a dfkd synthetic set of format {FORMAT}")
     where = f"synthetic set manifest '{path}' key"
@@ -108,7 +112,7 @@ _DAMAGED = "the synthetic set is damaged or was edited: save it again with --sav
 
 def _check_manifest(manifest: dict[str, Any], folder: Path, teacher: Teacher) -> None:
     """The manifest's shape, normalisation and classes are well-formed and the teacher's own."""
-    where = f"synthetic set manifest '{Path(folder) / 'manifest.json'}' key"
+    where = f"synthetic set manifest '{manifest_path(folder)}' key"
     shape = validate.input_shape(manifest.get("input_shape"), f"{where} 'input_shape'")
     if list(shape) != list(teacher.input_shape):
         raise DfkdError(f"synthetic set '{folder}' holds {list(shape)} inputs but the teacher "

@@ -23,6 +23,7 @@ import torch
 from dfkd_cli import __version__
 from dfkd_cli.batches import TextBatch
 from dfkd_cli.errors import DfkdError
+from dfkd_cli.synthetic_set import manifest_json, manifest_path
 from dfkd_cli.text.models import TextTeacher
 
 FORMAT = 1
@@ -43,14 +44,14 @@ def save_text_set(folder: Path, train: TextBatch, holdout: TextBatch, teacher: T
     manifest = {"format": FORMAT, "family": "text", "dfkd_version": __version__, "recipe": recipe,
                 "teacher_sha256": teacher.sha256, "teacher_arch": teacher.kind, "num_classes": teacher.num_classes,
                 "class_names": teacher.class_names, "train_samples": len(train), "holdout_samples": len(holdout)}
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    manifest_path(folder).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
 
 
 def is_text_set(folder: Path) -> bool:
     """Whether ``folder`` holds a text synthetic set (its manifest says ``family = "text"``)."""
     try:
-        return json.loads((Path(folder) / "manifest.json").read_text(encoding="utf-8")).get("family") == "text"
+        return json.loads(manifest_path(folder).read_text(encoding="utf-8")).get("family") == "text"
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -61,10 +62,7 @@ def text_set_recipe(folder: Path) -> str:
 
 
 def _manifest(folder: Path) -> dict[str, Any]:
-    from dfkd_cli.synthetic_set import manifest_json
-
-    path = Path(folder) / "manifest.json"
-    manifest = manifest_json(folder)
+    path, manifest = manifest_path(folder), manifest_json(folder)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("family") != "text":
         raise DfkdError(f"'{path}' is not a dfkd text synthetic set of format {FORMAT}; pass the synthetic/ folder "
                         "of a text run made with --save-synthetic")
