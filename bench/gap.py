@@ -3,6 +3,12 @@
     python bench/gap.py                                   # cifar10 suite, budgets 10m and 30m (about 85 min on a CPU)
     python bench/gap.py --budgets 90s --teacher T.safetensors --device cuda --json bench/out/gap.json
     python bench/gap.py --smoke                           # toy scale: MNIST LeNet-5, 20 s, 1,000 test images
+    python bench/gap.py --budgets 10m --seeds 0-4 -s train.mixup=1.0   # a variant over five seeds, KD once
+
+A single CPU run of the default path moves by several points with the seed and the machine's speed
+(the budget's clock takes part in the schedule), so --seeds runs it once per seed (KD once per
+budget) and adds a row with the mean, its ratio to KD and the spread; -s passes settings to the
+default path only, to measure a variant against the same KD row.
 
 For each budget B, two processes (run_bench.py's rows, same student, same real test images):
 
@@ -27,10 +33,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data as bench_data  # noqa: E402
@@ -43,7 +50,7 @@ from dfkd_cli.runtime import parse_duration  # noqa: E402
 SUITES = ("cifar10", "mnist-bn", "mnist-lenet")
 SMOKE = {"suite": "mnist-lenet", "budgets": "20s", "eval_images": 1_000}
 DEFAULT, KD = "default path", "KD on real images"
-COLUMNS = ("budget", "default recipe", "default agreement", "default acc", "KD agreement", "KD acc",
+COLUMNS = ("budget", "seed", "default recipe", "default agreement", "default acc", "KD agreement", "KD acc",
            "agreement default / KD", "default samples/s", "KD samples/s", "default peak MiB", "KD peak MiB",
            "hardware", "note")
 
@@ -68,11 +75,23 @@ def check_data(suite: Suite, root: Path) -> None:
                         "../shared/data beside the checkout")
 
 
-def default_cmd(suite: Suite, budget: str, out: Path) -> list[str]:
-    """The default path: `dfkd compress` with no --recipe and no --steps, ``budget`` for the whole run."""
+def default_cmd(suite: Suite, budget: str, out: Path, seed: int = 0, settings: tuple[str, ...] = ()) -> list[str]:
+    """The default path: `dfkd compress` with no --recipe and no --steps, ``budget`` for the whole run,
+    at ``seed``, with ``-s`` for each of ``settings``."""
     return [str(DFKD), "compress", *suite.teacher_args(), "--student", suite.student, "--eval-data",
             str(suite.eval_npz), "--time-budget", budget, "--device", suite.device, "--out", str(out),
-            "--overwrite", "--format", "json"]
+            "--overwrite", "--format", "json", "--seed", str(seed), *(arg for setting in settings for arg in ("-s", setting))]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-2,7"`` -> ``[0, 1, 2, 7]``; ValueError when a part is not a seed or a range of them."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        seeds.extend(range(int(first), int(last or first) + 1))
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(text)
+    return seeds
 
 
 def read_report(out: Path) -> dict[str, Any] | None:
@@ -117,7 +136,7 @@ def gap_row(budget: str, default: dict[str, Any], kd: dict[str, Any],
     """One budget's numbers from both sides' run_row rows and reports (None where a side failed)."""
     recipe = ((default_report or {}).get("run") or {}).get("recipe")
     notes = [f"{name}: {row['note']}" for name, row in ((DEFAULT, default), (KD, kd)) if row["student acc"] is None]
-    return {"budget": budget, "default recipe": recipe,
+    return {"budget": budget, "seed": None, "default recipe": recipe,
             "default agreement": default["agreement (real)"], "default acc": default["student acc"],
             "KD agreement": kd["agreement (real)"], "KD acc": kd["student acc"],
             "agreement default / KD": agreement_ratio(default["agreement (real)"], kd["agreement (real)"]),
@@ -125,6 +144,22 @@ def gap_row(budget: str, default: dict[str, Any], kd: dict[str, Any],
             "default peak MiB": peak_memory(default_report), "KD peak MiB": peak_memory(kd_report),
             "hardware": default["hardware"] or kd["hardware"], "note": "; ".join(notes),
             "default total s": default["total s"], "KD total s": kd["total s"]}
+
+
+def mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mean over one budget's seeds: each side's agreement and accuracy, the ratio of the mean
+    agreement to KD's, and the default path's range and standard deviation (in points) as a note."""
+    done = [row for row in rows if row["default agreement"] is not None]
+    mean = {key: statistics.fmean(r[key] for r in done) if done else None
+            for key in ("default agreement", "default acc", "default samples/s")
+            if all(r[key] is not None for r in done)}
+    agreements = [100 * row["default agreement"] for row in done]
+    spread = (f"{len(done)} of {len(rows)} seeds: range {min(agreements):.2f}-{max(agreements):.2f}%, "
+              f"sd {statistics.stdev(agreements):.2f} points" if len(done) > 1 else f"{len(done)} of {len(rows)} seeds")
+    first = rows[0]
+    return {**first, "seed": "mean", **mean, "default peak MiB": None, "default total s": None,
+            "agreement default / KD": agreement_ratio(mean.get("default agreement"), first["KD agreement"]),
+            "note": spread}
 
 
 def shown(row: dict[str, Any]) -> dict[str, str]:
@@ -147,20 +182,28 @@ def gap_table(rows: list[dict[str, Any]]) -> str:
     return table([shown(row) for row in rows], COLUMNS)
 
 
-def run_budget(suite: Suite, budget: str, workdir: Path) -> dict[str, Any]:
-    """Both sides at one budget, one after the other."""
-    sides = {DEFAULT: (default_cmd(suite, budget, workdir / "default"), workdir / "default"),
-             KD: (kd_cmd(suite, suite.eval_data[0], budget, HUGE_STEPS, [], workdir / "kd", suite.kd_train_from),
-                  workdir / "kd")}
-    rows, reports = {}, {}
-    for name, (cmd, out) in sides.items():
-        log(f"{budget} {name}: {' '.join(cmd)}")
-        rows[name] = run_row(name, cmd)
-        reports[name] = read_report(out) if rows[name]["student acc"] is not None else None
-        agreement = rows[name]["agreement (real)"]
-        done = f"agreement {100 * agreement:.2f}%" if agreement is not None else rows[name]["note"]
-        log(f"{budget} {name}: {done} in {rows[name]['process_s']} s")
-    return gap_row(budget, rows[DEFAULT], rows[KD], reports[DEFAULT], reports[KD])
+def run_side(name: str, cmd: list[str], out: Path, budget: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One process of the gap: its run_row row and its report (None when it failed)."""
+    log(f"{budget} {name}: {' '.join(cmd)}")
+    row = run_row(name, cmd)
+    agreement = row["agreement (real)"]
+    log(f"{budget} {name}: {f'agreement {100 * agreement:.2f}%' if agreement is not None else row['note']} "
+        f"in {row['process_s']} s")
+    return row, read_report(out) if row["student acc"] is not None else None
+
+
+def run_budget(suite: Suite, budget: str, workdir: Path, seeds: Sequence[int] = (0,),
+               settings: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """KD once and the default path at each seed, one process after another; with several seeds a
+    last row holds their mean."""
+    kd, kd_report = run_side(KD, kd_cmd(suite, suite.eval_data[0], budget, HUGE_STEPS, [], workdir / "kd",
+                                        suite.kd_train_from), workdir / "kd", budget)
+    rows = []
+    for seed in seeds:
+        out = workdir / f"default-{seed}"
+        default, report = run_side(f"{DEFAULT} (seed {seed})", default_cmd(suite, budget, out, seed, settings), out, budget)
+        rows.append({**gap_row(budget, default, kd, report, kd_report), "seed": seed})
+    return rows + [mean_row(rows)] if len(rows) > 1 else rows
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -170,6 +213,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--teacher", type=Path, help="use this teacher file instead of the suite's (same --arch)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (both sides)")
     parser.add_argument("--eval-images", type=int, help="the first N real test images (default: the suite's)")
+    parser.add_argument("--seeds", default="0", help="the default path's seeds, e.g. 0-4 or 0,3 (default 0); KD runs once")
+    parser.add_argument("-s", "--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting for the default path only (repeatable), as dfkd compress -s takes it")
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     parser.add_argument("--smoke", action="store_true", help="toy scale: MNIST LeNet-5, 20 s, 1,000 test images")
     args = parser.parse_args(argv)
@@ -183,6 +229,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 raise ValueError
         except (ValueError, DfkdError):
             parser.error(f"--budgets: '{budget}' is not a duration such as 90s, 10m or 1h")
+    try:
+        args.seeds = parse_seeds(args.seeds)
+    except ValueError:
+        parser.error(f"--seeds: '{args.seeds}' is not a list of seeds such as 0-4 or 0,3")
     if args.eval_images is not None and (args.eval_images < 1000 or args.eval_images % 1000):
         parser.error("--eval-images must be a multiple of 1000 (the eval file is named by thousands)")
     return args
@@ -198,17 +248,19 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     ensure_inputs(suite)
     with tempfile.TemporaryDirectory(prefix="dfkd-gap-") as tmp:
-        rows = [run_budget(suite, budget, Path(tmp) / budget) for budget in args.budgets]
+        rows = [row for budget in args.budgets
+                for row in run_budget(suite, budget, Path(tmp) / budget, args.seeds, tuple(args.settings))]
     heading = f"**The gap to real data: {suite.title}, default path against KD on real images ({suite.name})**"
     note = (f"Agreement and accuracy on the first {suite.eval_data[1]:,} {suite.eval_data[0]} test images. The default "
             f"path's budget bounds its whole run; KD trains for the budget ({suite.kd_train_from} recipe's [train] "
             "table, schedule following the budget) with loading and evaluation on top. Peak MiB: the highest over "
-            "the run's stages.")
+            "the run's stages." + (f" Default path settings: {', '.join(args.settings)}." if args.settings else ""))
     print(f"{heading}\n\n{gap_table(rows)}\n\n{note}\n")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"suite": suite.name, "teacher": str(suite.teacher), "device": suite.device,
-                                         "eval_images": suite.eval_data[1], "rows": rows, "footnote": note},
+                                         "eval_images": suite.eval_data[1], "seeds": args.seeds,
+                                         "settings": args.settings, "rows": rows, "footnote": note},
                                         indent=2), encoding="utf-8")
 
 

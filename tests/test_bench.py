@@ -275,16 +275,39 @@ def test_gap_table_shows_both_sides_their_ratio_and_a_failed_side():
     assert row["agreement default / KD"] == pytest.approx(0.5) and row["KD samples/s"] == pytest.approx(1600)
     failed = gap.gap_row("30m", side(None, None, "exit 2: error: bad"), side(0.9, 0.88), None, kd_report)
     lines = gap.gap_table([row, failed]).splitlines()
-    assert lines[0].startswith("| budget | default recipe | default agreement |")
-    assert lines[2] == ("| 10m | dfad | 45.00% | 44.00% | 90.00% | 88.00% | 0.500x | 1,234 | 1,600 | CUDA 512 / RSS 1,100 "
+    assert lines[0].startswith("| budget | seed | default recipe | default agreement |")
+    assert lines[2] == ("| 10m | - | dfad | 45.00% | 44.00% | 90.00% | 88.00% | 0.500x | 1,234 | 1,600 | CUDA 512 / RSS 1,100 "
                         "| - | CPU: x |  |")
-    assert lines[3].startswith("| 30m | - | - | - | 90.00% | 88.00% | - |") and "default path: exit 2: error: bad" in lines[3]
+    assert lines[3].startswith("| 30m | - | - | - | - | 90.00% | 88.00% | - |") and "default path: exit 2: error: bad" in lines[3]
     assert gap.agreement_ratio(0.5, 0.0) is None and gap.agreement_ratio(None, 0.9) is None
+
+
+def test_gap_over_seeds_reports_the_mean_its_ratio_and_the_spread(tmp_path):
+    def row(seed, agreement):
+        return {**gap.gap_row("10m", {"agreement (real)": agreement, "student acc": agreement - 0.05, "hardware": "x",
+                                      "total s": 1.0, "note": ""},
+                              {"agreement (real)": 0.9, "student acc": 0.85, "hardware": "x", "total s": 1.0, "note": ""},
+                              {"run": {"throughput": {"student_samples_per_s": 1000.0 + seed}}}, None), "seed": seed}
+
+    mean = gap.mean_row([row(0, 0.70), row(1, 0.80), row(2, 0.75)])
+    assert mean["seed"] == "mean" and mean["default agreement"] == pytest.approx(0.75)
+    assert mean["agreement default / KD"] == pytest.approx(0.75 / 0.9) and mean["default samples/s"] == pytest.approx(1001)
+    assert mean["note"] == "3 of 3 seeds: range 70.00-80.00%, sd 5.00 points"
+    assert gap.gap_table([mean]).splitlines()[2].startswith("| 10m | mean | - | 75.00% | 70.00% | 90.00% | 85.00% | 0.833x |")
+    assert gap.parse_seeds("0-2,7") == [0, 1, 2, 7]
+    for bad in ("x", "1,1", "-1", ""):
+        with pytest.raises(ValueError):
+            gap.parse_seeds(bad)
+    cmd = gap.default_cmd(gap.gap_suite("mnist-lenet", None, "cpu", 1000), "20s", tmp_path, 3, ("train.mixup=1.0",))
+    assert cmd[cmd.index("--seed") + 1] == "3" and cmd[-2:] == ["-s", "train.mixup=1.0"]
 
 
 def test_gap_arguments_smoke_defaults_and_refusals(tmp_path, capsys):
     args = gap.parse_args([])
-    assert args.suite == "cifar10" and args.budgets == ["10m", "30m"] and args.eval_images is None
+    assert args.suite == "cifar10" and args.budgets == ["10m", "30m"] and args.eval_images is None and args.seeds == [0]
+    assert gap.parse_args(["--seeds", "0-4", "-s", "train.mixup=1.0"]).settings == ["train.mixup=1.0"]
+    with pytest.raises(SystemExit):
+        gap.parse_args(["--seeds", "a"])
     smoke = gap.parse_args(["--smoke"])
     assert (smoke.suite, smoke.budgets, smoke.eval_images) == ("mnist-lenet", ["20s"], 1000)
     with pytest.raises(SystemExit):
