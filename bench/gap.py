@@ -41,6 +41,7 @@ from typing import Any, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import data as bench_data  # noqa: E402
+from measures import peak_memory, samples_per_s  # noqa: E402
 from run_bench import DFKD, ensure_inputs, kd_cmd, log, run_row, table  # noqa: E402
 from suites import HUGE_STEPS, Suite, make_suite  # noqa: E402
 
@@ -100,30 +101,6 @@ def read_report(out: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def peak_memory(report: dict[str, Any] | None) -> str | None:
-    """The highest peak over the run's stages: CUDA allocated where measured, and resident memory."""
-    stages = ((report or {}).get("run") or {}).get("peak_memory_mb") or {}
-    rss = [s["rss"] for s in stages.values() if s.get("rss") is not None]
-    cuda = [s["cuda_allocated"] for s in stages.values() if s.get("cuda_allocated") is not None]
-    parts = ([f"CUDA {max(cuda):,.0f}"] if cuda else []) + ([f"RSS {max(rss):,.0f}"] if rss else [])
-    return " / ".join(parts) or None
-
-
-def default_samples_per_s(report: dict[str, Any] | None) -> float | None:
-    """Student samples/s of a compress report (its throughput meter)."""
-    meter = ((report or {}).get("run") or {}).get("throughput") or {}
-    return meter.get("student_samples_per_s")
-
-
-def kd_samples_per_s(report: dict[str, Any] | None) -> float | None:
-    """Student samples/s of a kd_baselines report: steps x batch size over its distillation seconds."""
-    run = (report or {}).get("run") or {}
-    seconds = (run.get("wall_clock_s") or {}).get("distill")
-    if not seconds or run.get("steps") is None:
-        return None
-    return run["steps"] * run["train"]["batch_size"] / seconds
-
-
 def agreement_ratio(default: float | None, kd: float | None) -> float | None:
     """Default path's agreement over KD's: 1.0 means real data buys nothing; None without both."""
     if default is None or kd is None or kd <= 0:
@@ -140,7 +117,7 @@ def gap_row(budget: str, default: dict[str, Any], kd: dict[str, Any],
             "default agreement": default["agreement (real)"], "default acc": default["student acc"],
             "KD agreement": kd["agreement (real)"], "KD acc": kd["student acc"],
             "agreement default / KD": agreement_ratio(default["agreement (real)"], kd["agreement (real)"]),
-            "default samples/s": default_samples_per_s(default_report), "KD samples/s": kd_samples_per_s(kd_report),
+            "default samples/s": samples_per_s(default_report), "KD samples/s": samples_per_s(kd_report),
             "default peak MiB": peak_memory(default_report), "KD peak MiB": peak_memory(kd_report),
             "hardware": default["hardware"] or kd["hardware"], "note": "; ".join(notes),
             "default total s": default["total s"], "KD total s": kd["total s"]}

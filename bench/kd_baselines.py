@@ -120,9 +120,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     done = time.perf_counter()
     report["run"].update(
         recipe=f"kd-{args.data}", train_from=args.train_from, train=dataclasses.asdict(cfg), device=str(device),
-        hardware=hardware_description(device), steps=trainer.steps_done, best_step=trainer.best_step,
+        hardware=hardware_description(device), steps=trainer.steps_done, best_step=trainer.kept.step,
         selection={"source": f"{args.data} train images held out of training", "n": len(x_select),
-                   "top1_agreement": trainer.best_agreement},
+                   "top1_agreement": trainer.kept.agreement},
         wall_clock_s={"load": round(loaded - started, 3), "distill": round(trained - loaded, 3),
                       "evaluate": round(done - trained, 3), "total": round(done - started, 3)})
     (args.out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")

@@ -69,6 +69,7 @@ from dfkd_cli.config import prior_recipes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data import IMAGES, class_subset, save_eval_npz  # noqa: E402
+from measures import peak_memory, samples_per_s  # noqa: E402
 from suites import BENCH, DATA_NAMES, HUGE_STEPS, KD_TITLES, OUT, ROOT, SUITE_NAMES, Suite, make_suite  # noqa: E402,F401
 
 DFKD = Path(sys.executable).parent / "dfkd"
@@ -223,6 +224,8 @@ def row_from_report(name: str, report: dict[str, Any]) -> dict[str, Any]:
             "agreement (synthetic holdout)": synthetic, "steps": run_info["steps"],
             "total s": run_info["wall_clock_s"]["total"], "hardware": run_info["hardware"], "note": note,
             "teacher acc": real.get("teacher_accuracy")}
+    speed, memory = samples_per_s(report), peak_memory(report)
+    row.update({key: value for key, value in ((SPEED, speed), (MEMORY, memory)) if value is not None})
     if run_info.get("race"):
         row["note"] = f"race winner: {run_info['race']['winner']}"
     int8 = report.get("int8")
@@ -252,8 +255,9 @@ PERCENT_COLUMNS = ("teacher acc", "student acc", "agreement (real)", "agreement 
 STABILITY = "synthetic agreement along the run (mean / variance / max)"
 INT8 = "int8 agreement (real)"
 LATENCY = "ONNX latency ms fp32 / int8"
+SPEED, MEMORY = "student samples/s", "peak MiB"
 TABLE_COLUMNS = ("run", "student acc", "agreement (real)", INT8, LATENCY, "agreement (synthetic holdout)", STABILITY,
-                 "steps", "total s", "published", "hardware", "note")
+                 "steps", SPEED, MEMORY, "total s", "published", "hardware", "note")
 PUBLISHED_HEADER = "published (GPU, far larger budgets)"
 
 
@@ -263,6 +267,8 @@ def cell(key: str, value: object) -> str:
         return "-" if key != "note" else ""
     if key in PERCENT_COLUMNS:
         return f"{100 * float(value):.2f}%"
+    if key == SPEED and isinstance(value, float):
+        return f"{value:,.0f}"
     if isinstance(value, float):
         return f"{value:.0f}"
     return str(value).replace("|", "\\|").replace("\n", " ")

@@ -174,6 +174,19 @@ def test_table_shows_percentages_and_a_failed_row_keeps_its_error():
     assert len({line.count(" | ") for line in lines if not line.startswith("|---")}) == 1
 
 
+def test_rows_show_student_samples_per_second_and_peak_memory_beside_the_accuracy():
+    run = {"steps": 120, "hardware": "CPU", "wall_clock_s": {"total": 61.4, "distill": 50.0}}
+    dfkd = {"eval_data": {"student_accuracy": 0.9, "top1_agreement": 0.91},
+            "run": {**run, "throughput": {"student_samples_per_s": 1234.4},
+                    "peak_memory_mb": {"load": {"rss": 900.0}, "distill": {"rss": 1100.4, "cuda_allocated": 512.0}}}}
+    kd = {"eval_data": {"student_accuracy": 0.95, "top1_agreement": 0.96}, "run": {**run, "train": {"batch_size": 64}}}
+    lines = run_bench.table([run_bench.row_from_report("fast", dfkd), run_bench.row_from_report("KD", kd)]).splitlines()
+    assert lines[0] == ("| run | student acc | agreement (real) | agreement (synthetic holdout) | steps | student samples/s "
+                        "| peak MiB | total s | hardware | note |")
+    assert lines[2] == "| fast | 90.00% | 91.00% | - | 120 | 1,234 | CUDA 512 / RSS 1,100 | 61 | CPU |  |"
+    assert lines[3] == "| KD | 95.00% | 96.00% | - | 120 | 154 | - | 61 | CPU |  |"  # 120 x 64 / 50 s
+
+
 def test_run_row_turns_a_failing_process_into_an_error_row():
     row = run_bench.run_row("broken", [sys.executable, "-c", "import sys; sys.exit('error: no such teacher')"])
     assert row["student acc"] is None and row["note"] == "exit 1: error: no such teacher"
