@@ -51,7 +51,10 @@ def test_two_processes_train_one_student_and_only_rank_0_writes(tiny_teacher, tm
     one = kit.report_of(kit.cli(*_compress_args(tiny_teacher, runs / "one", steps, 32, "--eval-data", tiny_teacher["eval"])))
     two_acc, one_acc = report["eval_data"]["top1_agreement"], one["eval_data"]["top1_agreement"]
     assert one["run"]["processes"] is None
-    assert abs(two_acc - one_acc) < 0.15, (two_acc, one_acc)
+    # Two ranks must train as well as one. Not the other way round: the ranks' cosine schedule follows
+    # the clock and the single process's follows its steps, and with 16 selection samples either run
+    # can end anywhere in a wide band (0.54 for two ranks against 0.36 for one under a loaded CI).
+    assert two_acc > one_acc - 0.15, (two_acc, one_acc)
 
 
 @pytest.mark.subprocess
