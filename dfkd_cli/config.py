@@ -63,6 +63,7 @@ class TrainConfig:
     alpha: float = 0.0  # weight of CE to the teacher's argmax beside the KD term (PromptDFD's Eq. 1); 0 = KD only
     crop_pad: int = 0  # random-crop augmentation padding in pixels on pool samples; 0 = off
     flip: bool = False  # random horizontal flips on pool samples
+    mixup: float = 0.0  # blend each student input with another, share ~ Beta(a, a), the teacher labels the blend; 0 = off
     holdout: int = 256  # held-out synthetic samples: half select the student, half are reported
     eval_every: int = 50  # student steps between selections on held-out synthetic agreement
     attention: float = 0.0  # weight of the attention-transfer term (ZSKT's beta); 0 = off

@@ -89,6 +89,15 @@ def augment(x: torch.Tensor, crop_pad: int, flip: bool) -> torch.Tensor:
     return x
 
 
+def mixup(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Each sample blended with another of the batch, its share drawn from Beta(alpha, alpha): the
+    teacher labels the blend, so a small pool gives many more distinct inputs (function matching,
+    Beyer et al., CVPR 2022)."""
+    share = torch.distributions.Beta(alpha, alpha).sample((len(x),)).to(x.device, x.dtype)
+    share = share.view(-1, *([1] * (x.dim() - 1)))
+    return share * x + (1 - share) * x[torch.randperm(len(x), device=x.device)]
+
+
 def block_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The model's block stages (direct children named ``layerN`` or ``blockN``), in order."""
     stages = [(int(match.group(1)), name, module) for name, module in model.named_children()
@@ -235,6 +244,8 @@ class StudentTrainer:
         """One KD step on batch ``x`` (augmented here); returns the total loss. With replay/lra the
         augmented batch then joins the memory."""
         x = augment(x.float(), self.cfg.crop_pad, self.cfg.flip)  # generators under autocast make bf16
+        if self.cfg.mixup > 0:
+            x = mixup(x, self.cfg.mixup)
         if self.cfg.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         for group in self.optimizer.param_groups:

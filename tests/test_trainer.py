@@ -10,7 +10,7 @@ from torch import nn
 from dfkd_cli.config import TrainConfig
 import dfkd_cli.trainer as trainer_module
 from dfkd_cli.kept import KeptStudent, within_noise
-from dfkd_cli.trainer import StudentTrainer, augment, kd_loss, predict_classes
+from dfkd_cli.trainer import StudentTrainer, augment, kd_loss, mixup, predict_classes
 
 
 def test_kd_loss_is_zero_for_identical_logits_and_positive_otherwise():
@@ -134,3 +134,25 @@ def test_the_kept_student_is_a_copy_and_survives_a_checkpoint_round_trip():
     again.peak = -1.0
     again.load_state_dict(older)  # a checkpoint from before the rule: the peak is the kept agreement
     assert again.peak == 0.6
+
+
+def test_mixup_blends_each_sample_with_another_of_the_batch():
+    torch.manual_seed(0)
+    x = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 2, 2)  # sample i is the constant image i
+    blended = mixup(x, 1.0).flatten(1)
+    assert torch.equal(blended, blended[:, :1].expand_as(blended))  # a blend of two constant images is constant
+    assert (blended >= 0).all() and (blended <= 7).all() and not torch.equal(blended, x.flatten(1))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_the_teacher_labels_the_blend_the_student_learns_from(alpha):
+    torch.manual_seed(0)
+    teacher, student = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    seen: dict[str, torch.Tensor] = {}
+    teacher.register_forward_hook(lambda module, args, out: seen.__setitem__("teacher", args[0].clone()))
+    student.register_forward_hook(lambda module, args, out: seen.__setitem__("student", args[0].detach().clone()))
+    trainer = StudentTrainer(student, teacher.eval(), TrainConfig(mixup=alpha, channels_last=False), torch.device("cpu"))
+    x = torch.randn(16, 3, 2, 2)
+    trainer.step(x)
+    assert torch.equal(seen["teacher"], seen["student"])
+    assert torch.equal(seen["student"], x) == (alpha == 0.0)
