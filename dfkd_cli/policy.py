@@ -20,7 +20,7 @@ from dfkd_cli.config import recipe_dir, read_toml
 from dfkd_cli.errors import DfkdError
 
 _CONDITIONS = ("batchnorm", "channels", "max_input", "device", "max_budget_s", "min_budget_s")
-_SETTINGS = ("train.steps",)  # what a rule may set (a -s or --steps the user gave wins)
+_SETTINGS = ("train.steps", "train.mixup")  # what a rule may set (a -s or --steps the user gave wins)
 FILL_BUDGET = "budget"  # train.steps = "budget": the time budget ends training when it holds more steps
 
 
@@ -70,6 +70,10 @@ def load_policy(path: Path | None = None) -> Policy:
         if isinstance(steps, bool) or not (steps == FILL_BUDGET or isinstance(steps, int) and steps > 0):
             raise DfkdError(f"policy '{path}' rule {index + 1}: train.steps must be a positive integer or "
                             f"\"{FILL_BUDGET}\", not {steps!r}")
+        mixup = settings.get("train.mixup", 0.0)
+        if isinstance(mixup, bool) or not isinstance(mixup, (int, float)) or not mixup >= 0:
+            raise DfkdError(f"policy '{path}' rule {index + 1}: train.mixup must be 0 (off) or a positive number, "
+                            f"not {mixup!r}")
         rules.append(Rule(name=str(raw.get("name", f"rule {index + 1}")), recipe=str(raw["recipe"]),
                           race=tuple(raw.get("race", ())), evidence=" ".join(str(raw.get("evidence", "")).split()),
                           conditions={k: raw[k] for k in _CONDITIONS if k in raw}, settings=dict(settings)))

@@ -167,6 +167,9 @@ def test_policy_rules_name_recipes_that_apply_with_evidence():
     assert choose_rule(True, (3, 224, 224), "cpu", 600).recipe == "fast"
     assert choose_rule(True, (1, 32, 32), "cpu", 120).recipe == "dfq"  # MNIST resnet8, 2 min
     assert choose_rule(True, (3, 32, 32), "cpu", 120).recipe == "fast"  # CIFAR-10 resnet20, 2 min
+    assert choose_rule(True, (3, 32, 32), "cpu", 600).settings == {"train.mixup": 1.0}  # measured at 10 min
+    for budget_s, device in ((1800, "cpu"), (600, "cuda")):  # not measured with mixup: 30 min, a GPU
+        assert "train.mixup" not in choose_rule(True, (3, 32, 32), device, budget_s).settings
 
 
 def test_auto_explains_its_choice_and_why_there_is_no_race(tiny_teacher, tmp_path):
@@ -283,4 +286,13 @@ def test_a_policy_rule_s_steps_are_a_positive_count_or_budget(tmp_path, steps):
     value = f'"{steps}"' if isinstance(steps, str) else str(steps).lower()
     policy.write_text(f'[[rule]]\nrecipe = "dfad"\nsettings = {{ "train.steps" = {value} }}\n')
     with pytest.raises(DfkdError, match="train.steps must be a positive integer or \"budget\""):
+        load_policy(policy)
+
+
+@pytest.mark.parametrize("mixup", ["on", -1.0, True])
+def test_a_policy_rule_s_mixup_is_a_non_negative_number(tmp_path, mixup):
+    policy = tmp_path / "auto.toml"
+    value = f'"{mixup}"' if isinstance(mixup, str) else str(mixup).lower()
+    policy.write_text(f'[[rule]]\nrecipe = "dfad"\nsettings = {{ "train.mixup" = {value} }}\n')
+    with pytest.raises(DfkdError, match="train.mixup must be 0"):
         load_policy(policy)
