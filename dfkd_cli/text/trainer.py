@@ -23,10 +23,10 @@ import torch
 from dfkd_cli.batches import TextBatch
 from dfkd_cli.config import TrainConfig
 from dfkd_cli.distributed import World
+from dfkd_cli.kept import KeptStudent
 from dfkd_cli.precision import Precision
 from dfkd_cli.synth.context import StudentView
 from dfkd_cli.text.models import TextTeacher
-from dfkd_cli.kept import KeptStudent
 from dfkd_cli.trainer import kd_loss, scheduled_lr
 
 
