@@ -162,6 +162,8 @@ BAD = {
     "bad reward": (lambda f, r: [f["bert"], "--recipe", "promptdfd-rl", "-s", "synth.reward=max"], "adversarial"),
     "alpha above one": (lambda f, r: [f["bert"], "--recipe", "random-text", "-s", "train.alpha=2"], "train.alpha"),
     "no holdout": (lambda f, r: [f["bert"], "--recipe", "random-text", "-s", "train.holdout=0"], "train.holdout"),
+    "image-only setting": (lambda f, r: [f["bert"], "--recipe", "random-text", "-s", "train.mixup=1.0"],
+                           "train.mixup = 1.0 applies to image students only"),
 }
 
 

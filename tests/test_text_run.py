@@ -253,3 +253,13 @@ def test_both_trainers_keep_the_trainer_contract(text_files, tiny_teacher) -> No
     for trainer in trainers:
         assert isinstance(trainer, Trainer), type(trainer).__name__
         assert all(hasattr(trainer, name) for name in Trainer.__annotations__), type(trainer).__name__
+
+
+def test_the_text_trainer_uses_nesterov_momentum_when_asked(text_files) -> None:
+    from dfkd_cli.config import load_recipe
+    from dfkd_cli.text.models import build_text_student, load_text_teacher
+
+    teacher = load_text_teacher(text_files["bert"])
+    train = load_recipe("random-text", ["train.optimizer=\"sgd\"", "train.nesterov=true"]).train
+    trainer = TextTrainer(build_text_student("bert-1", teacher), teacher, train, torch.device("cpu"))
+    assert trainer.optimizer.param_groups[0]["nesterov"] is True
