@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -27,6 +26,7 @@ from typing import Any, get_type_hints
 from dfkd_cli.device_profile import (PROFILE_DEVICE, PROFILE_TABLE, apply_profile, check_profile_keys, flat_profile,
                                      profile_under)
 from dfkd_cli.errors import DfkdError, shown
+from dfkd_cli.toml_out import toml_value
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # Installed wheels carry recipes inside the package; a source checkout keeps them at the top.
@@ -228,7 +228,24 @@ def build_recipe(data: dict[str, Any], overrides: list[str], default_name: str =
     loss = _loss_weights(synth_data.pop("loss", {}), synth_cls.loss_terms)
     synth = _typed(synth_cls.Config, synth_data, "synth")
     train = _typed(TrainConfig, data.get("train", {}), "train")
+    if info.family == "text":
+        _refuse_image_only(info.name, train)
     return RecipeConfig(recipe=info, synth=synth, loss=loss, train=train)
+
+
+# Trainer settings only the image trainer reads (augmentation, attention, retention, memory layout,
+# the pool's memory): a text recipe refuses them rather than ignore them.
+IMAGE_ONLY_TRAIN = ("crop_pad", "flip", "mixup", "attention", "update", "memory_size", "memory_batch", "lra_inner_lr",
+                    "lra_order", "channels_last", "pool_memory_mb")
+
+
+def _refuse_image_only(name: str, train: TrainConfig) -> None:
+    default = TrainConfig()
+    for key in IMAGE_ONLY_TRAIN:
+        value = getattr(train, key)
+        if value != getattr(default, key):
+            raise DfkdError(f"train.{key} = {toml_value(value)} applies to image students only; the text recipe '{name}' "
+                            "would ignore it: leave it out")
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -346,42 +363,6 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
-
-
-def dump_toml(data: dict[str, Any]) -> str:
-    """Write nested dicts of scalars and lists as TOML (enough for run configs).
-
-    Example:
-        >>> print(dump_toml({"train": {"lr": 0.1}}).strip())
-        [train]
-        lr = 0.1
-    """
-    lines: list[str] = []
-    _dump_table(data, [], lines)
-    return "\n".join(lines).lstrip("\n") + "\n"
-
-
-def _dump_table(table: dict[str, Any], path: list[str], lines: list[str]) -> None:
-    scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
-    tables = {k: v for k, v in table.items() if isinstance(v, dict)}
-    if path and (scalars or not tables):
-        lines += ["", f"[{'.'.join(path)}]"]
-    for key, value in scalars.items():
-        if value is not None:
-            lines.append(f"{key} = {_toml_value(value)}")
-    for key, sub in tables.items():
-        _dump_table(sub, path + [key], lines)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    # JSON's string escapes are TOML's; TOML also refuses a raw DEL, which JSON leaves alone.
-    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def recipe_info(name: str) -> RecipeInfo:

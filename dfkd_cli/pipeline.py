@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from dfkd_cli import __version__
-from dfkd_cli.config import RecipeConfig, applicable_recipes, dump_toml, prior_recipes
+from dfkd_cli.config import RecipeConfig, applicable_recipes, prior_recipes
+from dfkd_cli.toml_out import dump_toml
 from dfkd_cli.errors import DfkdError, ExportError
 from dfkd_cli.eval_data import EvalData, load_eval_data
 from dfkd_cli.export import StudentMeta, export_onnx, save_student

@@ -297,15 +297,17 @@ def test_gap_table_shows_both_sides_their_ratio_and_a_failed_side():
 
 def test_gap_over_seeds_reports_the_mean_its_ratio_and_the_spread(tmp_path):
     def row(seed, agreement):
-        return {**gap.gap_row("10m", {"agreement (real)": agreement, "student acc": agreement - 0.05, "hardware": "x",
-                                      "total s": 1.0, "note": ""},
+        default = {"agreement (real)": agreement, "student acc": agreement and agreement - 0.05, "hardware": "x",
+                   "total s": 1.0, "note": ""}
+        return {**gap.gap_row("10m", default,
                               {"agreement (real)": 0.9, "student acc": 0.85, "hardware": "x", "total s": 1.0, "note": ""},
-                              {"run": {"throughput": {"student_samples_per_s": 1000.0 + seed}}}, None), "seed": seed}
+                              {"run": {"throughput": {"student_samples_per_s": 1000.0 + 10 * seed**2}}}, None), "seed": seed}
 
-    mean = gap.mean_row([row(0, 0.70), row(1, 0.80), row(2, 0.75)])
+    # Skewed values, so that a median or a population sd would not pass; seed 3 failed and is left out.
+    mean = gap.mean_row([row(0, 0.70), row(1, 0.71), row(2, 0.84), row(3, None)])
     assert mean["seed"] == "mean" and mean["default agreement"] == pytest.approx(0.75)
-    assert mean["agreement default / KD"] == pytest.approx(0.75 / 0.9) and mean["default samples/s"] == pytest.approx(1001)
-    assert mean["note"] == "3 of 3 seeds: range 70.00-80.00%, sd 5.00 points"
+    assert mean["agreement default / KD"] == pytest.approx(0.75 / 0.9) and mean["default samples/s"] == pytest.approx(3050 / 3)
+    assert mean["note"] == "3 of 4 seeds: range 70.00-84.00%, sd 7.81 points"
     assert gap.gap_table([mean]).splitlines()[2].startswith("| 10m | mean | - | 75.00% | 70.00% | 90.00% | 85.00% | 0.833x |")
     assert gap.parse_seeds("0-2,7") == [0, 1, 2, 7]
     for bad in ("x", "1,1", "-1", ""):

@@ -9,7 +9,6 @@ import pytest
 from dfkd_cli.config import (
     TrainConfig,
     build_recipe,
-    dump_toml,
     list_recipes,
     load_recipe,
     parse_override,
@@ -17,6 +16,7 @@ from dfkd_cli.config import (
     recipe_path,
 )
 from dfkd_cli.errors import DfkdError
+from dfkd_cli.toml_out import dump_toml
 
 
 def test_shipped_recipes_all_validate():
@@ -104,3 +104,12 @@ def test_bad_toml_is_one_line_error(tmp_path):
 def test_train_defaults_are_sane():
     cfg = TrainConfig()
     assert cfg.holdout >= 2 and cfg.eval_every > 0 and cfg.steps_per_round > 0
+
+
+@pytest.mark.parametrize("setting", ["train.flip=true", "train.crop_pad=4", "train.update=\"replay\"", "train.channels_last=false"])
+def test_a_text_recipe_refuses_image_only_train_settings(setting) -> None:
+    data = read_toml(recipe_path("random-text"))
+    build_recipe(data, [])  # the shipped file itself is fine
+    with pytest.raises(DfkdError, match=rf"^{setting.split('=')[0]} = .* applies to image students only"):
+        build_recipe(data, [setting])
+    build_recipe(read_toml(recipe_path("dfad")), [setting])  # an image recipe takes it

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from dfkd_cli.config import build_recipe, dump_toml, list_recipes, load_recipe, merge_tables, read_toml, recipe_path
+from dfkd_cli.config import build_recipe, list_recipes, load_recipe, merge_tables, read_toml, recipe_path
+from dfkd_cli.toml_out import dump_toml
 from dfkd_cli.device_profile import flat_profile
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.runconfig import resolve_compress

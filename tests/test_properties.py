@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from dfkd_cli.checkpoint import CHECKPOINT_SUFFIXES, read_state_dict
-from dfkd_cli.config import RecipeConfig, build_recipe, dump_toml, parse_toml, recipe_path
+from dfkd_cli.config import RecipeConfig, build_recipe, parse_toml, recipe_path
+from dfkd_cli.toml_out import dump_toml
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.synth import SYNTHESIZERS
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from dfkd_cli.config import RecipeConfig, TrainConfig, dump_toml
+from dfkd_cli.config import RecipeConfig
+from dfkd_cli.toml_out import dump_toml
 from dfkd_cli.distill import Run
 from dfkd_cli.distributed import World
 from dfkd_cli.errors import DfkdError
@@ -164,7 +165,6 @@ def prepare(opts: TextOptions, recipes: list[RecipeConfig], device: torch.device
     from dfkd_cli.text.data import read_corpus, read_text_table
 
     teacher = load_text_teacher(opts.teacher, opts.labels, opts.trust_pickle)
-    refuse_image_settings(recipes)
     saved = None
     if opts.from_synthetic is not None:
         given = [f"--{flag}" for flag in ("generator", "prompter", "prior") if getattr(opts, flag) is not None]
@@ -191,24 +191,6 @@ def prepare(opts: TextOptions, recipes: list[RecipeConfig], device: torch.device
     names = ", ".join(f"{r.recipe.name} ({r.recipe.description})" for r in recipes)
     display.log(f"recipe{'s racing' if len(recipes) > 1 else ''}: {names}")
     return TextInputs(teacher, student_name, student, models, corpus, eval_table, saved)
-
-
-# Trainer settings only the image trainer reads (augmentation, attention, retention, memory layout,
-# the pool's memory): a text run refuses them rather than ignore them.
-IMAGE_ONLY_TRAIN = ("crop_pad", "flip", "mixup", "attention", "update", "memory_size", "memory_batch", "lra_inner_lr",
-                    "lra_order", "channels_last", "pool_memory_mb")
-
-
-def refuse_image_settings(recipes: list[RecipeConfig]) -> None:
-    """A ``train.*`` setting that only image students use, changed from its default, is a mistake
-    in a text run: one line naming it."""
-    default = TrainConfig()
-    for recipe in (r for r in recipes if r.recipe.family == "text"):  # an image recipe is refused by name
-        for key in IMAGE_ONLY_TRAIN:
-            value = getattr(recipe.train, key)
-            if value != getattr(default, key):
-                raise DfkdError(f"train.{key} = {value!r} applies to image students only; the text recipe "
-                                f"'{recipe.recipe.name}' would ignore it: leave it out")
 
 
 def _check_recipe(opts: TextOptions, recipe: RecipeConfig) -> None:
