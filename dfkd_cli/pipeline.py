@@ -16,7 +16,6 @@ import torch
 
 from dfkd_cli import __version__
 from dfkd_cli.config import RecipeConfig, applicable_recipes, prior_recipes
-from dfkd_cli.toml_out import dump_toml
 from dfkd_cli.errors import DfkdError, ExportError
 from dfkd_cli.eval_data import EvalData, load_eval_data
 from dfkd_cli.export import StudentMeta, export_onnx, save_student
@@ -39,6 +38,7 @@ from dfkd_cli.synthetic_set import SyntheticSet, load_synthetic_set, save_synthe
 from dfkd_cli.sources import student_source
 from dfkd_cli.hf_student import write_hf_student
 from dfkd_cli.teacher import Teacher, build_student, load_teacher
+from dfkd_cli.toml_out import dump_toml
 from dfkd_cli.trainer import predict_classes
 
 

@@ -32,6 +32,7 @@ def _dump_table(table: dict[str, Any], path: list[str], lines: list[str]) -> Non
 
 
 def toml_value(value: Any) -> str:
+    """``value`` as a TOML literal: ``True`` -> ``true``, ``"a"`` -> ``"a"``, ``[1, 2]`` -> ``[1, 2]``."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from dfkd_cli.config import build_recipe, list_recipes, load_recipe, merge_tables, read_toml, recipe_path
-from dfkd_cli.toml_out import dump_toml
 from dfkd_cli.device_profile import flat_profile
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.runconfig import resolve_compress
 from dfkd_cli.synth.generator import resolve_generator_size
 from dfkd_cli.text.options import resolve_text
+from dfkd_cli.toml_out import dump_toml
 
 import kit
 

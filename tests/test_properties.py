@@ -21,9 +21,9 @@ from torch import nn
 
 from dfkd_cli.checkpoint import CHECKPOINT_SUFFIXES, read_state_dict
 from dfkd_cli.config import RecipeConfig, build_recipe, parse_toml, recipe_path
-from dfkd_cli.toml_out import dump_toml
 from dfkd_cli.errors import DfkdError
 from dfkd_cli.synth import SYNTHESIZERS
+from dfkd_cli.toml_out import dump_toml
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

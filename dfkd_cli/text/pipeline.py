@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from dfkd_cli.config import RecipeConfig
-from dfkd_cli.toml_out import dump_toml
 from dfkd_cli.distill import Run
 from dfkd_cli.distributed import World
 from dfkd_cli.errors import DfkdError
@@ -36,6 +35,7 @@ from dfkd_cli.batches import TextBatch
 from dfkd_cli.text.synth import SavedTextSynthesizer, TextConfig, TextCorpus
 from dfkd_cli.text.synthetic_set import load_text_set
 from dfkd_cli.text.trainer import TextTrainer
+from dfkd_cli.toml_out import dump_toml
 
 EvalTable = tuple[list[str], list[int] | None]
 
