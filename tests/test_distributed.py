@@ -53,8 +53,9 @@ def test_two_processes_train_one_student_and_only_rank_0_writes(tiny_teacher, tm
     assert one["run"]["processes"] is None
     # Two ranks must train as well as one. Not the other way round: the ranks' cosine schedule follows
     # the clock and the single process's follows its steps, and with 16 selection samples either run
-    # can end anywhere in a wide band (0.54 for two ranks against 0.36 for one under a loaded CI).
-    assert two_acc > one_acc - 0.15, (two_acc, one_acc)
+    # can end anywhere in a wide band (0.54 for two ranks against 0.36 for one under a loaded CI, and
+    # 0.40 against 0.63 in a loaded full suite). Zeroed averaged gradients give 0.21 against 0.70.
+    assert two_acc > one_acc - 0.3, (two_acc, one_acc)
 
 
 @pytest.mark.subprocess
