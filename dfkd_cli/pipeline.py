@@ -21,7 +21,8 @@ from dfkd_cli.eval_data import EvalData, load_eval_data
 from dfkd_cli.export import StudentMeta, export_onnx, save_student
 from dfkd_cli.measure import deployment_checks, eval_data_warnings, gate_result, measure_models, real_data_report
 from dfkd_cli.prior import PriorData
-from dfkd_cli.report import SCHEMA_VERSION, grid_sample_size, save_sample_grid, write_report
+from dfkd_cli.report import SCHEMA_VERSION, write_report
+from dfkd_cli.sample_grid import grid_sample_size, save_sample_grid
 from dfkd_cli.precision import Precision, channels_last, contiguous, loss_scales, resolve_precision
 from dfkd_cli.runtime import Display, Stopwatch, library_versions, seed_everything
 from dfkd_cli.build import RunBuilder

@@ -26,7 +26,7 @@ from dfkd_cli.plan import Plan, Stage
 from dfkd_cli.policy import FILL_BUDGET, Rule, choose_rule, load_policy
 from dfkd_cli.precision import Precision
 from dfkd_cli.probe import Costs, available_memory, probe_run
-from dfkd_cli.report import grid_sample_size
+from dfkd_cli.sample_grid import grid_sample_size
 from dfkd_cli.synth import synthesizer_class
 from dfkd_cli.synth.generator import resolve_generator_size
 from dfkd_cli.teacher import Teacher

@@ -219,7 +219,7 @@ def test_export_estimate_counts_the_teachers_work_after_training():
 
     from dfkd_cli.planner import EXPORT_SECONDS, export_estimate, export_reserve
     from dfkd_cli.probe import Costs
-    from dfkd_cli.report import grid_sample_size
+    from dfkd_cli.sample_grid import grid_sample_size
 
     costs = Costs(iteration_s=0.0, iterations=1, sample_s=0.0, step_s=0.0, bytes_per_sample={}, probe_s=0.0,
                   teacher_s=0.05)

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from dfkd_cli.evaluate import agreement_report
-from dfkd_cli.report import SCHEMA_VERSION, render_markdown, save_sample_grid, write_report
+from dfkd_cli.report import SCHEMA_VERSION, render_markdown, write_report
+from dfkd_cli.sample_grid import save_sample_grid
 
 CLASS_NAMES = ["cat", "dog", "ship | boat"]
 

@@ -15,6 +15,7 @@ import io
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 from dfkd_cli.errors import DfkdError, shown
 
@@ -58,22 +59,11 @@ def read_text_table(
         >>> read_text_table(Path("dev.csv"), "text", "label", ["negative", "positive"])
         (['a fine film', 'dull'], [1, 0])
     """
-    path = Path(path)
-    if not path.exists():
-        raise DfkdError(f"table '{path}' not found; check the path")
-    if path.is_dir():
-        raise DfkdError(f"table '{path}' is a folder; pass a .tsv or .csv file")
-    suffix = path.suffix.lower()
-    if suffix not in TABLE_FORMATS:
-        raise DfkdError(f"table '{path}' has an unsupported extension '{path.suffix or '(none)'}'; "
-                        "use a .tsv (tab-separated) or .csv (comma-separated) file with a header row")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
-    text = _decode(path, "table")
-    if suffix == ".tsv":
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
-    else:
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter=",")
+    path = Path(path)
+    reader = _table_reader(path)
+    suffix = path.suffix.lower()
     try:
         header = next((row for row in reader if any(cell.strip() for cell in row)), None)
         if header is None:
@@ -106,6 +96,22 @@ def read_text_table(
     if not texts:
         raise DfkdError(f"table '{path}' has a header but no rows; add one row per example")
     return texts, (labels if label_index is not None else None)
+
+
+def _table_reader(path: Path) -> Any:
+    """A CSV reader over the table at ``path``: tabs without quoting for .tsv, standard CSV for .csv."""
+    if not path.exists():
+        raise DfkdError(f"table '{path}' not found; check the path")
+    if path.is_dir():
+        raise DfkdError(f"table '{path}' is a folder; pass a .tsv or .csv file")
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_FORMATS:
+        raise DfkdError(f"table '{path}' has an unsupported extension '{path.suffix or '(none)'}'; "
+                        "use a .tsv (tab-separated) or .csv (comma-separated) file with a header row")
+    stream = io.StringIO(_decode(path, "table"), newline="")
+    if suffix == ".tsv":
+        return csv.reader(stream, delimiter="\t", quoting=csv.QUOTE_NONE)
+    return csv.reader(stream, delimiter=",")
 
 
 def _column(header: list[str], name: str, path: Path, role: str) -> int:
