@@ -113,7 +113,7 @@ def test_the_ce_term_makes_the_teacher_predict_the_conditioning_label(teacher, p
             return float((teacher.model(synth.generator(z)).argmax(1) == y).float().mean())
 
     before = hit_rate()
-    for _ in range(30):
+    for _ in range(60):  # 30 reached 0.578 on an Intel Xeon, over 0.6 on an AMD EPYC; 60 reach 0.875
         synth.synthesize()
     assert hit_rate() > max(before, 0.6)
 
